@@ -1,0 +1,16 @@
+//! Domain types shared by every medmesh component, with no Kubernetes or HTTP dependency:
+//! SPIFFE identities, the audit record and its canonical encoding, RFC 9162 Merkle proofs,
+//! signed checkpoints, and the TLS/SVID rules of the mesh.
+//!
+//! Auditors and the CLI verify ledger proofs with this crate alone.
+
+pub mod checkpoint;
+pub mod merkle;
+pub mod record;
+pub mod spiffe;
+pub mod tls;
+
+pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
+pub use merkle::Hash;
+pub use record::{AuditRecord, LogEntry};
+pub use spiffe::{SpiffeId, TrustDomain};
