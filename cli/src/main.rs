@@ -1,1 +1,63 @@
-fn main() {}
+//! `medmesh`: verify the audit ledger, and set up local meshes.
+
+mod devcerts;
+mod ledger;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "medmesh",
+    version,
+    about = "medmesh: zero-trust mesh for medical imaging"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Talk to an audit ledger; every answer is verified locally.
+    Ledger(Box<ledger::LedgerArgs>),
+    /// Development helpers.
+    Dev {
+        #[command(subcommand)]
+        cmd: DevCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Mint a throw-away CA and SPIFFE certificates for local runs and tests.
+    Certs(devcerts::CertsArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Dev {
+            cmd: DevCmd::Certs(args),
+        } => devcerts::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Ledger(args) => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(ledger::run(*args)),
+            Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

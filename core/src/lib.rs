@@ -5,10 +5,14 @@
 //! Auditors and the CLI verify ledger proofs with this crate alone.
 
 pub mod checkpoint;
+#[cfg(feature = "devca")]
+pub mod devca;
+pub mod dicom;
 pub mod merkle;
 pub mod record;
 pub mod spiffe;
 pub mod tls;
+pub mod wire;
 
 pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};
 pub use merkle::Hash;

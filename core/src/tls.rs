@@ -157,7 +157,7 @@ impl TrustBundle {
                 index,
                 reason: e.to_string(),
             })?;
-            subjects.push(DistinguishedName::from(anchor.subject.as_ref().to_vec()));
+            subjects.push(DistinguishedName::in_sequence(anchor.subject.as_ref()));
             anchors.push(anchor.to_owned());
         }
         Ok(Self {

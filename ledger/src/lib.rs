@@ -1,1 +1,274 @@
-//! placeholder
+//! The medmesh audit ledger: an RFC 9162 Merkle log stored in redb, with signed C2SP
+//! checkpoints, served over mTLS to SPIFFE-authenticated appenders and readers.
+//!
+//! Composition (read top to bottom in [`Ledger::start`]): configuration → credentials → storage
+//! (with its consistency checks) → the group-commit sequencer → the API and admin listeners.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod sequencer;
+pub mod server;
+pub mod storage;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use medmesh_core::NoteSigner;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+
+/// Why the ledger could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// TLS material is missing or invalid.
+    #[error("TLS credentials: {0}")]
+    Creds(#[from] server::CredError),
+    /// The signing key is unreadable or malformed.
+    #[error("signing key {path}: {reason}")]
+    SigningKey {
+        /// The key file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The database could not be opened or is inconsistent.
+    #[error("{0}")]
+    Storage(#[from] storage::StorageError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// Any other I/O failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+/// Reads a `PRIVATE+KEY+...` signing key file.
+///
+/// # Errors
+/// When the file cannot be read or parsed.
+pub fn load_signer(path: &std::path::Path) -> Result<NoteSigner, StartError> {
+    let bad = |reason: String| StartError::SigningKey {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    NoteSigner::from_private_key(&text).map_err(|e| bad(e.to_string()))
+}
+
+/// A running ledger.
+pub struct Ledger {
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+    /// The checkpoint verifier key.
+    pub verifier_key: String,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("api_addr", &self.api_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// Opens the database, starts the writer and binds both listeners.
+    ///
+    /// # Errors
+    /// When credentials, the signing key or the database are unusable, or a port cannot be bound.
+    pub async fn start(cfg: Config) -> Result<Self, StartError> {
+        let cfg = Arc::new(cfg);
+        let paths = server::CredPaths {
+            cert: cfg.cert.clone(),
+            key: cfg.key.clone(),
+            bundle: cfg.trust_bundle.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+        };
+        let creds = paths.load()?;
+        tracing::info!(id = %creds.identity.id(), not_after = creds.identity.not_after(), "loaded TLS credentials");
+        let signer = load_signer(&cfg.signing_key)?;
+        let verifier = signer.verifier();
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StartError::Io {
+            what: format!("create data_dir {}", cfg.data_dir.display()),
+            source,
+        })?;
+        let db_path = cfg.data_dir.join("ledger.redb");
+        let state_path = cfg.data_dir.join("signer-state.note");
+        let (storage, recovered) = {
+            let (db_path, verifier, origin) =
+                (db_path.clone(), verifier.clone(), cfg.origin.clone());
+            tokio::task::spawn_blocking(move || {
+                storage::Storage::open(&db_path, &verifier, &origin)
+            })
+            .await
+            .map_err(|e| StartError::Io {
+                what: "open database".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??
+        };
+        sequencer::check_signer_state(&state_path, &storage, &verifier, &cfg.origin)?;
+        tracing::info!(size = recovered.frontier.size(), path = %db_path.display(), "opened ledger database");
+
+        let registry = prometheus::Registry::new();
+        let metrics = metrics::Metrics::register(&registry);
+        let (seq, writer) = sequencer::Sequencer::start(
+            storage.clone(),
+            recovered,
+            signer,
+            sequencer::SequencerConfig {
+                origin: cfg.origin.clone(),
+                checkpoint_interval: cfg.checkpoint_interval,
+                max_batch_entries: cfg.max_batch_entries,
+                signer_state: state_path,
+            },
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Io {
+            what: "start writer thread".into(),
+            source,
+        })?;
+
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let api_listener = bind(cfg.listen).await?;
+        let admin_listener = bind(cfg.admin_listen).await?;
+        let api_addr = api_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: cfg.admin_listen,
+                source,
+            })?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (creds_tx, creds_rx) = watch::channel(Arc::new(creds));
+        server::spawn_reloader(paths, creds_tx, Duration::from_secs(5), shutdown_rx.clone());
+
+        let state = api::AppState {
+            cfg: cfg.clone(),
+            storage,
+            seq: seq.clone(),
+            metrics: metrics.clone(),
+        };
+        let api_task = tokio::spawn(server::serve_api(
+            api_listener,
+            creds_rx,
+            api::router(state),
+            metrics.clone(),
+            shutdown_rx.clone(),
+            cfg.drain,
+        ));
+        let admin_task = tokio::spawn(server::serve_admin(
+            admin_listener,
+            admin_router(AdminState {
+                seq,
+                registry,
+                metrics,
+            }),
+            shutdown_rx,
+        ));
+        tracing::info!(%api_addr, %admin_addr, origin = %cfg.origin, verifier_key = %verifier, "ledger ready");
+        Ok(Self {
+            api_addr,
+            admin_addr,
+            verifier_key: verifier.to_string(),
+            shutdown,
+            tasks: vec![api_task, admin_task],
+            writer: Some(writer),
+        })
+    }
+
+    /// Stops accepting, drains connections (bounded by the configured deadline), lets the writer
+    /// commit what it holds and sign a final checkpoint, and waits for it.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        // The router (and with it the last sequencer handle) is gone: the writer drains and exits.
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    seq: sequencer::Sequencer,
+    registry: prometheus::Registry,
+    metrics: metrics::Metrics,
+}
+
+fn admin_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route(
+            "/ready",
+            get(|State(s): State<AdminState>| async move {
+                match s.seq.head().checkpoint {
+                    Some(cp) => (
+                        StatusCode::OK,
+                        format!("ready: tree size {}\n", cp.checkpoint.size),
+                    ),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: no checkpoint yet\n".into(),
+                    ),
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(s): State<AdminState>| async move {
+                let published = s.metrics.checkpoint_time.get();
+                if published > 0 {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64());
+                    s.metrics.checkpoint_age.set(now - published as f64);
+                }
+                let mut out = String::new();
+                match prometheus::TextEncoder::new().encode_utf8(&s.registry.gather(), &mut out) {
+                    Ok(()) => {
+                        ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+                    }
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                }
+            }),
+        )
+        .with_state(state)
+}

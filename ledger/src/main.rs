@@ -1,1 +1,139 @@
-fn main() {}
+//! `medmesh-ledger`: run the audit ledger, or make its signing key.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use medmesh_core::NoteSigner;
+use medmesh_ledger::{Config, Ledger};
+
+/// Exit status for unusable configuration (sysexits EX_USAGE/EX_CONFIG family).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "medmesh-ledger", version, about = "medmesh audit ledger")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the ledger.
+    Run {
+        /// YAML configuration file.
+        #[arg(long, env = "MEDMESH_LEDGER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Generate a checkpoint signing key; prints the verifier key.
+    Keygen {
+        /// Key name: the log origin.
+        #[arg(long)]
+        origin: String,
+        /// Where to write the private key (mode 0600; refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Keygen { origin, out } => match keygen(&origin, &out) {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Run { config } => {
+            let text = match std::fs::read_to_string(&config) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: cannot read configuration {}: {e}", config.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let cfg = match Config::from_yaml(&text) {
+                Ok(c) => c,
+                Err(errs) => {
+                    eprint!("{errs}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            tracing::info!(config = ?cfg, "effective configuration (paths only; no secrets are held in it)");
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            rt.block_on(run(cfg))
+        }
+    }
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let ledger = match Ledger::start(cfg).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining connections; a second signal exits at once");
+    tokio::select! {
+        _ = ledger.shutdown() => ExitCode::SUCCESS,
+        _ = wait_for_signal() => {
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn keygen(origin: &str, out: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let signer = NoteSigner::from_seed(origin, seed)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    writeln!(f, "{}", signer.private_key())?;
+    f.sync_all()?;
+    Ok(signer.verifier_key())
+}

@@ -1,1 +1,793 @@
-//! placeholder
+//! Client of the medmesh audit ledger.
+//!
+//! The client trusts the ledger for nothing it can check itself: it verifies checkpoint
+//! signatures, recomputes leaf hashes from the entry bytes it receives, verifies every proof with
+//! `medmesh-core`, and keeps the last checkpoint it accepted in a [`TrustedStore`] so that a
+//! rolled-back or forked log is detected on the next update.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use medmesh_core::merkle::{self, Frontier, Hash, ProofError};
+use medmesh_core::record::{AuditRecord, LogEntry};
+use medmesh_core::tls::{self, Identity, ServerIdentity, TrustBundle};
+use medmesh_core::wire::{
+    AppendResponse, BatchRequest, BatchResponse, ConsistencyView, EntryView, ErrorBody,
+    InclusionView, RangeResponse, SearchResponse,
+};
+use medmesh_core::{Checkpoint, NoteError, NoteVerifier};
+
+/// Why a ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The request did not complete.
+    #[error("ledger {url}: {source}")]
+    Http {
+        /// Request URL.
+        url: String,
+        /// Transport error.
+        source: reqwest::Error,
+    },
+    /// The ledger refused the request.
+    #[error("ledger {url}: HTTP {status}: {message}")]
+    Refused {
+        /// Request URL.
+        url: String,
+        /// HTTP status.
+        status: u16,
+        /// The ledger's message.
+        message: String,
+    },
+    /// The answer is not what the API promises.
+    #[error("ledger {url}: malformed response: {reason}")]
+    Malformed {
+        /// Request URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A checkpoint did not verify.
+    #[error("checkpoint rejected: {0}")]
+    Checkpoint(#[from] NoteError),
+    /// A proof did not verify.
+    #[error("{what}: {source}")]
+    Proof {
+        /// Which proof.
+        what: String,
+        /// Why.
+        source: ProofError,
+    },
+    /// The ledger now claims a smaller tree than one it signed before.
+    #[error(
+        "ROLLBACK: the ledger serves a checkpoint of size {got}, smaller than the trusted checkpoint of size {trusted}"
+    )]
+    Rollback {
+        /// Trusted size.
+        trusted: u64,
+        /// Served size.
+        got: u64,
+    },
+    /// The ledger's new checkpoint does not extend the trusted one.
+    #[error(
+        "FORK: checkpoint of size {new} does not extend the trusted checkpoint of size {trusted}: {reason}"
+    )]
+    Fork {
+        /// Trusted size.
+        trusted: u64,
+        /// Served size.
+        new: u64,
+        /// Why.
+        reason: String,
+    },
+    /// An entry's bytes disagree with the tree.
+    #[error("entry {index}: {reason}")]
+    Entry {
+        /// Entry index.
+        index: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Local state could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The TLS material is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// How to reach and trust a ledger.
+#[derive(Debug, Clone)]
+pub struct LedgerClientConfig {
+    /// Base URL, e.g. `https://127.0.0.1:8443`.
+    pub url: String,
+    /// The client's own SVID.
+    pub identity: Identity,
+    /// The mesh trust bundle.
+    pub bundle: TrustBundle,
+    /// Which server identity to accept.
+    pub server: ServerIdentity,
+    /// The ledger's checkpoint verifier key.
+    pub verifier: NoteVerifier,
+    /// The ledger's origin.
+    pub origin: String,
+    /// Timeout of one request.
+    pub timeout: Duration,
+}
+
+/// A verified checkpoint and its signed note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedCheckpoint {
+    /// The checkpoint.
+    pub checkpoint: Checkpoint,
+    /// Its note, as signed.
+    pub note: String,
+}
+
+/// An entry whose inclusion in a checkpoint was verified.
+#[derive(Debug, Clone)]
+pub struct ProvenEntry {
+    /// Index.
+    pub index: u64,
+    /// Leaf hash (recomputed from the bytes).
+    pub leaf_hash: Hash,
+    /// The decoded entry.
+    pub entry: LogEntry,
+    /// The inclusion proof that verified.
+    pub proof: Vec<Hash>,
+}
+
+/// Client of one ledger.
+#[derive(Debug, Clone)]
+pub struct LedgerClient {
+    http: reqwest::Client,
+    base: String,
+    verifier: NoteVerifier,
+    origin: String,
+}
+
+impl LedgerClient {
+    /// Builds a client.
+    ///
+    /// # Errors
+    /// When the TLS configuration cannot be built.
+    pub fn new(cfg: LedgerClientConfig) -> Result<Self, ClientError> {
+        let tls = tls::client_config(
+            Some(&cfg.identity),
+            &cfg.bundle,
+            cfg.server,
+            &[b"h2", b"http/1.1"],
+        )?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(cfg.timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(|source| ClientError::Http {
+                url: cfg.url.clone(),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base: cfg.url.trim_end_matches('/').to_owned(),
+            verifier: cfg.verifier,
+            origin: cfg.origin,
+        })
+    }
+
+    /// The ledger's origin.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|source| ClientError::Http {
+            url: url.to_owned(),
+            source,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(ClientError::Refused {
+            url: url.to_owned(),
+            status,
+            message,
+        })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.send(self.http.get(&url), &url).await?;
+        resp.json().await.map_err(|e| ClientError::Malformed {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Appends one record; with `proof`, the answer carries a checkpoint and an inclusion proof,
+    /// both verified here.
+    ///
+    /// # Errors
+    /// When the ledger refuses, or a returned proof does not verify.
+    pub async fn append(
+        &self,
+        record: &AuditRecord,
+        proof: bool,
+    ) -> Result<AppendResponse, ClientError> {
+        let url = format!("{}/v1/entries?proof={proof}", self.base);
+        let resp = self.send(self.http.post(&url).json(record), &url).await?;
+        let body: AppendResponse = resp.json().await.map_err(|e| ClientError::Malformed {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        if proof {
+            self.check_append_proof(&body.result, body.checkpoint.as_deref(), &url)?;
+        }
+        Ok(body)
+    }
+
+    /// Appends a batch of records (at most 1000).
+    ///
+    /// # Errors
+    /// When the ledger refuses, or a returned proof does not verify.
+    pub async fn append_batch(
+        &self,
+        records: Vec<AuditRecord>,
+        proof: bool,
+    ) -> Result<BatchResponse, ClientError> {
+        let url = format!("{}/v1/entries/batch?proof={proof}", self.base);
+        let resp = self
+            .send(self.http.post(&url).json(&BatchRequest { records }), &url)
+            .await?;
+        let body: BatchResponse = resp.json().await.map_err(|e| ClientError::Malformed {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        if proof {
+            for r in &body.results {
+                self.check_append_proof(r, body.checkpoint.as_deref(), &url)?;
+            }
+        }
+        Ok(body)
+    }
+
+    fn check_append_proof(
+        &self,
+        r: &medmesh_core::wire::AppendResult,
+        note: Option<&str>,
+        url: &str,
+    ) -> Result<(), ClientError> {
+        let malformed = |reason: &str| ClientError::Malformed {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let note = note.ok_or_else(|| malformed("proof requested but no checkpoint returned"))?;
+        let cp = Checkpoint::open(note, &self.verifier, &self.origin)?;
+        let proof = r
+            .inclusion_proof
+            .as_ref()
+            .ok_or_else(|| malformed("proof requested but none returned"))?;
+        merkle::verify_inclusion(&r.leaf_hash, r.index, cp.size, proof, &cp.root).map_err(
+            |source| ClientError::Proof {
+                what: format!("inclusion of appended entry {}", r.index),
+                source,
+            },
+        )
+    }
+
+    /// Fetches and verifies the latest checkpoint (signature and origin only).
+    ///
+    /// # Errors
+    /// When the request fails or the signature does not verify.
+    pub async fn checkpoint(&self) -> Result<VerifiedCheckpoint, ClientError> {
+        let url = format!("{}/v1/checkpoint", self.base);
+        let resp = self.send(self.http.get(&url), &url).await?;
+        let note = resp.text().await.map_err(|e| ClientError::Malformed {
+            url,
+            reason: e.to_string(),
+        })?;
+        let checkpoint = Checkpoint::open(&note, &self.verifier, &self.origin)?;
+        Ok(VerifiedCheckpoint { checkpoint, note })
+    }
+
+    /// Fetches one entry (unverified: see [`LedgerClient::prove_entry`]).
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn entry(&self, index: u64) -> Result<EntryView, ClientError> {
+        self.get_json(&format!("/v1/entries/{index}")).await
+    }
+
+    /// Fetches entries `[start, end)` (at most 1000).
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn entries(&self, start: u64, end: u64) -> Result<RangeResponse, ClientError> {
+        self.get_json(&format!("/v1/entries?start={start}&end={end}"))
+            .await
+    }
+
+    /// Fetches an inclusion proof by index.
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn inclusion_proof(
+        &self,
+        index: u64,
+        tree_size: u64,
+    ) -> Result<InclusionView, ClientError> {
+        self.get_json(&format!(
+            "/v1/proof/inclusion?index={index}&tree_size={tree_size}"
+        ))
+        .await
+    }
+
+    /// Fetches an inclusion proof by leaf hash.
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn inclusion_proof_by_leaf(
+        &self,
+        leaf: &Hash,
+        tree_size: u64,
+    ) -> Result<InclusionView, ClientError> {
+        self.get_json(&format!(
+            "/v1/proof/inclusion?leaf_hash={leaf}&tree_size={tree_size}"
+        ))
+        .await
+    }
+
+    /// Fetches a consistency proof.
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn consistency_proof(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<ConsistencyView, ClientError> {
+        self.get_json(&format!("/v1/proof/consistency?from={from}&to={to}"))
+            .await
+    }
+
+    /// Searches one index (`sha256`, `cid`, `identity` or `uid`) and verifies every hit's proof
+    /// against the returned checkpoint.
+    ///
+    /// # Errors
+    /// When the request fails, the checkpoint or any proof does not verify.
+    pub async fn search(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<(VerifiedCheckpoint, Vec<ProvenEntry>, bool), ClientError> {
+        let path = format!("/v1/search?{key}={}", urlencode(value));
+        let resp: SearchResponse = self.get_json(&path).await?;
+        let checkpoint = Checkpoint::open(&resp.checkpoint, &self.verifier, &self.origin)?;
+        let mut hits = Vec::with_capacity(resp.hits.len());
+        for h in resp.hits {
+            let proof = h
+                .inclusion_proof
+                .clone()
+                .ok_or_else(|| ClientError::Malformed {
+                    url: path.clone(),
+                    reason: format!("hit {} has no proof", h.index),
+                })?;
+            hits.push(verify_entry_view(&h, &proof, &checkpoint)?);
+        }
+        Ok((
+            VerifiedCheckpoint {
+                checkpoint,
+                note: resp.checkpoint,
+            },
+            hits,
+            resp.truncated,
+        ))
+    }
+
+    /// Fetches entry `index` and its inclusion proof in `cp`, and verifies both.
+    ///
+    /// # Errors
+    /// When anything does not verify.
+    pub async fn prove_entry(
+        &self,
+        index: u64,
+        cp: &Checkpoint,
+    ) -> Result<ProvenEntry, ClientError> {
+        let view = self.entry(index).await?;
+        let proof = self.inclusion_proof(index, cp.size).await?;
+        if proof.leaf_hash != view.leaf_hash {
+            return Err(ClientError::Entry {
+                index,
+                reason: format!(
+                    "the ledger reports leaf hash {} with the entry but {} with the proof",
+                    view.leaf_hash, proof.leaf_hash
+                ),
+            });
+        }
+        verify_entry_view(&view, &proof.proof, cp)
+    }
+
+    /// Fetches the latest checkpoint, checks it extends the trusted one (consistency proof), and
+    /// stores it as the new trusted state.
+    ///
+    /// # Errors
+    /// [`ClientError::Rollback`] or [`ClientError::Fork`] when the log does not extend what was
+    /// trusted; any verification or I/O failure.
+    pub async fn update_trusted(&self, store: &TrustedStore) -> Result<TrustUpdate, ClientError> {
+        let new = self.checkpoint().await?;
+        let old = store.load(&self.verifier, &self.origin)?;
+        if let Some(old) = &old {
+            self.check_extends(&old.checkpoint, &new.checkpoint).await?;
+        }
+        if old
+            .as_ref()
+            .is_none_or(|o| o.checkpoint.size < new.checkpoint.size)
+        {
+            store.save(&new.note)?;
+        }
+        Ok(TrustUpdate { old, new })
+    }
+
+    /// Verifies that `new` extends `old` with a consistency proof from the ledger.
+    ///
+    /// # Errors
+    /// [`ClientError::Rollback`] or [`ClientError::Fork`].
+    pub async fn check_extends(
+        &self,
+        old: &Checkpoint,
+        new: &Checkpoint,
+    ) -> Result<(), ClientError> {
+        if new.size < old.size {
+            return Err(ClientError::Rollback {
+                trusted: old.size,
+                got: new.size,
+            });
+        }
+        let proof = if new.size == old.size || old.size == 0 {
+            Vec::new()
+        } else {
+            self.consistency_proof(old.size, new.size).await?.proof
+        };
+        merkle::verify_consistency(old.size, new.size, &old.root, &new.root, &proof).map_err(|e| {
+            ClientError::Fork {
+                trusted: old.size,
+                new: new.size,
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// Downloads every entry up to `cp.size`, rebuilds the tree, and compares it with `cp`; then
+    /// verifies `sample_proofs` inclusion proofs spread over the log (all of them when it is at
+    /// least the size). On a mismatch, finds the first entry that diverges.
+    ///
+    /// # Errors
+    /// Transport failures; divergences are reported in the [`AuditReport`], not as errors.
+    pub async fn audit(
+        &self,
+        cp: &Checkpoint,
+        sample_proofs: u64,
+    ) -> Result<AuditReport, ClientError> {
+        let mut frontier = Frontier::new();
+        let mut prefix_roots = Vec::with_capacity(cp.size.min(1 << 24) as usize);
+        let mut leaves = Vec::with_capacity(cp.size.min(1 << 24) as usize);
+        let mut problems = Vec::new();
+        let mut next = 0u64;
+        while next < cp.size {
+            let end = (next + 1000).min(cp.size);
+            let page = self.entries(next, end).await?;
+            let mut expect = next;
+            for v in &page.entries {
+                if v.index != expect {
+                    problems.push(AuditProblem {
+                        index: expect,
+                        what: format!(
+                            "entry {expect} is missing (the ledger returned entry {} next)",
+                            v.index
+                        ),
+                    });
+                    break;
+                }
+                let bytes = B64.decode(&v.entry).map_err(|e| ClientError::Malformed {
+                    url: format!("/v1/entries?start={next}"),
+                    reason: format!("entry {}: {e}", v.index),
+                })?;
+                let leaf = merkle::leaf_hash(&bytes);
+                if leaf != v.leaf_hash && problems.len() < 100 {
+                    problems.push(AuditProblem {
+                        index: v.index,
+                        what: format!(
+                            "entry {} hashes to {leaf} but the tree holds leaf {} for it",
+                            v.index, v.leaf_hash
+                        ),
+                    });
+                }
+                if let Some(e) = &v.decode_error
+                    && problems.len() < 100
+                {
+                    problems.push(AuditProblem {
+                        index: v.index,
+                        what: format!("entry {} does not decode: {e}", v.index),
+                    });
+                }
+                frontier.push(leaf, |_| {});
+                prefix_roots.push(frontier.root());
+                leaves.push(leaf);
+                expect += 1;
+            }
+            if expect != end {
+                if problems.last().is_none_or(|p| p.index != expect) {
+                    problems.push(AuditProblem {
+                        index: expect,
+                        what: format!(
+                            "entry {expect} is missing: the ledger returned entries up to {}",
+                            expect
+                        ),
+                    });
+                }
+                break;
+            }
+            next = end;
+        }
+        let complete = frontier.size() == cp.size;
+        let root_matches = complete && frontier.root() == cp.root;
+        let mut first_bad = None;
+        if !root_matches {
+            // Largest prefix the checkpoint vouches for: binary search with consistency proofs.
+            let (mut good, mut bad) = (0u64, frontier.size() + 1);
+            if complete {
+                bad = cp.size;
+            }
+            while bad - good > 1 {
+                let mid = good + (bad - good) / 2;
+                let ok = match self.consistency_proof(mid, cp.size).await {
+                    Ok(p) => merkle::verify_consistency(
+                        mid,
+                        cp.size,
+                        &prefix_roots[(mid - 1) as usize],
+                        &cp.root,
+                        &p.proof,
+                    )
+                    .is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    good = mid;
+                } else {
+                    bad = mid;
+                }
+            }
+            first_bad = Some(good);
+            problems.insert(
+                0,
+                AuditProblem {
+                    index: good,
+                    what: format!(
+                        "first bad entry is {good}: entries 0..{good} match the signed checkpoint of size {}, \
+                         entry {good} does not (root rebuilt from {} entries is {}, checkpoint root is {})",
+                        cp.size,
+                        frontier.size(),
+                        frontier.root(),
+                        cp.root
+                    ),
+                },
+            );
+        }
+        // Proofs the ledger serves must verify against the same checkpoint.
+        let mut proofs_checked = 0;
+        if complete && cp.size > 0 {
+            let step = (cp.size / sample_proofs.max(1)).max(1);
+            let mut i = 0;
+            while i < cp.size {
+                proofs_checked += 1;
+                match self.inclusion_proof(i, cp.size).await {
+                    Ok(p) => {
+                        if let Err(e) = merkle::verify_inclusion(
+                            &leaves[i as usize],
+                            i,
+                            cp.size,
+                            &p.proof,
+                            &cp.root,
+                        ) {
+                            problems.push(AuditProblem {
+                                index: i,
+                                what: format!("the ledger's inclusion proof for entry {i} does not verify: {e}"),
+                            });
+                        }
+                    }
+                    Err(e) => problems.push(AuditProblem {
+                        index: i,
+                        what: format!("no inclusion proof for entry {i}: {e}"),
+                    }),
+                }
+                i += step;
+            }
+        }
+        problems.sort_by_key(|p| p.index);
+        Ok(AuditReport {
+            checkpoint: cp.clone(),
+            entries: frontier.size(),
+            rebuilt_root: frontier.root(),
+            first_bad,
+            proofs_checked,
+            problems,
+        })
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Verifies that `view`'s bytes hash to its leaf and that `proof` places it in `cp`.
+///
+/// # Errors
+/// When the bytes, the stored leaf hash and the proof disagree.
+pub fn verify_entry_view(
+    view: &EntryView,
+    proof: &[Hash],
+    cp: &Checkpoint,
+) -> Result<ProvenEntry, ClientError> {
+    let index = view.index;
+    let bytes = B64.decode(&view.entry).map_err(|e| ClientError::Entry {
+        index,
+        reason: format!("entry is not base64: {e}"),
+    })?;
+    let leaf = merkle::leaf_hash(&bytes);
+    if leaf != view.leaf_hash {
+        return Err(ClientError::Entry {
+            index,
+            reason: format!(
+                "entry bytes hash to {leaf} but the tree holds leaf {}: the entry was altered",
+                view.leaf_hash
+            ),
+        });
+    }
+    merkle::verify_inclusion(&leaf, index, cp.size, proof, &cp.root).map_err(|source| {
+        ClientError::Proof {
+            what: format!(
+                "inclusion of entry {index} in checkpoint of size {}",
+                cp.size
+            ),
+            source,
+        }
+    })?;
+    let entry = LogEntry::decode(&bytes).map_err(|e| ClientError::Entry {
+        index,
+        reason: format!("entry does not decode: {e}"),
+    })?;
+    Ok(ProvenEntry {
+        index,
+        leaf_hash: leaf,
+        entry,
+        proof: proof.to_vec(),
+    })
+}
+
+/// The result of [`LedgerClient::update_trusted`].
+#[derive(Debug, Clone)]
+pub struct TrustUpdate {
+    /// What was trusted before, if anything.
+    pub old: Option<VerifiedCheckpoint>,
+    /// The checkpoint now trusted.
+    pub new: VerifiedCheckpoint,
+}
+
+/// One divergence found by an audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditProblem {
+    /// Entry index concerned.
+    pub index: u64,
+    /// What is wrong.
+    pub what: String,
+}
+
+/// The outcome of [`LedgerClient::audit`].
+#[derive(Debug, Clone)]
+pub struct AuditReport {
+    /// The checkpoint audited against.
+    pub checkpoint: Checkpoint,
+    /// Entries downloaded.
+    pub entries: u64,
+    /// Root rebuilt from them.
+    pub rebuilt_root: Hash,
+    /// First entry that diverges from the checkpoint, if any.
+    pub first_bad: Option<u64>,
+    /// Inclusion proofs checked.
+    pub proofs_checked: u64,
+    /// Every problem found, by index.
+    pub problems: Vec<AuditProblem>,
+}
+
+impl AuditReport {
+    /// Whether the log matched its checkpoint in every respect checked.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// The last checkpoint a client accepted, kept in a file.
+#[derive(Debug, Clone)]
+pub struct TrustedStore {
+    path: PathBuf,
+}
+
+impl TrustedStore {
+    /// A store at `path` (created on first save).
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: path.as_ref().to_owned(),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The trusted checkpoint, re-verified.
+    ///
+    /// # Errors
+    /// When the file is unreadable or no longer verifies.
+    pub fn load(
+        &self,
+        verifier: &NoteVerifier,
+        origin: &str,
+    ) -> Result<Option<VerifiedCheckpoint>, ClientError> {
+        let note = match std::fs::read_to_string(&self.path) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ClientError::Io {
+                    what: format!("read trusted checkpoint {}", self.path.display()),
+                    source,
+                });
+            }
+        };
+        let checkpoint = Checkpoint::open(&note, verifier, origin)?;
+        Ok(Some(VerifiedCheckpoint { checkpoint, note }))
+    }
+
+    /// Replaces the trusted checkpoint atomically.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn save(&self, note: &str) -> Result<(), ClientError> {
+        let io = |what: &str, source| ClientError::Io {
+            what: format!("{what} {}", self.path.display()),
+            source,
+        };
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io("create directory for", e))?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, note).map_err(|e| io("write", e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| io("replace", e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,125 @@
+//! JSON bodies of the ledger API, shared by the server and its clients.
+
+use serde::{Deserialize, Serialize};
+
+use crate::merkle::Hash;
+use crate::record::{AuditRecord, LogEntry};
+
+/// Body of `POST /v1/entries/batch`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Records to append, in order.
+    pub records: Vec<AuditRecord>,
+}
+
+/// One appended entry, as answered.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct AppendResult {
+    /// Index in the log.
+    pub index: u64,
+    /// Leaf hash of the stored entry.
+    pub leaf_hash: Hash,
+    /// Whether the record id was already present with the same content.
+    pub duplicate: bool,
+    /// Inclusion proof against the returned checkpoint, when requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inclusion_proof: Option<Vec<Hash>>,
+}
+
+/// Answer to `POST /v1/entries`.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct AppendResponse {
+    /// The entry.
+    #[serde(flatten)]
+    pub result: AppendResult,
+    /// Signed checkpoint the proof is against, when requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// Answer to `POST /v1/entries/batch`.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct BatchResponse {
+    /// One result per record, in order.
+    pub results: Vec<AppendResult>,
+    /// Signed checkpoint the proofs are against, when requested.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// One entry as served.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct EntryView {
+    /// Index.
+    pub index: u64,
+    /// The leaf hash the tree holds for this index (what proofs are built from). Clients
+    /// recompute the hash of `entry` and compare: a mismatch means the entry or the tree was
+    /// altered.
+    pub leaf_hash: Hash,
+    /// The canonical entry bytes, base64.
+    pub entry: String,
+    /// The decoded entry, or null if the stored bytes do not decode.
+    pub decoded: Option<LogEntry>,
+    /// Why the stored bytes do not decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_error: Option<String>,
+    /// Inclusion proof (search hits only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inclusion_proof: Option<Vec<Hash>>,
+}
+
+/// Answer to `GET /v1/entries?start=&end=`.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct RangeResponse {
+    /// Log size when read.
+    pub tree_size: u64,
+    /// The entries.
+    pub entries: Vec<EntryView>,
+}
+
+/// An inclusion proof as served.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct InclusionView {
+    /// Leaf index.
+    pub index: u64,
+    /// Tree size the proof is for.
+    pub tree_size: u64,
+    /// The stored leaf hash.
+    pub leaf_hash: Hash,
+    /// Sibling hashes, bottom-up.
+    pub proof: Vec<Hash>,
+}
+
+/// A consistency proof as served.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct ConsistencyView {
+    /// Older size.
+    pub from: u64,
+    /// Newer size.
+    pub to: u64,
+    /// Proof hashes.
+    pub proof: Vec<Hash>,
+}
+
+/// Answer to `GET /v1/search`.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct SearchResponse {
+    /// Size of the checkpoint the proofs are against.
+    pub tree_size: u64,
+    /// That checkpoint, signed.
+    pub checkpoint: String,
+    /// Matching entries, each with its inclusion proof.
+    pub hits: Vec<EntryView>,
+    /// Whether more entries matched than were returned.
+    pub truncated: bool,
+}
+
+/// Error body of every refusal.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct ErrorBody {
+    /// Precise message.
+    pub error: String,
+    /// Bounded reason label.
+    pub reason: String,
+}

@@ -1,0 +1,615 @@
+//! The ledger's redb file: entries, Merkle nodes, checkpoints and search indexes.
+//!
+//! Layout and invariants are documented in `docs/ledger-format.md`. In short: the `nodes` table
+//! holds every complete, aligned subtree hash (level 0 = leaf hashes), so a proof is `O(log n)`
+//! point reads; `meta.tree_size` is written in the same transaction as the entries and nodes it
+//! counts, so a crash leaves either all of a batch or none of it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use medmesh_core::merkle::{self, Frontier, Hash, NodeSource};
+use medmesh_core::record::{AuditRecord, LogEntry, RecordId};
+use medmesh_core::{Checkpoint, NoteSigner, NoteVerifier};
+use redb::{
+    Database, MultimapTableDefinition, ReadOnlyMultimapTable, ReadOnlyTable, ReadTransaction,
+    ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("nodes");
+const LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
+const RECORD_IDS: TableDefinition<[u8; 16], u64> = TableDefinition::new("record_ids");
+const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("checkpoints");
+const BY_SHA256: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_sha256");
+const BY_CID: MultimapTableDefinition<&[u8], u64> = MultimapTableDefinition::new("by_cid");
+const BY_IDENTITY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_identity");
+const BY_UID: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_uid");
+
+const META_TREE_SIZE: &str = "tree_size";
+const META_FORMAT: &str = "format_version";
+const FORMAT_VERSION: u64 = 1;
+
+/// Key of node `(level, index)` in the `nodes` table.
+fn node_key(level: u8, index: u64) -> u64 {
+    (u64::from(level) << 56) | index
+}
+
+/// What went wrong in the storage layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// redb failed.
+    #[error("ledger database: {0}")]
+    Db(#[from] redb::Error),
+    /// A node a proof needs is absent: the database was altered or truncated.
+    #[error(
+        "ledger database is missing Merkle node (level {level}, index {index}) for tree size {size}"
+    )]
+    MissingNode {
+        /// Node level.
+        level: u8,
+        /// Node index.
+        index: u64,
+        /// Tree size being served.
+        size: u64,
+    },
+    /// The database contradicts its own signed checkpoint or the signer's state file.
+    #[error("ledger database is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The database was written by an unknown format version.
+    #[error("ledger database format version {0} is not supported (this build reads 1)")]
+    Format(u64),
+    /// A stored entry does not decode.
+    #[error("stored entry {index} is corrupt: {reason}")]
+    CorruptEntry {
+        /// Entry index.
+        index: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StorageError {
+            fn from(e: $t) -> Self { Self::Db(e.into()) }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// The tree state the writer continues from.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// The right edge of the tree.
+    pub frontier: Frontier,
+    /// The latest signed checkpoint, if any.
+    pub checkpoint: Option<(Checkpoint, String)>,
+}
+
+/// The open database.
+#[derive(Clone)]
+pub struct Storage {
+    db: std::sync::Arc<Database>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Storage")
+    }
+}
+
+impl Storage {
+    /// Opens (or creates) the database and recovers the tree state, checking that the latest
+    /// checkpoint matches the tree and was signed by `verifier` for `origin`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened, has another format, or contradicts its checkpoint.
+    pub fn open(
+        path: &Path,
+        verifier: &NoteVerifier,
+        origin: &str,
+    ) -> Result<(Self, Recovered), StorageError> {
+        let db = Database::builder().set_cache_size(256 << 20).create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let format = meta.get(META_FORMAT)?.map(|v| v.value());
+            match format {
+                None => {
+                    meta.insert(META_FORMAT, FORMAT_VERSION)?;
+                    meta.insert(META_TREE_SIZE, 0)?;
+                }
+                Some(FORMAT_VERSION) => {}
+                Some(v) => return Err(StorageError::Format(v)),
+            }
+            // Create every table so readers never meet a missing one.
+            txn.open_table(ENTRIES)?;
+            txn.open_table(NODES)?;
+            txn.open_table(LEAF_INDEX)?;
+            txn.open_table(RECORD_IDS)?;
+            txn.open_table(CHECKPOINTS)?;
+            txn.open_multimap_table(BY_SHA256)?;
+            txn.open_multimap_table(BY_CID)?;
+            txn.open_multimap_table(BY_IDENTITY)?;
+            txn.open_multimap_table(BY_UID)?;
+        }
+        txn.commit()?;
+        let storage = Self {
+            db: std::sync::Arc::new(db),
+        };
+        let reader = storage.reader()?;
+        let size = reader.size();
+        let frontier = Frontier::load(&reader, size)?;
+        let checkpoint = reader.latest_checkpoint()?;
+        let checkpoint = match checkpoint {
+            None => None,
+            Some(note) => {
+                let cp = Checkpoint::open(&note, verifier, origin).map_err(|e| {
+                    StorageError::Inconsistent(format!(
+                        "latest stored checkpoint does not verify: {e}"
+                    ))
+                })?;
+                if cp.size > size {
+                    return Err(StorageError::Inconsistent(format!(
+                        "latest checkpoint has size {} but the tree has only {size} entries",
+                        cp.size
+                    )));
+                }
+                let root = merkle::root_at(&reader, cp.size)?;
+                if root != cp.root {
+                    return Err(StorageError::Inconsistent(format!(
+                        "Merkle nodes give root {root} at size {}, but the signed checkpoint says {}",
+                        cp.size, cp.root
+                    )));
+                }
+                Some((cp, note))
+            }
+        };
+        Ok((
+            storage,
+            Recovered {
+                frontier,
+                checkpoint,
+            },
+        ))
+    }
+
+    /// A consistent read snapshot.
+    ///
+    /// # Errors
+    /// When redb cannot open the transaction or tables.
+    pub fn reader(&self) -> Result<Reader, StorageError> {
+        let txn = self.db.begin_read()?;
+        let size = txn
+            .open_table(META)?
+            .get(META_TREE_SIZE)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        let nodes = txn.open_table(NODES)?;
+        Ok(Reader { txn, nodes, size })
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<WriteTransaction, StorageError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        Ok(txn)
+    }
+}
+
+/// Which index a search uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SearchKey {
+    /// SHA-256 of the transferred bytes.
+    Sha256(Hash),
+    /// Binary CID.
+    Cid(Vec<u8>),
+    /// A workload identity: source, destination or submitter.
+    Identity(String),
+    /// A keyed hash of a Study, Series or SOP Instance UID.
+    Uid([u8; 32]),
+}
+
+/// A read snapshot of the ledger.
+pub struct Reader {
+    txn: ReadTransaction,
+    nodes: ReadOnlyTable<u64, [u8; 32]>,
+    size: u64,
+}
+
+impl Reader {
+    /// Tree size in this snapshot.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The encoded entry at `index`, if present.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        if index >= self.size {
+            return Ok(None);
+        }
+        let t = self.txn.open_table(ENTRIES)?;
+        Ok(t.get(index)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Entries `[start, end)` clipped to the tree.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn entries(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let end = end.min(self.size);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let t = self.txn.open_table(ENTRIES)?;
+        let mut out = Vec::with_capacity((end - start) as usize);
+        for item in t.range(start..end)? {
+            let (k, v) = item?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The stored leaf hash at `index` (node level 0).
+    ///
+    /// # Errors
+    /// On a database error or a missing node.
+    pub fn leaf_hash(&self, index: u64) -> Result<Hash, StorageError> {
+        self.node(0, index)
+    }
+
+    /// The first index whose leaf hash is `leaf`.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn index_of_leaf(&self, leaf: &Hash) -> Result<Option<u64>, StorageError> {
+        let t = self.txn.open_table(LEAF_INDEX)?;
+        Ok(t.get(leaf.0)?.map(|v| v.value()).filter(|i| *i < self.size))
+    }
+
+    /// The latest signed checkpoint note.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn latest_checkpoint(&self) -> Result<Option<String>, StorageError> {
+        let t = self.txn.open_table(CHECKPOINTS)?;
+        Ok(t.last()?.map(|(_, v)| v.value().to_owned()))
+    }
+
+    /// The stored checkpoint note for exactly `size`, if one was signed.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn checkpoint_at(&self, size: u64) -> Result<Option<String>, StorageError> {
+        let t = self.txn.open_table(CHECKPOINTS)?;
+        Ok(t.get(size)?.map(|v| v.value().to_owned()))
+    }
+
+    /// Indexes of entries matching `key`, at most `limit` (ascending), and whether more exist.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn search(&self, key: &SearchKey, limit: usize) -> Result<(Vec<u64>, bool), StorageError> {
+        fn collect<'a, K: redb::Key + 'static>(
+            t: ReadOnlyMultimapTable<K, u64>,
+            k: impl std::borrow::Borrow<K::SelfType<'a>>,
+            size: u64,
+            limit: usize,
+        ) -> Result<(Vec<u64>, bool), StorageError> {
+            let mut out = Vec::new();
+            for v in t.get(k)? {
+                let i = v?.value();
+                if i >= size {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(i);
+            }
+            Ok((out, false))
+        }
+        match key {
+            SearchKey::Sha256(h) => collect(
+                self.txn.open_multimap_table(BY_SHA256)?,
+                h.0,
+                self.size,
+                limit,
+            ),
+            SearchKey::Cid(c) => collect(
+                self.txn.open_multimap_table(BY_CID)?,
+                c.as_slice(),
+                self.size,
+                limit,
+            ),
+            SearchKey::Identity(s) => collect(
+                self.txn.open_multimap_table(BY_IDENTITY)?,
+                s.as_str(),
+                self.size,
+                limit,
+            ),
+            SearchKey::Uid(u) => {
+                collect(self.txn.open_multimap_table(BY_UID)?, *u, self.size, limit)
+            }
+        }
+    }
+
+    /// Inclusion proof of `index` in the tree of `size` leaves.
+    ///
+    /// # Errors
+    /// When a node is missing or unreadable. Callers check `index < size <= self.size()`.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StorageError> {
+        merkle::inclusion_proof(self, index, size).map_err(|e| {
+            e.unwrap_or_else(|| {
+                StorageError::Inconsistent(format!("index {index} outside size {size}"))
+            })
+        })
+    }
+
+    /// Consistency proof from `old` to `new`.
+    ///
+    /// # Errors
+    /// When a node is missing or unreadable. Callers check `old <= new <= self.size()`.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, StorageError> {
+        merkle::consistency_proof(self, old, new).map_err(|e| {
+            e.unwrap_or_else(|| StorageError::Inconsistent(format!("size {old} above {new}")))
+        })
+    }
+
+    /// Root of the first `size` leaves.
+    ///
+    /// # Errors
+    /// When a node is missing or unreadable.
+    pub fn root_at(&self, size: u64) -> Result<Hash, StorageError> {
+        merkle::root_at(self, size)
+    }
+}
+
+impl NodeSource for Reader {
+    type Error = StorageError;
+    fn node(&self, level: u8, index: u64) -> Result<Hash, StorageError> {
+        match self.nodes.get(node_key(level, index))? {
+            Some(v) => Ok(Hash(v.value())),
+            None => Err(StorageError::MissingNode {
+                level,
+                index,
+                size: self.size,
+            }),
+        }
+    }
+}
+
+/// One entry to append, with what the server vouches for.
+#[derive(Debug, Clone)]
+pub struct NewEntry {
+    /// The record as submitted.
+    pub record: AuditRecord,
+    /// The authenticated submitter.
+    pub submitter: medmesh_core::SpiffeId,
+    /// Server receive time (µs since the epoch).
+    pub received_us: u64,
+}
+
+/// The result of one entry in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placed {
+    /// Newly appended.
+    Appended {
+        /// Its index.
+        index: u64,
+        /// Its leaf hash.
+        leaf: Hash,
+    },
+    /// Already present with the same record id and content: nothing written.
+    Duplicate {
+        /// Index of the original.
+        index: u64,
+        /// Its leaf hash.
+        leaf: Hash,
+    },
+    /// Record id already used for a different record or by another submitter.
+    Conflict {
+        /// Index of the record holding that id.
+        index: u64,
+    },
+}
+
+/// Writes one batch into `txn`: entries, nodes, indexes and the new tree size. Advances
+/// `frontier` in place; the caller restores it if the transaction does not commit.
+///
+/// # Errors
+/// On a database error; the transaction must then be dropped.
+pub(crate) fn write_batch(
+    txn: &WriteTransaction,
+    frontier: &mut Frontier,
+    batch: &[NewEntry],
+    out: &mut Vec<Placed>,
+) -> Result<(), StorageError> {
+    let mut entries = txn.open_table(ENTRIES)?;
+    let mut nodes = txn.open_table(NODES)?;
+    let mut leaves = txn.open_table(LEAF_INDEX)?;
+    let mut ids = txn.open_table(RECORD_IDS)?;
+    let mut by_sha = txn.open_multimap_table(BY_SHA256)?;
+    let mut by_cid = txn.open_multimap_table(BY_CID)?;
+    let mut by_id = txn.open_multimap_table(BY_IDENTITY)?;
+    let mut by_uid = txn.open_multimap_table(BY_UID)?;
+    // Record ids seen in this batch, not yet readable from the table.
+    let mut fresh: HashMap<RecordId, (u64, Hash, usize)> = HashMap::new();
+
+    for (pos, e) in batch.iter().enumerate() {
+        let id = e.record.record_id;
+        if let Some(&(index, leaf, first)) = fresh.get(&id) {
+            let same = batch[first].record == e.record && batch[first].submitter == e.submitter;
+            out.push(if same {
+                Placed::Duplicate { index, leaf }
+            } else {
+                Placed::Conflict { index }
+            });
+            continue;
+        }
+        if let Some(index) = ids.get(id.0)?.map(|v| v.value()) {
+            let stored = entries
+                .get(index)?
+                .map(|v| LogEntry::decode(v.value()))
+                .transpose()
+                .map_err(|err| StorageError::CorruptEntry {
+                    index,
+                    reason: err.to_string(),
+                })?;
+            let leaf = nodes
+                .get(node_key(0, index))?
+                .map(|v| Hash(v.value()))
+                .ok_or(StorageError::MissingNode {
+                    level: 0,
+                    index,
+                    size: frontier.size(),
+                })?;
+            out.push(match stored {
+                Some(s) if s.record == e.record && s.submitter == e.submitter => {
+                    Placed::Duplicate { index, leaf }
+                }
+                _ => Placed::Conflict { index },
+            });
+            continue;
+        }
+
+        let index = frontier.size();
+        let log_entry = LogEntry {
+            received_us: e.received_us,
+            submitter: e.submitter.clone(),
+            record: e.record.clone(),
+        };
+        let bytes = log_entry.encode();
+        let leaf = merkle::leaf_hash(&bytes);
+        entries.insert(index, bytes.as_slice())?;
+        let mut err = None;
+        frontier.push(leaf, |n| {
+            if err.is_none()
+                && let Err(e) = nodes.insert(node_key(n.level, n.index), n.hash.0)
+            {
+                err = Some(e);
+            }
+        });
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        if leaves.get(leaf.0)?.is_none() {
+            leaves.insert(leaf.0, index)?;
+        }
+        ids.insert(id.0, index)?;
+        let r = &log_entry.record;
+        if let Some(h) = r.content_sha256 {
+            by_sha.insert(h.0, index)?;
+        }
+        if let Some(c) = &r.cid {
+            by_cid.insert(c.to_bytes().as_slice(), index)?;
+        }
+        by_id.insert(r.source.as_str(), index)?;
+        if r.destination != r.source {
+            by_id.insert(r.destination.as_str(), index)?;
+        }
+        if log_entry.submitter != r.source && log_entry.submitter != r.destination {
+            by_id.insert(log_entry.submitter.as_str(), index)?;
+        }
+        for u in [&r.study_uid, &r.series_uid, &r.sop_instance_uid]
+            .into_iter()
+            .flatten()
+        {
+            by_uid.insert(u.0, index)?;
+        }
+        fresh.insert(id, (index, leaf, pos));
+        out.push(Placed::Appended { index, leaf });
+    }
+    txn.open_table(META)?
+        .insert(META_TREE_SIZE, frontier.size())?;
+    Ok(())
+}
+
+/// Signs the checkpoint for `frontier` and stores it in `txn`.
+///
+/// # Errors
+/// On a database or signing error.
+pub(crate) fn write_checkpoint(
+    txn: &WriteTransaction,
+    frontier: &Frontier,
+    origin: &str,
+    signer: &NoteSigner,
+) -> Result<(Checkpoint, String), StorageError> {
+    let cp = Checkpoint {
+        origin: origin.to_owned(),
+        size: frontier.size(),
+        root: frontier.root(),
+    };
+    let note = cp
+        .sign(signer)
+        .map_err(|e| StorageError::Inconsistent(format!("cannot sign checkpoint: {e}")))?;
+    txn.open_table(CHECKPOINTS)?
+        .insert(cp.size, note.as_str())?;
+    Ok((cp, note))
+}
+
+/// Writes synthetic leaves straight into the node table, for the proof benchmark only: builds a
+/// tree of `count` more leaves without entries or indexes, in transactions of `chunk` leaves.
+///
+/// # Errors
+/// On a database error.
+pub fn bench_fill_nodes(
+    storage: &Storage,
+    frontier: &mut Frontier,
+    count: u64,
+    chunk: u64,
+) -> Result<(), StorageError> {
+    let mut done = 0;
+    while done < count {
+        let mut txn = storage.db.begin_write()?;
+        txn.set_durability(redb::Durability::Immediate)?;
+        {
+            let mut nodes = txn.open_table(NODES)?;
+            let n = chunk.min(count - done);
+            let mut err = None;
+            for _ in 0..n {
+                let leaf = merkle::leaf_hash(&frontier.size().to_be_bytes());
+                frontier.push(leaf, |nn| {
+                    if err.is_none()
+                        && let Err(e) = nodes.insert(node_key(nn.level, nn.index), nn.hash.0)
+                    {
+                        err = Some(e);
+                    }
+                });
+            }
+            if let Some(e) = err {
+                return Err(e.into());
+            }
+            txn.open_table(META)?
+                .insert(META_TREE_SIZE, frontier.size())?;
+            done += n;
+        }
+        txn.commit()?;
+    }
+    Ok(())
+}
+
+/// Counts rows of the main tables (for `medmesh-ledger inspect` and tests).
+///
+/// # Errors
+/// On a database error.
+pub fn table_counts(storage: &Storage) -> Result<Vec<(&'static str, u64)>, StorageError> {
+    let txn = storage.db.begin_read()?;
+    Ok(vec![
+        ("entries", txn.open_table(ENTRIES)?.len()?),
+        ("nodes", txn.open_table(NODES)?.len()?),
+        ("checkpoints", txn.open_table(CHECKPOINTS)?.len()?),
+    ])
+}
