@@ -43,6 +43,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // One crypto provider for the whole process (aws-lc-rs: post-quantum hybrid key exchange).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Dev {

@@ -222,7 +222,10 @@ pub fn verify_svid(
     .map_err(|e| match e {
         webpki::Error::CertExpired { .. } => SvidError::Expired,
         webpki::Error::CertNotValidYet { .. } => SvidError::NotYetValid,
-        webpki::Error::UnknownIssuer => SvidError::UnknownIssuer,
+        // A CA with the same name but another key (or an altered certificate) fails here.
+        webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+            SvidError::UnknownIssuer
+        }
         other => SvidError::Invalid(format!("{other:?}")),
     })?;
     let id = spiffe_id_of(end_entity)?;

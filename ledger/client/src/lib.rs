@@ -159,6 +159,9 @@ impl LedgerClient {
     /// # Errors
     /// When the TLS configuration cannot be built.
     pub fn new(cfg: LedgerClientConfig) -> Result<Self, ClientError> {
+        // reqwest checks for a process-wide provider even when handed a complete configuration;
+        // installing the one medmesh uses everywhere is a no-op if the binary already did.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let tls = tls::client_config(
             Some(&cfg.identity),
             &cfg.bundle,

@@ -1,0 +1,437 @@
+//! The ledger API end to end, in process: real TLS 1.3, real redb, certificates made at test time.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use harness::*;
+use medmesh_core::devca::LeafOptions;
+use medmesh_core::merkle;
+use medmesh_ledger_client::{ClientError, TrustedStore};
+use time::{Duration, OffsetDateTime};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_proven_searched_and_consistent() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let writer = l.client(&pki, WRITER);
+    let auditor = l.client(&pki, AUDITOR);
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+
+    // Concurrent single appends and batches, half of them asking for proofs.
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let w = writer.clone();
+        let (src, dst) = (src.clone(), dst.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..10 {
+                let mut r = record(t * 100 + i, &src, &dst);
+                if i == 3 {
+                    r.cid = Some(
+                        "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+                            .parse()
+                            .unwrap(),
+                    );
+                }
+                let resp = w.append(&r, i % 2 == 0).await.unwrap();
+                out.push((resp.result.index, r));
+            }
+            out
+        }));
+    }
+    let batch: Vec<_> = (0..50).map(|i| record(10_000 + i, &src, &dst)).collect();
+    let b = writer.append_batch(batch.clone(), true).await.unwrap();
+    assert_eq!(b.results.len(), 50);
+    let mut all: Vec<_> = b.results.iter().map(|r| r.index).zip(batch).collect();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let mut indexes: Vec<u64> = all.iter().map(|(i, _)| *i).collect();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        (0..130).collect::<Vec<_>>(),
+        "indexes are dense and unique"
+    );
+
+    // The auditor trusts a checkpoint covering everything, then verifies every entry.
+    let store = TrustedStore::new(pki.dir.path().join("trusted.cp"));
+    let cp = loop {
+        let u = auditor.update_trusted(&store).await.unwrap();
+        if u.new.checkpoint.size == 130 {
+            break u.new.checkpoint;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for (index, rec) in &all {
+        let p = auditor.prove_entry(*index, &cp).await.unwrap();
+        assert_eq!(&p.entry.record, rec);
+        assert_eq!(
+            p.entry.submitter,
+            pki.id(WRITER),
+            "submitter comes from mTLS, not the body"
+        );
+    }
+    // Consistency from every earlier size the log had.
+    for old in [1, 2, 7, 64, 100, 129, 130] {
+        let old_root = auditor.consistency_proof(old, 130).await.unwrap();
+        let older = auditor.entries(0, old).await.unwrap();
+        let mut f = merkle::Frontier::new();
+        for e in &older.entries {
+            f.push(e.leaf_hash, |_| {});
+        }
+        merkle::verify_consistency(old, 130, &f.root(), &cp.root, &old_root.proof).unwrap();
+    }
+    // Each search index finds its entries, with proofs the client verified.
+    let (i, r) = &all[7];
+    let (_, hits, _) = auditor
+        .search("sha256", &r.content_sha256.unwrap().to_hex())
+        .await
+        .unwrap();
+    assert_eq!(hits.iter().map(|h| h.index).collect::<Vec<_>>(), vec![*i]);
+    let (_, hits, _) = auditor
+        .search("uid", &r.sop_instance_uid.unwrap().to_string())
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1);
+    let (_, hits, _) = auditor
+        .search("uid", &r.study_uid.unwrap().to_string())
+        .await
+        .unwrap();
+    assert!(hits.len() > 10);
+    let (_, hits, _) = auditor
+        .search(
+            "cid",
+            "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
+        )
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 8);
+    let (_, hits, truncated) = auditor.search("identity", src.as_str()).await.unwrap();
+    assert_eq!((hits.len(), truncated), (100, true));
+    assert_eq!(hits[0].entry.record.source, src);
+
+    // Audit of the whole log passes with every proof checked.
+    let report = auditor.audit(&cp, 1000).await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.proofs_checked, 130);
+
+    let m = l.metrics().await;
+    assert!(
+        m.contains("medmesh_ledger_appends_total{result=\"appended\"} 130"),
+        "{m}"
+    );
+    assert!(m.contains("medmesh_ledger_tree_size 130"));
+    assert!(m.contains("medmesh_ledger_checkpoint_age_seconds"));
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_idempotent_and_conflicts_refused() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let w = l.client(&pki, WRITER);
+    let r = record(1, &pki.id(("ct", "scanner")), &pki.id(WRITER));
+    let first = w.append(&r, false).await.unwrap();
+    let again = w.append(&r, true).await.unwrap();
+    assert!(!first.result.duplicate);
+    assert!(again.result.duplicate);
+    assert_eq!(first.result.index, again.result.index);
+    assert!(again.checkpoint.is_some() && again.result.inclusion_proof.is_some());
+    // Same id twice inside one batch, and an id reused for other content.
+    let b = w
+        .append_batch(vec![r.clone(), r.clone()], false)
+        .await
+        .unwrap();
+    assert!(
+        b.results
+            .iter()
+            .all(|x| x.duplicate && x.index == first.result.index)
+    );
+    let mut other = r.clone();
+    other.bytes += 1;
+    let err = w.append(&other, false).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused { status: 409, message, .. } if message.contains("record id is already used by entry 0")),
+        "{err}"
+    );
+    // A restart keeps the dedupe index.
+    l.restart().await.unwrap();
+    let w = l.client(&pki, WRITER);
+    assert!(w.append(&r, false).await.unwrap().result.duplicate);
+    l.stop().await;
+}
+
+async fn status_and_body(resp: reqwest::Response) -> (u16, String) {
+    let s = resp.status().as_u16();
+    (s, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_clients_get_precise_refusals_and_metrics() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let url = format!("{}/v1/checkpoint", l.api());
+    let now = OffsetDateTime::now_utc();
+    let other_pki = Pki::new();
+
+    let cases: Vec<(
+        &str,
+        Option<(std::path::PathBuf, std::path::PathBuf)>,
+        u16,
+        &str,
+    )> = vec![
+        (
+            "no certificate",
+            None,
+            401,
+            "no client certificate presented",
+        ),
+        (
+            "expired",
+            Some(pki.issue_with(
+                AUDITOR,
+                &LeafOptions {
+                    not_before: now - Duration::days(3),
+                    not_after: now - Duration::days(1),
+                    ..Default::default()
+                },
+            )),
+            401,
+            "certificate expired",
+        ),
+        (
+            "wrong CA",
+            Some(other_pki.issue(AUDITOR)),
+            401,
+            "unknown issuer",
+        ),
+        (
+            "two URI SANs",
+            Some(pki.issue_with(
+                AUDITOR,
+                &LeafOptions {
+                    extra_uris: vec!["spiffe://medmesh.test/ns/audit/sa/other".into()],
+                    ..Default::default()
+                },
+            )),
+            401,
+            "certificate has 2 URI SANs",
+        ),
+        (
+            "not in any role",
+            Some(pki.issue(("pacs", "intruder"))),
+            403,
+            "is not allowed to read",
+        ),
+    ];
+    for (what, ck, status, want) in &cases {
+        let c = raw_client(
+            ck.as_ref().map(|(a, b)| (a.as_path(), b.as_path())),
+            false,
+            false,
+        );
+        let (s, body) = status_and_body(c.get(&url).send().await.unwrap()).await;
+        assert_eq!(
+            (s, body.contains(want)),
+            (*status, true),
+            "{what}: {s} {body}"
+        );
+    }
+    // A certificate of another trust domain, from a CA the ledger trusts.
+    let other_td = medmesh_core::TrustDomain::new("elsewhere.test").unwrap();
+    let issued = pki
+        .ca
+        .issue(
+            &other_td.workload("audit", "auditor").unwrap(),
+            &LeafOptions::default(),
+        )
+        .unwrap();
+    let (c, k) = (
+        pki.dir.path().join("foreign.pem"),
+        pki.dir.path().join("foreign-key.pem"),
+    );
+    std::fs::write(&c, issued.cert_pem).unwrap();
+    std::fs::write(&k, issued.key_pem).unwrap();
+    let (s, body) = status_and_body(
+        raw_client(Some((&c, &k)), false, false)
+            .get(&url)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401, "{body}");
+    assert!(
+        body.contains("is not in trust domain medmesh.test"),
+        "{body}"
+    );
+
+    // A reader may not append; TLS 1.2 is refused at the handshake.
+    let auditor = pki.issue(AUDITOR);
+    let c = raw_client(Some((&auditor.0, &auditor.1)), false, true);
+    let (s, body) = status_and_body(
+        c.post(format!("{}/v1/entries", l.api()))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 403, "{body}");
+    let tls12 = raw_client(Some((&auditor.0, &auditor.1)), true, false);
+    assert!(
+        tls12.get(&url).send().await.is_err(),
+        "TLS 1.2 must be refused"
+    );
+
+    // Malformed requests from an authorised writer: each a precise 4xx, nothing written.
+    let wk = pki.issue(WRITER);
+    let w = raw_client(Some((&wk.0, &wk.1)), false, false);
+    let post = |path: &str, body: Vec<u8>| w.post(format!("{}{path}", l.api())).body(body).send();
+    let big = vec![b' '; 70_000];
+    for (path, body, status, want) in [
+        (
+            "/v1/entries",
+            big.clone(),
+            413,
+            "exceeds the limit of 65536 bytes",
+        ),
+        (
+            "/v1/entries",
+            b"{\"record_id\": \"\xff\xfe\"}".to_vec(),
+            400,
+            "invalid record",
+        ),
+        (
+            "/v1/entries",
+            b"{\"unknown_field\": 1}".to_vec(),
+            400,
+            "unknown field `unknown_field`",
+        ),
+        ("/v1/entries", b"[".to_vec(), 400, "EOF while parsing"),
+        (
+            "/v1/entries/batch",
+            b"{\"records\": []}".to_vec(),
+            400,
+            "batch has no records",
+        ),
+        (
+            "/v1/entries?proof=maybe",
+            b"{}".to_vec(),
+            400,
+            "invalid query parameters",
+        ),
+    ] {
+        let (s, body) = status_and_body(post(path, body).await.unwrap()).await;
+        assert_eq!(
+            (s, body.contains(want)),
+            (status, true),
+            "{path}: {s} {body}"
+        );
+    }
+    let a = raw_client(Some((&auditor.0, &auditor.1)), false, false);
+    for (q, want) in [
+        (
+            "/v1/proof/consistency?from=5&to=1",
+            "from 5 is greater than to 1",
+        ),
+        (
+            "/v1/proof/consistency?from=0&to=99",
+            "to 99 exceeds the log size 0",
+        ),
+        (
+            "/v1/proof/inclusion?tree_size=0&index=0",
+            "index 0 is outside a tree of size 0",
+        ),
+        (
+            "/v1/proof/inclusion?tree_size=1",
+            "tree_size 1 exceeds the log size 0",
+        ),
+        (
+            "/v1/proof/inclusion?tree_size=-1&index=0",
+            "invalid query parameters",
+        ),
+        ("/v1/entries?start=5&end=2", "start 5 is greater than end 2"),
+        ("/v1/entries?start=0&end=5000", "exceeds the limit of 1000"),
+        ("/v1/entries/abc", "is not a non-negative integer"),
+        ("/v1/search?sha256=zz", "sha256"),
+        ("/v1/search?sha256=00&cid=x", "exactly one of"),
+    ] {
+        let (s, body) =
+            status_and_body(a.get(format!("{}{q}", l.api())).send().await.unwrap()).await;
+        assert_eq!((s, body.contains(want)), (400, true), "{q}: {s} {body}");
+    }
+    let (s, _) = status_and_body(
+        a.get(format!("{}/v1/entries/0", l.api()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 404);
+
+    let m = l.metrics().await;
+    for want in [
+        "medmesh_ledger_refusals_total{reason=\"no_client_certificate\"} 1",
+        "medmesh_ledger_refusals_total{reason=\"certificate_expired\"} 1",
+        "medmesh_ledger_refusals_total{reason=\"unknown_issuer\"} 1",
+        "medmesh_ledger_refusals_total{reason=\"forbidden\"} 2",
+        "medmesh_ledger_refusals_total{reason=\"body_too_large\"} 1",
+        "medmesh_ledger_refusals_total{reason=\"foreign_trust_domain\"} 1",
+        "medmesh_ledger_tls_handshake_failures_total 1",
+    ] {
+        assert!(m.contains(want), "missing {want}:\n{m}");
+    }
+    assert!(
+        m.contains("medmesh_ledger_tree_size 0"),
+        "nothing was written"
+    );
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_http1_and_http2_and_reports_readiness() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let ready = reqwest::get(format!("{}/ready", l.admin())).await.unwrap();
+    // The first checkpoint (size 0) is published within one interval.
+    let mut ok = ready.status().as_u16() == 200;
+    for _ in 0..50 {
+        if ok {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        ok = reqwest::get(format!("{}/ready", l.admin()))
+            .await
+            .unwrap()
+            .status()
+            == 200;
+    }
+    assert!(ok, "ledger never became ready");
+    let a = pki.issue(AUDITOR);
+    for http1 in [true, false] {
+        let c = raw_client(Some((&a.0, &a.1)), false, http1);
+        let resp = c
+            .get(format!("{}/v1/checkpoint", l.api()))
+            .send()
+            .await
+            .unwrap();
+        let want = if http1 {
+            reqwest::Version::HTTP_11
+        } else {
+            reqwest::Version::HTTP_2
+        };
+        assert_eq!(resp.version(), want);
+        let note = resp.text().await.unwrap();
+        medmesh_core::Checkpoint::open(&note, &l.verifier, ORIGIN).unwrap();
+    }
+    assert_eq!(
+        reqwest::get(format!("{}/live", l.admin()))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    l.stop().await;
+}
