@@ -2,6 +2,8 @@
 //! ports with real TLS and a real redb file, and clients with arbitrary certificates.
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
+// Test support: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
