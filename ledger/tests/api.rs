@@ -1,5 +1,8 @@
 //! The ledger API end to end, in process: real TLS 1.3, real redb, certificates made at test time.
 
+// Integration tests: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "support/harness.rs"]
 mod harness;
 
@@ -175,12 +178,13 @@ async fn bad_clients_get_precise_refusals_and_metrics() {
     let now = OffsetDateTime::now_utc();
     let other_pki = Pki::new();
 
-    let cases: Vec<(
-        &str,
+    type Case = (
+        &'static str,
         Option<(std::path::PathBuf, std::path::PathBuf)>,
         u16,
-        &str,
-    )> = vec![
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "no certificate",
             None,

@@ -1,7 +1,8 @@
 //! Shared by the ledger's integration tests: a CA made at test time, a ledger on ephemeral
 //! ports with real TLS and a real redb file, and clients with arbitrary certificates.
 
-#![allow(dead_code)] // Each test binary uses a different part of the harness.
+#![allow(dead_code)]
+// Each test binary uses a different part of the harness.
 // Test support: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
