@@ -121,7 +121,8 @@ impl UidKey {
         self.mac(b"uid\0", uid.trim_end_matches(['\0', ' ']).as_bytes())
     }
 
-    /// Keyed hash of an AE title: `HMAC(key, "ae\0" ‖ title)`, surrounding spaces removed.
+    /// Keyed hash of an AE title: `HMAC(key, "ae\0" ‖ title)`, leading and trailing spaces and
+    /// NULs removed (AE titles are space-padded on the wire).
     pub fn hash_ae_title(&self, ae: &str) -> KeyedHash {
         self.mac(b"ae\0", ae.trim_matches([' ', '\0']).as_bytes())
     }
@@ -215,9 +216,10 @@ impl ContentId {
         Ok(Self(c))
     }
 
-    /// The multihash digest bytes (compare CIDs by multihash, not by string).
-    pub fn digest(&self) -> &[u8] {
-        self.0.hash().digest()
+    /// The multihash (code, length, digest): equal for CIDv0 and CIDv1 of the same content, so
+    /// CIDs are compared by it, never by string.
+    pub fn multihash_bytes(&self) -> Vec<u8> {
+        self.0.hash().to_bytes()
     }
 }
 

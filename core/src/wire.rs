@@ -22,6 +22,10 @@ pub struct AppendResult {
     pub leaf_hash: Hash,
     /// Whether the record id was already present with the same content.
     pub duplicate: bool,
+    /// Whether the record id is already used by entry `index` for a different record or
+    /// submitter: this record was NOT stored (`index` and `leaf_hash` are the other entry's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict: bool,
     /// Inclusion proof against the returned checkpoint, when requested.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inclusion_proof: Option<Vec<Hash>>,

@@ -18,7 +18,10 @@ use medmesh_core::SpiffeId;
 use medmesh_core::merkle::Hash;
 use medmesh_core::record::{AuditRecord, ContentId, KeyedHash, LogEntry};
 use medmesh_core::tls::SvidError;
-use medmesh_core::wire::{AppendResult, BatchRequest, ConsistencyView, EntryView, InclusionView};
+use medmesh_core::wire::{
+    AppendResponse, AppendResult, BatchRequest, BatchResponse, ConsistencyView, EntryView,
+    InclusionView,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -288,36 +291,50 @@ async fn append(
                 e.to_string(),
             ),
         })?;
-    let mut results = Vec::with_capacity(committed.placed.len());
-    for p in &committed.placed {
-        match *p {
-            Placed::Appended { index, leaf } | Placed::Duplicate { index, leaf } => {
-                results.push(AppendResult {
-                    index,
-                    leaf_hash: leaf,
-                    duplicate: matches!(p, Placed::Duplicate { .. }),
-                    inclusion_proof: None,
-                })
-            }
-            Placed::Conflict { index } => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "record_id_conflict",
-                    format!(
-                        "record id is already used by entry {index} with different content or submitter"
-                    ),
-                ));
-            }
-        }
+    let results: Vec<AppendResult> = committed
+        .placed
+        .iter()
+        .map(|p| match *p {
+            Placed::Appended { index, leaf } | Placed::Duplicate { index, leaf } => AppendResult {
+                index,
+                leaf_hash: leaf,
+                duplicate: matches!(p, Placed::Duplicate { .. }),
+                conflict: false,
+                inclusion_proof: None,
+            },
+            Placed::Conflict { index, leaf } => AppendResult {
+                index,
+                leaf_hash: leaf,
+                duplicate: false,
+                conflict: true,
+                inclusion_proof: None,
+            },
+        })
+        .collect();
+    if want_proof && committed.checkpoint.is_none() {
+        let stored: Vec<String> = results
+            .iter()
+            .filter(|r| !r.conflict)
+            .map(|r| r.index.to_string())
+            .collect();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_checkpoint",
+            format!(
+                "entries are stored at [{}] but no checkpoint could be published to prove them; retry with the same record ids",
+                stored.join(", ")
+            ),
+        ));
     }
     let note = match (&committed.checkpoint, want_proof) {
         (Some(cp), true) => {
             let size = cp.checkpoint.size;
             let metrics = state.metrics.clone();
             let storage = state.storage.clone();
-            results = blocking(move || {
+            let mut results = results;
+            let results = blocking(move || {
                 let reader = storage.reader()?;
-                for r in &mut results {
+                for r in results.iter_mut().filter(|r| !r.conflict) {
                     let t = std::time::Instant::now();
                     r.inclusion_proof = Some(reader.inclusion_proof(r.index, size)?);
                     metrics.proof_seconds.observe(t.elapsed().as_secs_f64());
@@ -325,7 +342,7 @@ async fn append(
                 Ok(results)
             })
             .await?;
-            Some(cp.note.clone())
+            return Ok((results, Some(cp.note.clone())));
         }
         _ => None,
     };
@@ -343,18 +360,24 @@ async fn append_one(
     let params = query(params)?;
     let body = read_body(&state, &headers, body).await?;
     let record: AuditRecord = parse_json(&body, "record")?;
-    let (mut results, note) = append(state, submitter, vec![record], params.proof).await?;
-    let r = results.remove(0);
-    let status = if r.duplicate {
+    let (mut results, checkpoint) = append(state, submitter, vec![record], params.proof).await?;
+    let result = results.remove(0);
+    if result.conflict {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "record_id_conflict",
+            format!(
+                "record id is already used by entry {} with different content or submitter; nothing was stored",
+                result.index
+            ),
+        ));
+    }
+    let status = if result.duplicate {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    let mut v = serde_json::to_value(&r).unwrap_or_default();
-    if let Some(n) = note {
-        v["checkpoint"] = n.into();
-    }
-    Ok((status, Json(v)).into_response())
+    Ok((status, Json(AppendResponse { result, checkpoint })).into_response())
 }
 
 async fn append_batch(
@@ -381,8 +404,13 @@ async fn append_batch(
             ),
         ));
     }
-    let (results, note) = append(state, submitter, batch.records, params.proof).await?;
-    Ok(Json(json!({"results": results, "checkpoint": note})).into_response())
+    // Records whose id conflicts are reported per record (`conflict: true`); the others are stored.
+    let (results, checkpoint) = append(state, submitter, batch.records, params.proof).await?;
+    Ok(Json(BatchResponse {
+        results,
+        checkpoint,
+    })
+    .into_response())
 }
 
 fn view(r: &Reader, index: u64, bytes: &[u8]) -> Result<EntryView, StorageError> {
@@ -631,7 +659,7 @@ async fn search(
         (None, Some(c), None, None) => SearchKey::Cid(
             c.parse::<ContentId>()
                 .map_err(|e| bad(format!("cid: {e}")))?
-                .to_bytes(),
+                .multihash_bytes(),
         ),
         (None, None, Some(i), None) => {
             let id: SpiffeId = i.parse().map_err(|e| bad(format!("identity: {e}")))?;
@@ -660,9 +688,9 @@ async fn search(
         let r = storage.reader()?;
         let size = cp.checkpoint.size;
         // Only entries the checkpoint covers come with a proof; later ones are left to the next.
-        let (indexes, truncated) = r.search(&key, MAX_SEARCH_HITS)?;
+        let (indexes, truncated) = r.search(&key, size, MAX_SEARCH_HITS)?;
         let mut hits = Vec::new();
-        for i in indexes.into_iter().filter(|i| *i < size) {
+        for i in indexes {
             let Some(bytes) = r.entry(i)? else { continue };
             let mut v = view(&r, i, &bytes)?;
             v.inclusion_proof = Some(r.inclusion_proof(i, size)?);

@@ -132,7 +132,13 @@ impl Ledger {
                 source: std::io::Error::other(e.to_string()),
             })??
         };
-        sequencer::check_signer_state(&state_path, &storage, &verifier, &cfg.origin)?;
+        sequencer::reconcile_signer_state(
+            &state_path,
+            &storage,
+            &recovered,
+            &verifier,
+            &cfg.origin,
+        )?;
         tracing::info!(size = recovered.frontier.size(), path = %db_path.display(), "opened ledger database");
 
         let registry = prometheus::Registry::new();

@@ -96,11 +96,40 @@ impl std::fmt::Debug for Sequencer {
 
 /// Checks the database against the signer state file: a database older than the last checkpoint
 /// this signer published (a restored backup, a rolled-back disk) must not be continued, or the
-/// ledger would sign a fork.
+/// ledger would sign a fork. Then brings the file up to the database's latest checkpoint (a crash
+/// between the commit and the file write leaves it one checkpoint behind).
+///
+/// The file guards against the database being replaced on its own; a restore of the whole data
+/// directory takes the file back too, which is why clients keep their own trusted checkpoint.
 ///
 /// # Errors
 /// When the state file is unreadable or the database does not extend it.
-pub fn check_signer_state(
+pub fn reconcile_signer_state(
+    path: &std::path::Path,
+    storage: &Storage,
+    recovered: &storage::Recovered,
+    verifier: &NoteVerifier,
+    origin: &str,
+) -> Result<(), StorageError> {
+    check_signer_state(path, storage, verifier, origin)?;
+    if let Some((cp, note)) = &recovered.checkpoint {
+        let stale = match std::fs::read_to_string(path) {
+            Ok(n) => Checkpoint::open(&n, verifier, origin).map_or(true, |c| c.size < cp.size),
+            Err(_) => true,
+        };
+        if stale {
+            write_signer_state(path, note).map_err(|e| {
+                StorageError::Inconsistent(format!(
+                    "cannot write signer state {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn check_signer_state(
     path: &std::path::Path,
     storage: &Storage,
     verifier: &NoteVerifier,
@@ -108,7 +137,12 @@ pub fn check_signer_state(
 ) -> Result<(), StorageError> {
     let note = match std::fs::read_to_string(path) {
         Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if storage.reader()?.latest_checkpoint()?.is_some() {
+                tracing::warn!(path = %path.display(), "signer state file is missing although the database holds checkpoints; recreating it from the database");
+            }
+            return Ok(());
+        }
         Err(e) => {
             return Err(StorageError::Inconsistent(format!(
                 "cannot read signer state {}: {e}",

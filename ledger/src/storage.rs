@@ -5,11 +5,10 @@
 //! point reads; `meta.tree_size` is written in the same transaction as the entries and nodes it
 //! counts, so a crash leaves either all of a batch or none of it.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use medmesh_core::merkle::{self, Frontier, Hash, NodeSource};
-use medmesh_core::record::{AuditRecord, LogEntry, RecordId};
+use medmesh_core::record::{AuditRecord, LogEntry};
 use medmesh_core::{Checkpoint, NoteSigner, NoteVerifier};
 use redb::{
     Database, MultimapTableDefinition, ReadOnlyMultimapTable, ReadOnlyTable, ReadTransaction,
@@ -211,7 +210,7 @@ impl Storage {
 pub enum SearchKey {
     /// SHA-256 of the transferred bytes.
     Sha256(Hash),
-    /// Binary CID.
+    /// A CID's multihash (code, length, digest).
     Cid(Vec<u8>),
     /// A workload identity: source, destination or submitter.
     Identity(String),
@@ -297,11 +296,18 @@ impl Reader {
         Ok(t.get(size)?.map(|v| v.value().to_owned()))
     }
 
-    /// Indexes of entries matching `key`, at most `limit` (ascending), and whether more exist.
+    /// Indexes below `size` of entries matching `key`, at most `limit` (ascending), and whether
+    /// more exist below `size`.
     ///
     /// # Errors
     /// On a database error.
-    pub fn search(&self, key: &SearchKey, limit: usize) -> Result<(Vec<u64>, bool), StorageError> {
+    pub fn search(
+        &self,
+        key: &SearchKey,
+        size: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), StorageError> {
+        let size = size.min(self.size);
         fn collect<'a, K: redb::Key + 'static>(
             t: ReadOnlyMultimapTable<K, u64>,
             k: impl std::borrow::Borrow<K::SelfType<'a>>,
@@ -340,9 +346,7 @@ impl Reader {
                 self.size,
                 limit,
             ),
-            SearchKey::Uid(u) => {
-                collect(self.txn.open_multimap_table(BY_UID)?, *u, self.size, limit)
-            }
+            SearchKey::Uid(u) => collect(self.txn.open_multimap_table(BY_UID)?, *u, size, limit),
         }
     }
 
@@ -419,10 +423,12 @@ pub enum Placed {
         /// Its leaf hash.
         leaf: Hash,
     },
-    /// Record id already used for a different record or by another submitter.
+    /// Record id already used for a different record or by another submitter: not stored.
     Conflict {
         /// Index of the record holding that id.
         index: u64,
+        /// Its leaf hash.
+        leaf: Hash,
     },
 }
 
@@ -445,20 +451,9 @@ pub(crate) fn write_batch(
     let mut by_cid = txn.open_multimap_table(BY_CID)?;
     let mut by_id = txn.open_multimap_table(BY_IDENTITY)?;
     let mut by_uid = txn.open_multimap_table(BY_UID)?;
-    // Record ids seen in this batch, not yet readable from the table.
-    let mut fresh: HashMap<RecordId, (u64, Hash, usize)> = HashMap::new();
-
-    for (pos, e) in batch.iter().enumerate() {
+    for e in batch {
         let id = e.record.record_id;
-        if let Some(&(index, leaf, first)) = fresh.get(&id) {
-            let same = batch[first].record == e.record && batch[first].submitter == e.submitter;
-            out.push(if same {
-                Placed::Duplicate { index, leaf }
-            } else {
-                Placed::Conflict { index }
-            });
-            continue;
-        }
+        // A write transaction reads its own inserts: ids earlier in this batch are found too.
         if let Some(index) = ids.get(id.0)?.map(|v| v.value()) {
             let stored = entries
                 .get(index)?
@@ -480,7 +475,7 @@ pub(crate) fn write_batch(
                 Some(s) if s.record == e.record && s.submitter == e.submitter => {
                     Placed::Duplicate { index, leaf }
                 }
-                _ => Placed::Conflict { index },
+                _ => Placed::Conflict { index, leaf },
             });
             continue;
         }
@@ -514,7 +509,8 @@ pub(crate) fn write_batch(
             by_sha.insert(h.0, index)?;
         }
         if let Some(c) = &r.cid {
-            by_cid.insert(c.to_bytes().as_slice(), index)?;
+            // By multihash: CIDv0 and CIDv1 of the same content find each other.
+            by_cid.insert(c.multihash_bytes().as_slice(), index)?;
         }
         by_id.insert(r.source.as_str(), index)?;
         if r.destination != r.source {
@@ -529,7 +525,6 @@ pub(crate) fn write_batch(
         {
             by_uid.insert(u.0, index)?;
         }
-        fresh.insert(id, (index, leaf, pos));
         out.push(Placed::Appended { index, leaf });
     }
     txn.open_table(META)?

@@ -158,6 +158,14 @@ async fn retries_are_idempotent_and_conflicts_refused() {
         matches!(&err, ClientError::Refused { status: 409, message, .. } if message.contains("record id is already used by entry 0")),
         "{err}"
     );
+    // In a batch, a conflicting record is reported and skipped; the others are stored.
+    let fresh = record(2, &pki.id(("ct", "scanner")), &pki.id(WRITER));
+    let b = w
+        .append_batch(vec![other.clone(), fresh], false)
+        .await
+        .unwrap();
+    assert!(b.results[0].conflict && b.results[0].index == 0);
+    assert!(!b.results[1].conflict && b.results[1].index == 1);
     // A restart keeps the dedupe index.
     l.restart().await.unwrap();
     let w = l.client(&pki, WRITER);

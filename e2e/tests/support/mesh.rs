@@ -1,0 +1,265 @@
+//! Runs the real binaries: `medmesh dev certs`, `medmesh-ledger keygen|run`, `medmesh ledger ...`.
+
+#![allow(dead_code)] // Each test binary uses a different part.
+// Test support: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use medmesh_core::merkle::sha256;
+use medmesh_core::record::{AuditRecord, EventKind, KeyedHash, Outcome, Protocol, RecordId};
+use medmesh_core::tls::{Identity, ServerIdentity, TrustBundle};
+use medmesh_core::{NoteVerifier, SpiffeId, TrustDomain};
+use medmesh_ledger_client::{LedgerClient, LedgerClientConfig};
+
+pub const TD: &str = "medmesh.local";
+pub const ORIGIN: &str = "medmesh.local/ledger";
+
+/// Path of a binary built in this workspace (tests run from target/<profile>/deps).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A ledger process with its own directory, certificates and signing key.
+pub struct LedgerProc {
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub admin_port: u16,
+    pub child: Option<Child>,
+    pub verifier_key: String,
+}
+
+impl LedgerProc {
+    /// Makes certificates and a key in `dir` with the real CLIs, writes the config.
+    pub fn setup(dir: &Path) -> Self {
+        let certs = dir.join("certs");
+        let out = run(Command::new(bin("medmesh"))
+            .args(["dev", "certs", "--out"])
+            .arg(&certs)
+            .args([
+                "--workload",
+                "medmesh/ledger",
+                "--workload",
+                "pacs/writer",
+                "--workload",
+                "audit/auditor",
+            ]));
+        assert!(out.status.success(), "dev certs: {}", text(&out));
+        let key = dir.join("signing.key");
+        let out = run(Command::new(bin("medmesh-ledger"))
+            .args(["keygen", "--origin", ORIGIN, "--out"])
+            .arg(&key));
+        assert!(out.status.success(), "keygen: {}", text(&out));
+        let verifier_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        std::fs::write(dir.join("verifier.key"), &verifier_key).unwrap();
+        let (api_port, admin_port) = (free_port(), free_port());
+        let c = certs.display();
+        std::fs::write(
+            dir.join("ledger.yaml"),
+            format!(
+                "node_id: ledger-0\norigin: {ORIGIN}\ndata_dir: {data}\nlisten: 127.0.0.1:{api_port}\n\
+                 admin_listen: 127.0.0.1:{admin_port}\ntrust_domain: {TD}\ncert: {c}/medmesh.ledger.pem\n\
+                 key: {c}/medmesh.ledger-key.pem\ntrust_bundle: {c}/ca.pem\nsigning_key: {key}\n\
+                 appenders: [\"spiffe://{TD}/ns/pacs/sa/writer\"]\nreaders: [\"spiffe://{TD}/ns/audit/*\"]\n\
+                 checkpoint_interval_ms: 100\ndrain_seconds: 2\n",
+                data = dir.join("data").display(),
+                key = key.display(),
+            ),
+        )
+        .unwrap();
+        Self {
+            dir: dir.to_owned(),
+            api_port,
+            admin_port,
+            child: None,
+            verifier_key,
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Starts the ledger; returns once `/ready` answers 200, or the process's output if it exits.
+    pub fn start(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("ledger.log"))
+            .unwrap();
+        let mut child = Command::new(bin("medmesh-ledger"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("ledger.yaml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(self.dir.join("ledger.log")).unwrap_or_default();
+                return Err(format!("ledger exited with {status}: {log}"));
+            }
+            if http_status(self.admin_port, "/ready") == Some(200) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            assert!(Instant::now() < deadline, "ledger not ready within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait (a clean shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "ledger did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    /// A library client with the given workload's certificate.
+    pub fn client(&self, who: &str) -> LedgerClient {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let certs = self.dir.join("certs");
+        let td = TrustDomain::new(TD).unwrap();
+        LedgerClient::new(LedgerClientConfig {
+            url: self.url(),
+            identity: Identity::from_pem(
+                &std::fs::read(certs.join(format!("{who}.pem"))).unwrap(),
+                &std::fs::read(certs.join(format!("{who}-key.pem"))).unwrap(),
+            )
+            .unwrap(),
+            bundle: TrustBundle::from_pem(
+                &std::fs::read(certs.join("ca.pem")).unwrap(),
+                td.clone(),
+            )
+            .unwrap(),
+            server: ServerIdentity::Exact(td.workload("medmesh", "ledger").unwrap()),
+            verifier: NoteVerifier::parse(&self.verifier_key).unwrap(),
+            origin: ORIGIN.into(),
+            timeout: Duration::from_secs(10),
+        })
+        .unwrap()
+    }
+
+    /// Runs `medmesh ledger <args>` as the auditor, with its own trusted state file.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let certs = self.dir.join("certs");
+        run(Command::new(bin("medmesh"))
+            .arg("ledger")
+            .args(args)
+            .env("MEDMESH_LEDGER_URL", self.url())
+            .env("MEDMESH_CERT", certs.join("audit.auditor.pem"))
+            .env("MEDMESH_KEY", certs.join("audit.auditor-key.pem"))
+            .env("MEDMESH_CA", certs.join("ca.pem"))
+            .env(
+                "MEDMESH_LEDGER_KEY",
+                format!("@{}", self.dir.join("verifier.key").display()),
+            )
+            .env("MEDMESH_LEDGER_STATE", self.dir.join("auditor.checkpoint")))
+    }
+}
+
+impl Drop for LedgerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Status of a plain HTTP GET on loopback, without a client library.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn record(i: u64) -> AuditRecord {
+    let td = TrustDomain::new(TD).unwrap();
+    AuditRecord {
+        record_id: RecordId::random().unwrap(),
+        kind: EventKind::InstanceStored,
+        time_us: 1_700_000_000_000_000 + i,
+        source: td.workload("ct", "scanner").unwrap(),
+        destination: td.workload("pacs", "writer").unwrap(),
+        protocol: Protocol::Dimse,
+        outcome: Outcome::Success,
+        status: Some(0),
+        bytes: 4096 + i,
+        content_sha256: Some(sha256(&i.to_be_bytes())),
+        study_uid: Some(KeyedHash([1; 32])),
+        series_uid: None,
+        sop_instance_uid: Some(KeyedHash(*sha256(format!("sop {i}").as_bytes()).as_bytes())),
+        calling_ae: None,
+        called_ae: None,
+        sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".parse().unwrap()),
+        transfer_syntax_uid: None,
+        cid: None,
+    }
+}
+
+pub fn writer_id() -> SpiffeId {
+    TrustDomain::new(TD)
+        .unwrap()
+        .workload("pacs", "writer")
+        .unwrap()
+}
