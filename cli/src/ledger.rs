@@ -276,41 +276,9 @@ pub async fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
             );
         }
         Cmd::VerifyFile { file } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
-            let mut digests = vec![("file", merkle::sha256(&bytes))];
-            if let Some(p10) = medmesh_core::dicom::split_part10(&bytes)? {
-                digests.push(("data set", merkle::sha256(p10.dataset)));
-            }
-            let mut found = 0;
-            for (what, d) in &digests {
-                let (scp, hits, _) = client.search("sha256", &d.to_hex()).await?;
-                check_related(&client, &cp, &scp.checkpoint).await?;
-                for h in &hits {
-                    println!(
-                        "{what} sha256={d}: entry {} ({} {} -> {}, {}) verified in checkpoint size={}",
-                        h.index,
-                        h.entry.record.kind,
-                        h.entry.record.source,
-                        h.entry.record.destination,
-                        h.entry.record.outcome,
-                        scp.checkpoint.size
-                    );
-                }
-                found += hits.len();
-            }
-            if found == 0 {
-                println!(
-                    "NOT RECORDED: no ledger entry has the hash of {} ({}); the file differs from every transfer the ledger recorded",
-                    file.display(),
-                    digests
-                        .iter()
-                        .map(|(w, d)| format!("{w} sha256={d}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
+            if verify_file(&client, &cp, &file).await? == 0 {
                 return Ok(ExitCode::from(2));
             }
-            println!("verified: {found} record(s) match {}", file.display());
         }
         Cmd::Audit { proofs } => {
             let report = client.audit(&cp, proofs).await?;
@@ -348,4 +316,50 @@ async fn check_related(
         client.check_extends(answered, trusted).await?;
     }
     Ok(())
+}
+
+/// Hashes `file` (whole, and for DICOM Part 10 files its data set as DIMSE carries it), finds the
+/// ledger records with those hashes and verifies their proofs. Returns how many matched; prints
+/// `NOT RECORDED` when none did.
+pub async fn verify_file(
+    client: &LedgerClient,
+    cp: &medmesh_core::Checkpoint,
+    file: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
+    let mut digests = vec![("file", merkle::sha256(&bytes))];
+    if let Some(p10) = medmesh_core::dicom::split_part10(&bytes)? {
+        digests.push(("data set", merkle::sha256(p10.dataset)));
+    }
+    let mut found = 0;
+    for (what, d) in &digests {
+        let (scp, hits, _) = client.search("sha256", &d.to_hex()).await?;
+        check_related(client, cp, &scp.checkpoint).await?;
+        for h in &hits {
+            println!(
+                "{what} sha256={d}: entry {} ({} {} -> {}, {}) verified in checkpoint size={}",
+                h.index,
+                h.entry.record.kind,
+                h.entry.record.source,
+                h.entry.record.destination,
+                h.entry.record.outcome,
+                scp.checkpoint.size
+            );
+        }
+        found += hits.len();
+    }
+    if found == 0 {
+        println!(
+            "NOT RECORDED: no ledger entry has the hash of {} ({}); the file differs from every transfer the ledger recorded",
+            file.display(),
+            digests
+                .iter()
+                .map(|(w, d)| format!("{w} sha256={d}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    } else {
+        println!("verified: {found} record(s) match {}", file.display());
+    }
+    Ok(found)
 }

@@ -1,5 +1,6 @@
 //! `medmesh`: verify the audit ledger, and set up local meshes.
 
+mod demo;
 mod devcerts;
 mod ledger;
 
@@ -22,6 +23,9 @@ struct Cli {
 enum Cmd {
     /// Talk to an audit ledger; every answer is verified locally.
     Ledger(Box<ledger::LedgerArgs>),
+    /// Run a local mesh on loopback: ledger, synthetic CT transfers, verified records, and a
+    /// tampered instance caught.
+    Demo(demo::DemoArgs),
     /// Development helpers.
     Dev {
         #[command(subcommand)]
@@ -52,6 +56,10 @@ fn main() -> ExitCode {
         } => devcerts::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::Ledger(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(ledger::run(*args)),
+            Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
+        },
+        Cmd::Demo(args) => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(demo::run(args)).map(|()| ExitCode::SUCCESS),
             Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
         },
     };

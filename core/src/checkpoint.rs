@@ -518,7 +518,15 @@ mod tests {
             root: Hash([0xab; 32]),
         };
         let note = cp.sign(&signer).unwrap();
-        assert!(note.starts_with("medmesh.local/ledger\n20852163\nq6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=\n\n\u{2014} medmesh.local/ledger "));
+        // The example of docs/ledger-format.md §6 (signed independently with Python's Ed25519).
+        assert_eq!(
+            note,
+            "medmesh.local/ledger\n20852163\nq6urq6urq6urq6urq6urq6urq6urq6urq6urq6urq6s=\n\n\u{2014} medmesh.local/ledger Ea0ZbtS7fR1an/Q0GXx69WIejM7Oa0/DcalVGG5z3k+QrxEn0wYb5YNQnPaPwMpuG+qEAzUDLyFGbK3zeW6qXAIhEQU=\n"
+        );
+        assert_eq!(
+            signer.verifier_key(),
+            "medmesh.local/ledger+11ad196e+AepKbGPinFIKvvVQexMuxfmVR3auvr57kkIe6mkURtIs"
+        );
         assert_eq!(
             Checkpoint::open(&note, &v, "medmesh.local/ledger").unwrap(),
             cp

@@ -88,6 +88,144 @@ pub fn split_part10(b: &[u8]) -> Result<Option<Part10<'_>>, Part10Error> {
     }))
 }
 
+/// Options of a synthetic instance.
+#[derive(Debug, Clone)]
+pub struct SyntheticInstance {
+    /// Study Instance UID.
+    pub study_uid: String,
+    /// Series Instance UID.
+    pub series_uid: String,
+    /// SOP Instance UID.
+    pub sop_instance_uid: String,
+    /// Patient's name (synthetic: used to prove it never reaches the ledger).
+    pub patient_name: String,
+    /// Patient ID (synthetic).
+    pub patient_id: String,
+    /// Image rows.
+    pub rows: u16,
+    /// Image columns.
+    pub columns: u16,
+    /// Seed of the pixel pattern.
+    pub seed: u64,
+}
+
+/// CT Image Storage.
+pub const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+/// Explicit VR Little Endian.
+pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+/// medmesh's implementation class UID (under the UUID-derived 2.25 root).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.304185739190183461742458374981725011209";
+
+fn put_element(out: &mut Vec<u8>, group: u16, element: u16, vr: &[u8; 2], value: &[u8]) {
+    let pad = if value.len() % 2 == 1 {
+        // UIDs pad with NUL, text with space, binary with 0.
+        Some(if vr == b"UI" || vr == b"OB" || vr == b"OW" {
+            0u8
+        } else {
+            b' '
+        })
+    } else {
+        None
+    };
+    let len = value.len() + usize::from(pad.is_some());
+    out.extend_from_slice(&group.to_le_bytes());
+    out.extend_from_slice(&element.to_le_bytes());
+    out.extend_from_slice(vr);
+    if matches!(vr, b"OB" | b"OW" | b"UN" | b"SQ" | b"UT") {
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+    } else {
+        out.extend_from_slice(&(len as u16).to_le_bytes());
+    }
+    out.extend_from_slice(value);
+    if let Some(p) = pad {
+        out.push(p);
+    }
+}
+
+/// A synthetic CT instance as a DICOM Part 10 file (explicit VR little endian): a valid file
+/// meta group and a data set with patient, study, series and image attributes and 16-bit pixel
+/// data. Repo-made sample data: no download, no real patient.
+pub fn synthetic_ct(i: &SyntheticInstance) -> Vec<u8> {
+    let mut ds = Vec::with_capacity(usize::from(i.rows) * usize::from(i.columns) * 2 + 1024);
+    put_element(&mut ds, 0x0008, 0x0016, b"UI", CT_IMAGE_STORAGE.as_bytes());
+    put_element(
+        &mut ds,
+        0x0008,
+        0x0018,
+        b"UI",
+        i.sop_instance_uid.as_bytes(),
+    );
+    put_element(&mut ds, 0x0008, 0x0060, b"CS", b"CT");
+    put_element(&mut ds, 0x0010, 0x0010, b"PN", i.patient_name.as_bytes());
+    put_element(&mut ds, 0x0010, 0x0020, b"LO", i.patient_id.as_bytes());
+    put_element(&mut ds, 0x0020, 0x000D, b"UI", i.study_uid.as_bytes());
+    put_element(&mut ds, 0x0020, 0x000E, b"UI", i.series_uid.as_bytes());
+    put_element(&mut ds, 0x0028, 0x0002, b"US", &1u16.to_le_bytes());
+    put_element(&mut ds, 0x0028, 0x0004, b"CS", b"MONOCHROME2");
+    put_element(&mut ds, 0x0028, 0x0010, b"US", &i.rows.to_le_bytes());
+    put_element(&mut ds, 0x0028, 0x0011, b"US", &i.columns.to_le_bytes());
+    put_element(&mut ds, 0x0028, 0x0100, b"US", &16u16.to_le_bytes());
+    put_element(&mut ds, 0x0028, 0x0101, b"US", &12u16.to_le_bytes());
+    put_element(&mut ds, 0x0028, 0x0102, b"US", &11u16.to_le_bytes());
+    put_element(&mut ds, 0x0028, 0x0103, b"US", &0u16.to_le_bytes());
+    let mut pixels = Vec::with_capacity(usize::from(i.rows) * usize::from(i.columns) * 2);
+    let mut x = i.seed | 1;
+    for r in 0..u32::from(i.rows) {
+        for c in 0..u32::from(i.columns) {
+            // A smooth phantom-like disc plus a little noise, in 12 bits.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (dr, dc) = (
+                r as i64 - i64::from(i.rows) / 2,
+                c as i64 - i64::from(i.columns) / 2,
+            );
+            let inside = dr * dr + dc * dc < i64::from(i.rows.min(i.columns)).pow(2) / 5;
+            let v = if inside { 1000 } else { 24 } + (x % 40) as u16;
+            pixels.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    put_element(&mut ds, 0x7FE0, 0x0010, b"OW", &pixels);
+
+    let mut meta = Vec::new();
+    put_element(&mut meta, 0x0002, 0x0001, b"OB", &[0, 1]);
+    put_element(
+        &mut meta,
+        0x0002,
+        0x0002,
+        b"UI",
+        CT_IMAGE_STORAGE.as_bytes(),
+    );
+    put_element(
+        &mut meta,
+        0x0002,
+        0x0003,
+        b"UI",
+        i.sop_instance_uid.as_bytes(),
+    );
+    put_element(&mut meta, 0x0002, 0x0010, b"UI", EXPLICIT_VR_LE.as_bytes());
+    put_element(
+        &mut meta,
+        0x0002,
+        0x0012,
+        b"UI",
+        IMPLEMENTATION_CLASS_UID.as_bytes(),
+    );
+    let mut file = vec![0u8; 128];
+    file.extend_from_slice(b"DICM");
+    put_element(
+        &mut file,
+        0x0002,
+        0x0000,
+        b"UL",
+        &(meta.len() as u32).to_le_bytes(),
+    );
+    file.extend_from_slice(&meta);
+    file.extend_from_slice(&ds);
+    file
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +262,26 @@ mod tests {
             // Every cut inside the meta group is reported, never a panic.
             let _ = split_part10(&f[..n]);
         }
+    }
+
+    #[test]
+    fn synthetic_instances_split_cleanly() {
+        let f = synthetic_ct(&SyntheticInstance {
+            study_uid: "2.25.1".into(),
+            series_uid: "2.25.1.1".into(),
+            sop_instance_uid: "2.25.1.1.1".into(),
+            patient_name: "DEMO^PATIENT".into(),
+            patient_id: "DEMO-1".into(),
+            rows: 16,
+            columns: 16,
+            seed: 1,
+        });
+        let p = split_part10(&f).unwrap().unwrap();
+        assert_eq!(p.transfer_syntax.as_deref(), Some(EXPLICIT_VR_LE));
+        assert_eq!(&p.dataset[..4], &[0x08, 0x00, 0x16, 0x00]);
+        assert!(
+            p.dataset.len() > 16 * 16 * 2,
+            "pixel data is in the data set"
+        );
     }
 }

@@ -111,6 +111,10 @@ pub struct ConsistencyView {
 pub struct SearchResponse {
     /// Size of the checkpoint the proofs are against.
     pub tree_size: u64,
+    /// How many of those entries the search indexes covered (equal to `tree_size` unless the
+    /// indexer is behind under heavy load; entries beyond it are not searched).
+    #[serde(default)]
+    pub indexed_size: u64,
     /// That checkpoint, signed.
     pub checkpoint: String,
     /// Matching entries, each with its inclusion proof.

@@ -36,6 +36,8 @@ pub const MAX_BATCH_RECORDS: usize = 1000;
 pub const MAX_RANGE: u64 = 1000;
 /// Most hits of one search.
 pub const MAX_SEARCH_HITS: usize = 100;
+/// Longest a search waits for the indexes to cover the checkpoint it answers for.
+const SEARCH_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The client identity of a connection, as established by the TLS layer.
 #[derive(Debug, Clone)]
@@ -52,6 +54,8 @@ pub struct AppState {
     pub seq: Sequencer,
     /// Metrics.
     pub metrics: Metrics,
+    /// How many entries the search indexes cover.
+    pub indexed: tokio::sync::watch::Receiver<u64>,
 }
 
 /// A refused or failed request.
@@ -683,10 +687,13 @@ async fn search(
             "no checkpoint has been published yet",
         ));
     };
+    // The indexes trail the log slightly; give them a moment to cover this checkpoint.
+    let size = cp.checkpoint.size;
+    let mut indexed = state.indexed.clone();
+    let _ = tokio::time::timeout(SEARCH_INDEX_WAIT, indexed.wait_for(|i| *i >= size)).await;
     let storage = state.storage.clone();
     blocking(move || {
         let r = storage.reader()?;
-        let size = cp.checkpoint.size;
         // Only entries the checkpoint covers come with a proof; later ones are left to the next.
         let (indexes, truncated) = r.search(&key, size, MAX_SEARCH_HITS)?;
         let mut hits = Vec::new();
@@ -698,6 +705,7 @@ async fn search(
         }
         Ok(Json(json!({
             "tree_size": size,
+            "indexed_size": r.indexed().min(size),
             "checkpoint": cp.note,
             "hits": hits,
             "truncated": truncated,

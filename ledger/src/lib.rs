@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod indexer;
 pub mod metrics;
 pub mod sequencer;
 pub mod server;
@@ -85,7 +86,8 @@ pub struct Ledger {
     pub verifier_key: String,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    /// The writer, then the indexer (which follows it).
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -160,6 +162,19 @@ impl Ledger {
             source,
         })?;
 
+        let indexed_now = storage.indexed_size()?;
+        let (indexed_tx, indexed_rx) = watch::channel(indexed_now);
+        let indexer = indexer::spawn(
+            storage.clone(),
+            seq.subscribe(),
+            indexed_tx,
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Io {
+            what: "start indexer thread".into(),
+            source,
+        })?;
+
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -189,6 +204,7 @@ impl Ledger {
             storage,
             seq: seq.clone(),
             metrics: metrics.clone(),
+            indexed: indexed_rx,
         };
         let api_task = tokio::spawn(server::serve_api(
             api_listener,
@@ -214,7 +230,7 @@ impl Ledger {
             verifier_key: verifier.to_string(),
             shutdown,
             tasks: vec![api_task, admin_task],
-            writer: Some(writer),
+            threads: vec![writer, indexer],
         })
     }
 
@@ -225,9 +241,10 @@ impl Ledger {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
-        // The router (and with it the last sequencer handle) is gone: the writer drains and exits.
-        if let Some(w) = self.writer.take() {
-            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        // The router (and with it the last sequencer handle) is gone: the writer drains and
+        // exits, then the indexer catches up and exits.
+        for t in self.threads.drain(..) {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub handshake_failures: IntCounter,
     /// Time to build a proof, server side.
     pub proof_seconds: Histogram,
+    /// Entries appended but not yet in the search indexes.
+    pub index_lag: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -120,6 +122,10 @@ impl Metrics {
                 )
                 .buckets(ms(0.000_008, 14)),
             )),
+            index_lag: must(IntGauge::new(
+                "medmesh_ledger_index_lag_entries",
+                "Entries appended but not yet in the search indexes",
+            )),
         };
         for c in [
             Box::new(m.appends.clone()) as Box<dyn prometheus::core::Collector>,
@@ -135,6 +141,7 @@ impl Metrics {
             Box::new(m.refusals.clone()),
             Box::new(m.handshake_failures.clone()),
             Box::new(m.proof_seconds.clone()),
+            Box::new(m.index_lag.clone()),
         ] {
             must(registry.register(c));
         }

@@ -4,6 +4,14 @@
 //! holds every complete, aligned subtree hash (level 0 = leaf hashes), so a proof is `O(log n)`
 //! point reads; `meta.tree_size` is written in the same transaction as the entries and nodes it
 //! counts, so a crash leaves either all of a batch or none of it.
+//!
+//! Two files: `ledger.redb` holds what appends must make durable before they are acknowledged
+//! (entries, nodes, record ids, checkpoints); `index.redb` holds the search indexes, derived from
+//! the entries by the indexer thread off the acknowledgement path. A random-key insert costs
+//! several times a sequential one in a B-tree and the search indexes are keyed by hashes, so
+//! keeping them out of the acknowledging commit is what lets the writer keep up. The index file
+//! records how far it has indexed and is rebuilt from the entries when it is missing, damaged or
+//! ahead of the log.
 
 use std::path::Path;
 
@@ -18,9 +26,12 @@ use redb::{
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("nodes");
-const LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
 const RECORD_IDS: TableDefinition<[u8; 16], u64> = TableDefinition::new("record_ids");
 const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("checkpoints");
+
+// In index.redb.
+const INDEX_META: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
+const LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
 const BY_SHA256: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_sha256");
 const BY_CID: MultimapTableDefinition<&[u8], u64> = MultimapTableDefinition::new("by_cid");
 const BY_IDENTITY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_identity");
@@ -28,6 +39,7 @@ const BY_UID: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::
 
 const META_TREE_SIZE: &str = "tree_size";
 const META_FORMAT: &str = "format_version";
+const META_INDEXED: &str = "indexed_size";
 const FORMAT_VERSION: u64 = 1;
 
 /// Key of node `(level, index)` in the `nodes` table.
@@ -99,6 +111,7 @@ pub struct Recovered {
 #[derive(Clone)]
 pub struct Storage {
     db: std::sync::Arc<Database>,
+    index: std::sync::Arc<Database>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -134,23 +147,49 @@ impl Storage {
             // Create every table so readers never meet a missing one.
             txn.open_table(ENTRIES)?;
             txn.open_table(NODES)?;
-            txn.open_table(LEAF_INDEX)?;
             txn.open_table(RECORD_IDS)?;
             txn.open_table(CHECKPOINTS)?;
-            txn.open_multimap_table(BY_SHA256)?;
-            txn.open_multimap_table(BY_CID)?;
-            txn.open_multimap_table(BY_IDENTITY)?;
-            txn.open_multimap_table(BY_UID)?;
         }
         txn.commit()?;
+        let index = open_index(&path.with_file_name("index.redb"))?;
         let storage = Self {
             db: std::sync::Arc::new(db),
+            index: std::sync::Arc::new(index),
         };
         let reader = storage.reader()?;
         let size = reader.size();
+        if reader.indexed > size {
+            // The index describes a longer log than this one (the log was replaced): rebuild.
+            tracing::warn!(
+                indexed = reader.indexed,
+                size,
+                "search index is ahead of the log; rebuilding it"
+            );
+            drop(reader);
+            let txn = storage.index.begin_write()?;
+            txn.delete_table(LEAF_INDEX)?;
+            txn.delete_multimap_table(BY_SHA256)?;
+            txn.delete_multimap_table(BY_CID)?;
+            txn.delete_multimap_table(BY_IDENTITY)?;
+            txn.delete_multimap_table(BY_UID)?;
+            create_index_tables(&txn)?;
+            txn.open_table(INDEX_META)?.insert(META_INDEXED, 0)?;
+            txn.commit()?;
+            return Self::open_checked(storage, verifier, origin);
+        }
+        drop(reader);
+        Self::open_checked(storage, verifier, origin)
+    }
+
+    fn open_checked(
+        storage: Self,
+        verifier: &NoteVerifier,
+        origin: &str,
+    ) -> Result<(Self, Recovered), StorageError> {
+        let reader = storage.reader()?;
+        let size = reader.size();
         let frontier = Frontier::load(&reader, size)?;
-        let checkpoint = reader.latest_checkpoint()?;
-        let checkpoint = match checkpoint {
+        let checkpoint = match reader.latest_checkpoint()? {
             None => None,
             Some(note) => {
                 let cp = Checkpoint::open(&note, verifier, origin).map_err(|e| {
@@ -174,6 +213,7 @@ impl Storage {
                 Some((cp, note))
             }
         };
+        drop(reader);
         Ok((
             storage,
             Recovered {
@@ -195,7 +235,29 @@ impl Storage {
             .map(|v| v.value())
             .unwrap_or(0);
         let nodes = txn.open_table(NODES)?;
-        Ok(Reader { txn, nodes, size })
+        let index_txn = self.index.begin_read()?;
+        let indexed = index_txn
+            .open_table(INDEX_META)?
+            .get(META_INDEXED)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        Ok(Reader {
+            txn,
+            nodes,
+            size,
+            index_txn,
+            indexed,
+        })
+    }
+
+    /// How many entries the search indexes cover.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn indexed_size(&self) -> Result<u64, StorageError> {
+        let txn = self.index.begin_read()?;
+        let meta = txn.open_table(INDEX_META)?;
+        Ok(meta.get(META_INDEXED)?.map(|v| v.value()).unwrap_or(0))
     }
 
     pub(crate) fn begin_write(&self) -> Result<WriteTransaction, StorageError> {
@@ -223,12 +285,19 @@ pub struct Reader {
     txn: ReadTransaction,
     nodes: ReadOnlyTable<u64, [u8; 32]>,
     size: u64,
+    index_txn: ReadTransaction,
+    indexed: u64,
 }
 
 impl Reader {
     /// Tree size in this snapshot.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Entries the search indexes cover in this snapshot.
+    pub fn indexed(&self) -> u64 {
+        self.indexed.min(self.size)
     }
 
     /// The encoded entry at `index`, if present.
@@ -274,8 +343,10 @@ impl Reader {
     /// # Errors
     /// On a database error.
     pub fn index_of_leaf(&self, leaf: &Hash) -> Result<Option<u64>, StorageError> {
-        let t = self.txn.open_table(LEAF_INDEX)?;
-        Ok(t.get(leaf.0)?.map(|v| v.value()).filter(|i| *i < self.size))
+        let t = self.index_txn.open_table(LEAF_INDEX)?;
+        Ok(t.get(leaf.0)?
+            .map(|v| v.value())
+            .filter(|i| *i < self.indexed()))
     }
 
     /// The latest signed checkpoint note.
@@ -307,7 +378,7 @@ impl Reader {
         size: u64,
         limit: usize,
     ) -> Result<(Vec<u64>, bool), StorageError> {
-        let size = size.min(self.size);
+        let size = size.min(self.indexed());
         fn collect<'a, K: redb::Key + 'static>(
             t: ReadOnlyMultimapTable<K, u64>,
             k: impl std::borrow::Borrow<K::SelfType<'a>>,
@@ -329,24 +400,26 @@ impl Reader {
         }
         match key {
             SearchKey::Sha256(h) => collect(
-                self.txn.open_multimap_table(BY_SHA256)?,
+                self.index_txn.open_multimap_table(BY_SHA256)?,
                 h.0,
                 self.size,
                 limit,
             ),
             SearchKey::Cid(c) => collect(
-                self.txn.open_multimap_table(BY_CID)?,
+                self.index_txn.open_multimap_table(BY_CID)?,
                 c.as_slice(),
                 self.size,
                 limit,
             ),
             SearchKey::Identity(s) => collect(
-                self.txn.open_multimap_table(BY_IDENTITY)?,
+                self.index_txn.open_multimap_table(BY_IDENTITY)?,
                 s.as_str(),
                 self.size,
                 limit,
             ),
-            SearchKey::Uid(u) => collect(self.txn.open_multimap_table(BY_UID)?, *u, size, limit),
+            SearchKey::Uid(u) => {
+                collect(self.index_txn.open_multimap_table(BY_UID)?, *u, size, limit)
+            }
         }
     }
 
@@ -445,12 +518,7 @@ pub(crate) fn write_batch(
 ) -> Result<(), StorageError> {
     let mut entries = txn.open_table(ENTRIES)?;
     let mut nodes = txn.open_table(NODES)?;
-    let mut leaves = txn.open_table(LEAF_INDEX)?;
     let mut ids = txn.open_table(RECORD_IDS)?;
-    let mut by_sha = txn.open_multimap_table(BY_SHA256)?;
-    let mut by_cid = txn.open_multimap_table(BY_CID)?;
-    let mut by_id = txn.open_multimap_table(BY_IDENTITY)?;
-    let mut by_uid = txn.open_multimap_table(BY_UID)?;
     for e in batch {
         let id = e.record.record_id;
         // A write transaction reads its own inserts: ids earlier in this batch are found too.
@@ -500,31 +568,7 @@ pub(crate) fn write_batch(
         if let Some(e) = err {
             return Err(e.into());
         }
-        if leaves.get(leaf.0)?.is_none() {
-            leaves.insert(leaf.0, index)?;
-        }
         ids.insert(id.0, index)?;
-        let r = &log_entry.record;
-        if let Some(h) = r.content_sha256 {
-            by_sha.insert(h.0, index)?;
-        }
-        if let Some(c) = &r.cid {
-            // By multihash: CIDv0 and CIDv1 of the same content find each other.
-            by_cid.insert(c.multihash_bytes().as_slice(), index)?;
-        }
-        by_id.insert(r.source.as_str(), index)?;
-        if r.destination != r.source {
-            by_id.insert(r.destination.as_str(), index)?;
-        }
-        if log_entry.submitter != r.source && log_entry.submitter != r.destination {
-            by_id.insert(log_entry.submitter.as_str(), index)?;
-        }
-        for u in [&r.study_uid, &r.series_uid, &r.sop_instance_uid]
-            .into_iter()
-            .flatten()
-        {
-            by_uid.insert(u.0, index)?;
-        }
         out.push(Placed::Appended { index, leaf });
     }
     txn.open_table(META)?
@@ -593,6 +637,104 @@ pub fn bench_fill_nodes(
         }
         txn.commit()?;
     }
+    Ok(())
+}
+
+fn open_index(path: &Path) -> Result<Database, StorageError> {
+    let open = |path: &Path| -> Result<Database, StorageError> {
+        let db = Database::builder().set_cache_size(128 << 20).create(path)?;
+        let txn = db.begin_write()?;
+        create_index_tables(&txn)?;
+        {
+            let mut meta = txn.open_table(INDEX_META)?;
+            if meta.get(META_INDEXED)?.is_none() {
+                meta.insert(META_INDEXED, 0)?;
+            }
+        }
+        txn.commit()?;
+        Ok(db)
+    };
+    match open(path) {
+        Ok(db) => Ok(db),
+        Err(e) => {
+            // Derived data: a damaged index is rebuilt from the entries, never trusted.
+            tracing::warn!(error = %e, path = %path.display(), "search index unusable; rebuilding it");
+            std::fs::remove_file(path).map_err(|io| {
+                StorageError::Inconsistent(format!("cannot remove {}: {io}", path.display()))
+            })?;
+            open(path)
+        }
+    }
+}
+
+fn create_index_tables(txn: &WriteTransaction) -> Result<(), StorageError> {
+    txn.open_table(INDEX_META)?;
+    txn.open_table(LEAF_INDEX)?;
+    txn.open_multimap_table(BY_SHA256)?;
+    txn.open_multimap_table(BY_CID)?;
+    txn.open_multimap_table(BY_IDENTITY)?;
+    txn.open_multimap_table(BY_UID)?;
+    Ok(())
+}
+
+/// Indexes entries `[from, to)` of the log into the search indexes in one durable transaction
+/// and records `to` as the indexed size. An entry that does not decode is left out of the
+/// record indexes (an audit reports it) but its leaf hash is still indexed.
+///
+/// # Errors
+/// On a database error.
+pub fn index_entries(storage: &Storage, from: u64, to: u64) -> Result<(), StorageError> {
+    let read = storage.db.begin_read()?;
+    let entries = read.open_table(ENTRIES)?;
+    let nodes = read.open_table(NODES)?;
+    let txn = storage.index.begin_write()?;
+    {
+        let mut leaves = txn.open_table(LEAF_INDEX)?;
+        let mut by_sha = txn.open_multimap_table(BY_SHA256)?;
+        let mut by_cid = txn.open_multimap_table(BY_CID)?;
+        let mut by_id = txn.open_multimap_table(BY_IDENTITY)?;
+        let mut by_uid = txn.open_multimap_table(BY_UID)?;
+        for item in entries.range(from..to)? {
+            let (k, v) = item?;
+            let index = k.value();
+            if let Some(leaf) = nodes.get(node_key(0, index))? {
+                let leaf = leaf.value();
+                if leaves.get(leaf)?.is_none() {
+                    leaves.insert(leaf, index)?;
+                }
+            }
+            let Ok(e) = LogEntry::decode(v.value()) else {
+                tracing::warn!(
+                    index,
+                    "entry does not decode; left out of the search indexes"
+                );
+                continue;
+            };
+            let r = &e.record;
+            if let Some(h) = r.content_sha256 {
+                by_sha.insert(h.0, index)?;
+            }
+            if let Some(c) = &r.cid {
+                // By multihash: CIDv0 and CIDv1 of the same content find each other.
+                by_cid.insert(c.multihash_bytes().as_slice(), index)?;
+            }
+            by_id.insert(r.source.as_str(), index)?;
+            if r.destination != r.source {
+                by_id.insert(r.destination.as_str(), index)?;
+            }
+            if e.submitter != r.source && e.submitter != r.destination {
+                by_id.insert(e.submitter.as_str(), index)?;
+            }
+            for u in [&r.study_uid, &r.series_uid, &r.sop_instance_uid]
+                .into_iter()
+                .flatten()
+            {
+                by_uid.insert(u.0, index)?;
+            }
+        }
+        txn.open_table(INDEX_META)?.insert(META_INDEXED, to)?;
+    }
+    txn.commit()?;
     Ok(())
 }
 

@@ -27,7 +27,10 @@ use medmesh_core::{NoteSigner, TrustDomain};
 use medmesh_ledger_client::{LedgerClient, LedgerClientConfig};
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -52,7 +55,10 @@ impl Setup {
     }
 
     fn identity(&self, ns: &str, sa: &str) -> Identity {
-        let i = self.ca.issue(&self.td.workload(ns, sa).unwrap(), &LeafOptions::default()).unwrap();
+        let i = self
+            .ca
+            .issue(&self.td.workload(ns, sa).unwrap(), &LeafOptions::default())
+            .unwrap();
         Identity::from_pem(i.cert_pem.as_bytes(), i.key_pem.as_bytes()).unwrap()
     }
 
@@ -60,7 +66,8 @@ impl Setup {
         LedgerClient::new(LedgerClientConfig {
             url: format!("https://127.0.0.1:{port}"),
             identity: self.identity("pacs", "writer"),
-            bundle: TrustBundle::from_pem(self.ca.ca().cert_pem.as_bytes(), self.td.clone()).unwrap(),
+            bundle: TrustBundle::from_pem(self.ca.ca().cert_pem.as_bytes(), self.td.clone())
+                .unwrap(),
             server: ServerIdentity::Exact(self.td.workload("medmesh", "ledger").unwrap()),
             verifier: self.signer.verifier(),
             origin: "bench/ledger".into(),
@@ -71,11 +78,20 @@ impl Setup {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_ledger(s: &Setup, data: &Path) -> (Child, u16) {
-    let ledger = s.ca.issue(&s.td.workload("medmesh", "ledger").unwrap(), &LeafOptions::default()).unwrap();
+    let ledger =
+        s.ca.issue(
+            &s.td.workload("medmesh", "ledger").unwrap(),
+            &LeafOptions::default(),
+        )
+        .unwrap();
     let cert = s.write("ledger.pem", &ledger.cert_pem);
     let key = s.write("ledger-key.pem", &ledger.key_pem);
     let ca = s.write("ca.pem", &s.ca.ca().cert_pem);
@@ -97,7 +113,11 @@ fn start_ledger(s: &Setup, data: &Path) -> (Child, u16) {
             s.td
         ),
     );
-    let exe = std::env::current_exe().unwrap().parent().unwrap().join("medmesh-ledger");
+    let exe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("medmesh-ledger");
     let child = Command::new(&exe)
         .args(["run", "--config"])
         .arg(cfg)
@@ -115,7 +135,7 @@ fn start_ledger(s: &Setup, data: &Path) -> (Child, u16) {
 
 fn record(td: &TrustDomain, i: u64) -> AuditRecord {
     AuditRecord {
-        record_id: RecordId::random().unwrap(),
+        record_id: RecordId::new().unwrap(),
         kind: EventKind::InstanceStored,
         time_us: 1_700_000_000_000_000 + i,
         source: td.workload("ct", "scanner").unwrap(),
@@ -173,9 +193,12 @@ where
 fn proofs(leaves: u64) -> (f64, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let signer = NoteSigner::from_seed("bench/proofs", [9; 32]).unwrap();
-    let (storage, rec) =
-        medmesh_ledger::storage::Storage::open(&dir.path().join("proofs.redb"), &signer.verifier(), "bench/proofs")
-            .unwrap();
+    let (storage, rec) = medmesh_ledger::storage::Storage::open(
+        &dir.path().join("proofs.redb"),
+        &signer.verifier(),
+        "bench/proofs",
+    )
+    .unwrap();
     let mut frontier: Frontier = rec.frontier;
     let t = Instant::now();
     medmesh_ledger::storage::bench_fill_nodes(&storage, &mut frontier, leaves, 1_000_000).unwrap();
@@ -213,7 +236,11 @@ fn proofs(leaves: u64) -> (f64, f64, f64) {
     cons.sort_by(f64::total_cmp);
     let root = reader.root_at(leaves).unwrap();
     assert_eq!(root, frontier.root());
-    (percentile(&incl, 0.5), percentile(&incl, 0.99), percentile(&cons, 0.99))
+    (
+        percentile(&incl, 0.5),
+        percentile(&incl, 0.99),
+        percentile(&cons, 0.99),
+    )
 }
 
 fn redb_limit(secs: u64) -> f64 {
@@ -281,9 +308,15 @@ fn main() {
             }
         })
         .await;
-        (ops as f64 / t.elapsed().as_secs_f64(), percentile(&lat, 0.5), percentile(&lat, 0.99))
+        (
+            ops as f64 / t.elapsed().as_secs_f64(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+        )
     });
-    eprintln!("single appends, {clients} clients: {single_per_s:.0}/s, ack p50 {p50:.2} ms, p99 {p99:.2} ms");
+    eprintln!(
+        "single appends, {clients} clients: {single_per_s:.0}/s, ack p50 {p50:.2} ms, p99 {p99:.2} ms"
+    );
 
     let batched_per_s = rt.block_on(async {
         let cs: Vec<_> = (0..8).map(|_| s.client(port)).collect();

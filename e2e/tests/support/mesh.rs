@@ -236,7 +236,7 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
 pub fn record(i: u64) -> AuditRecord {
     let td = TrustDomain::new(TD).unwrap();
     AuditRecord {
-        record_id: RecordId::random().unwrap(),
+        record_id: RecordId::new().unwrap(),
         kind: EventKind::InstanceStored,
         time_us: 1_700_000_000_000_000 + i,
         source: td.workload("ct", "scanner").unwrap(),

@@ -187,7 +187,7 @@ impl TestLedger {
 
 pub fn record(i: u64, src: &SpiffeId, dst: &SpiffeId) -> AuditRecord {
     AuditRecord {
-        record_id: RecordId::random().unwrap(),
+        record_id: RecordId::new().unwrap(),
         kind: EventKind::InstanceStored,
         time_us: 1_700_000_000_000_000 + i,
         source: src.clone(),

@@ -1,0 +1,65 @@
+//! The indexer: keeps the search indexes (`index.redb`) up with the log, off the path that
+//! acknowledges appends. It follows the writer's head, indexes new entries in transactions of up
+//! to `CHUNK` entries, and publishes how far it got so that searches can wait for it.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::sequencer::Head;
+use crate::storage::{self, Storage};
+
+/// Most entries indexed in one transaction.
+const CHUNK: u64 = 20_000;
+
+/// Starts the indexer thread. It exits once the writer is gone and everything is indexed.
+///
+/// # Errors
+/// When the thread cannot be spawned.
+pub fn spawn(
+    storage: Storage,
+    mut head: watch::Receiver<Head>,
+    indexed_tx: watch::Sender<u64>,
+    metrics: Metrics,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ledger-indexer".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "indexer cannot start its runtime; search will not update");
+                    return;
+                }
+            };
+            let mut indexed = *indexed_tx.borrow();
+            let mut writer_gone = false;
+            loop {
+                let target = head.borrow_and_update().size;
+                metrics.index_lag.set(target.saturating_sub(indexed) as i64);
+                if indexed < target {
+                    let to = target.min(indexed + CHUNK);
+                    match storage::index_entries(&storage, indexed, to) {
+                        Ok(()) => {
+                            indexed = to;
+                            indexed_tx.send_replace(indexed);
+                        }
+                        Err(e) => {
+                            // Derived data: retry later; appends and proofs are unaffected.
+                            tracing::error!(error = %e, from = indexed, to, "indexing failed; retrying");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                    }
+                    continue;
+                }
+                if writer_gone {
+                    return;
+                }
+                if rt.block_on(head.changed()).is_err() {
+                    // The writer stopped; index what it left, then stop too.
+                    writer_gone = true;
+                }
+            }
+        })
+}
