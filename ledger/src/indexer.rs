@@ -12,6 +12,11 @@ use crate::storage::{self, Storage};
 
 /// Most entries indexed in one transaction.
 const CHUNK: u64 = 20_000;
+/// How long the indexer lets new entries accumulate before indexing fewer than `CHUNK`: larger
+/// transactions amortise the B-tree page copies of random-key inserts.
+const GATHER: Duration = Duration::from_millis(250);
+/// Longest time between durable index commits.
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the indexer thread. It exits once the writer is gone and everything is indexed.
 ///
@@ -35,14 +40,23 @@ pub fn spawn(
             };
             let mut indexed = *indexed_tx.borrow();
             let mut writer_gone = false;
+            let mut last_durable = std::time::Instant::now();
             loop {
-                let target = head.borrow_and_update().size;
+                let mut target = head.borrow_and_update().size;
+                if indexed < target && target - indexed < CHUNK && !writer_gone {
+                    std::thread::sleep(GATHER);
+                    target = head.borrow_and_update().size;
+                }
                 metrics.index_lag.set(target.saturating_sub(indexed) as i64);
                 if indexed < target {
                     let to = target.min(indexed + CHUNK);
-                    match storage::index_entries(&storage, indexed, to) {
+                    let durable = writer_gone || last_durable.elapsed() >= DURABLE_EVERY;
+                    match storage::index_entries(&storage, indexed, to, durable) {
                         Ok(()) => {
                             indexed = to;
+                            if durable {
+                                last_durable = std::time::Instant::now();
+                            }
                             indexed_tx.send_replace(indexed);
                         }
                         Err(e) => {
@@ -54,6 +68,10 @@ pub fn spawn(
                     continue;
                 }
                 if writer_gone {
+                    // Make the last index commit durable before exiting.
+                    if let Err(e) = storage::index_entries(&storage, indexed, indexed, true) {
+                        tracing::warn!(error = %e, "final index commit failed; the index will be redone");
+                    }
                     return;
                 }
                 if rt.block_on(head.changed()).is_err() {

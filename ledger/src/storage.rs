@@ -677,17 +677,29 @@ fn create_index_tables(txn: &WriteTransaction) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Indexes entries `[from, to)` of the log into the search indexes in one durable transaction
-/// and records `to` as the indexed size. An entry that does not decode is left out of the
+/// Indexes entries `[from, to)` of the log into the search indexes in one transaction (durable
+/// if `durable`) and records `to` as the indexed size. An entry that does not decode is left out of the
 /// record indexes (an audit reports it) but its leaf hash is still indexed.
 ///
 /// # Errors
 /// On a database error.
-pub fn index_entries(storage: &Storage, from: u64, to: u64) -> Result<(), StorageError> {
+pub fn index_entries(
+    storage: &Storage,
+    from: u64,
+    to: u64,
+    durable: bool,
+) -> Result<(), StorageError> {
     let read = storage.db.begin_read()?;
     let entries = read.open_table(ENTRIES)?;
     let nodes = read.open_table(NODES)?;
-    let txn = storage.index.begin_write()?;
+    let mut txn = storage.index.begin_write()?;
+    // Derived data: most index commits skip the fsync. After a crash redb returns to the last
+    // durable commit, whose watermark matches its tables, and the indexer redoes the rest.
+    txn.set_durability(if durable {
+        redb::Durability::Immediate
+    } else {
+        redb::Durability::None
+    })?;
     {
         let mut leaves = txn.open_table(LEAF_INDEX)?;
         let mut by_sha = txn.open_multimap_table(BY_SHA256)?;
@@ -697,11 +709,10 @@ pub fn index_entries(storage: &Storage, from: u64, to: u64) -> Result<(), Storag
         for item in entries.range(from..to)? {
             let (k, v) = item?;
             let index = k.value();
+            // Record ids are unique in the log, so entry bytes and leaf hashes are too: no
+            // need to read before writing.
             if let Some(leaf) = nodes.get(node_key(0, index))? {
-                let leaf = leaf.value();
-                if leaves.get(leaf)?.is_none() {
-                    leaves.insert(leaf, index)?;
-                }
+                leaves.insert(leaf.value(), index)?;
             }
             let Ok(e) = LogEntry::decode(v.value()) else {
                 tracing::warn!(
