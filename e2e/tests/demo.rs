@@ -16,10 +16,20 @@ fn demo_records_verifies_and_catches_tampering() {
         .unwrap();
     let text = mesh::text(&out);
     assert!(out.status.success(), "{text}");
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
-    assert_eq!(last, "demo transfers=6 recorded=6 verified=6 tamper_detected=true", "{text}");
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        last, "demo transfers=6 recorded=6 verified=6 tamper_detected=true",
+        "{text}"
+    );
     assert!(text.contains("audit OK: 6 entries"), "{text}");
     // No patient data in what the demo printed about records (its sample files carry a
     // synthetic name and ID, which must stay out of the ledger).
-    assert!(!text.contains("DEMO^SYNTHETIC") && !text.contains("DEMO-0001"), "{text}");
+    assert!(
+        !text.contains("DEMO^SYNTHETIC") && !text.contains("DEMO-0001"),
+        "{text}"
+    );
 }

@@ -114,6 +114,15 @@ async fn appends_are_proven_searched_and_consistent() {
     assert_eq!((hits.len(), truncated), (100, true));
     assert_eq!(hits[0].entry.record.source, src);
 
+    // Inclusion proofs by leaf hash find the same entry.
+    let (i, _) = &all[42];
+    let by_index = auditor.inclusion_proof(*i, cp.size).await.unwrap();
+    let by_leaf = auditor
+        .inclusion_proof_by_leaf(&by_index.leaf_hash, cp.size)
+        .await
+        .unwrap();
+    assert_eq!(by_leaf, by_index);
+
     // Audit of the whole log passes with every proof checked.
     let report = auditor.audit(&cp, 1000).await.unwrap();
     assert!(report.ok(), "{:?}", report.problems);
@@ -445,5 +454,37 @@ async fn serves_http1_and_http2_and_reports_readiness() {
             .status(),
         200
     );
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growth_is_covered_by_a_checkpoint_within_a_second() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let w = l.client(&pki, WRITER);
+    let a = l.client(&pki, AUDITOR);
+    for round in 1..=3u64 {
+        // No proof requested: only the writer's timer publishes the checkpoint.
+        let r = w
+            .append(
+                &record(round, &pki.id(("ct", "scanner")), &pki.id(WRITER)),
+                false,
+            )
+            .await
+            .unwrap();
+        let appended = std::time::Instant::now();
+        loop {
+            let cp = a.checkpoint().await.unwrap().checkpoint;
+            if cp.size > r.result.index {
+                break;
+            }
+            assert!(
+                appended.elapsed() < std::time::Duration::from_secs(1),
+                "no checkpoint covered entry {} within a second",
+                r.result.index
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
     l.stop().await;
 }
