@@ -224,7 +224,11 @@ fn fuzz_seeds() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds");
     let e = entry();
     let signer = crate::NoteSigner::from_seed("fuzz.example/log", [42; 32]).unwrap();
-    let cp = crate::Checkpoint { origin: "fuzz.example/log".into(), size: 7, root: sha256(b"root") };
+    let cp = crate::Checkpoint {
+        origin: "fuzz.example/log".into(),
+        size: 7,
+        root: sha256(b"root"),
+    };
     let dicom = crate::dicom::synthetic_ct(&crate::dicom::SyntheticInstance {
         study_uid: "2.25.1".into(),
         series_uid: "2.25.1.1".into(),
@@ -238,8 +242,17 @@ fn fuzz_seeds() {
     let seeds: [(&str, Vec<u8>); 5] = [
         ("entry_decode/entry-v1", e.encode()),
         ("record_json/record", serde_json::to_vec(&e.record).unwrap()),
-        ("record_json/batch", serde_json::to_vec(&crate::wire::BatchRequest { records: vec![e.record.clone()] }).unwrap()),
-        ("signed_note/checkpoint", cp.sign(&signer).unwrap().into_bytes()),
+        (
+            "record_json/batch",
+            serde_json::to_vec(&crate::wire::BatchRequest {
+                records: vec![e.record.clone()],
+            })
+            .unwrap(),
+        ),
+        (
+            "signed_note/checkpoint",
+            cp.sign(&signer).unwrap().into_bytes(),
+        ),
         ("part10/synthetic-ct", dicom),
     ];
     for (name, bytes) in seeds {
@@ -248,6 +261,10 @@ fn fuzz_seeds() {
             std::fs::create_dir_all(std::path::Path::new(&path).parent().unwrap()).unwrap();
             std::fs::write(&path, &bytes).unwrap();
         }
-        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{path} is stale: regenerate with MEDMESH_BLESS=1");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            bytes,
+            "{path} is stale: regenerate with MEDMESH_BLESS=1"
+        );
     }
 }
