@@ -1,0 +1,266 @@
+//! Sidecar configuration: every setting read as text (flags or environment), then checked
+//! together, so that a bad deployment reports all its problems at once (exit status 64).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use medmesh_core::TrustDomain;
+
+/// Settings as given (flags or `MEDMESH_*` environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RawConfig {
+    /// Inbound listener (receives redirected inbound connections).
+    #[arg(long, env = "MEDMESH_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
+    pub inbound_addr: String,
+    /// Outbound listener (receives redirected outbound connections).
+    #[arg(long, env = "MEDMESH_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
+    pub outbound_addr: String,
+    /// Admin listener: /live, /ready, /metrics, POST /shutdown.
+    #[arg(long, env = "MEDMESH_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
+    pub admin_addr: String,
+    /// Workload certificate chain (PEM X.509-SVID).
+    #[arg(long, env = "MEDMESH_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Workload private key (PEM).
+    #[arg(long, env = "MEDMESH_KEY")]
+    pub key: Option<PathBuf>,
+    /// Trust bundle (PEM).
+    #[arg(long, env = "MEDMESH_CA")]
+    pub ca: Option<PathBuf>,
+    /// Mesh trust domain.
+    #[arg(long, env = "MEDMESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Policy document (JSON or YAML). Without one, every inbound connection is refused.
+    #[arg(long, env = "MEDMESH_POLICY")]
+    pub policy: Option<PathBuf>,
+    /// Host the inbound side forwards to (the application's address inside the pod).
+    #[arg(long, env = "MEDMESH_APP_HOST", default_value = "127.0.0.1")]
+    pub app_host: String,
+    /// How long to wait for a client's first bytes before treating the stream as opaque.
+    #[arg(long, env = "MEDMESH_DETECT_TIMEOUT_MS", default_value = "500")]
+    pub detect_timeout_ms: String,
+    /// Upstream connect timeout.
+    #[arg(long, env = "MEDMESH_CONNECT_TIMEOUT_MS", default_value = "5000")]
+    pub connect_timeout_ms: String,
+    /// Drain deadline on SIGTERM.
+    #[arg(long, env = "MEDMESH_DRAIN_SECONDS", default_value = "10")]
+    pub drain_seconds: String,
+    /// How often credential and policy files are checked for changes.
+    #[arg(long, env = "MEDMESH_RELOAD_MS", default_value = "1000")]
+    pub reload_ms: String,
+    /// Development and tests only: where outbound connections go when they were not redirected
+    /// by iptables (no original destination).
+    #[arg(long, env = "MEDMESH_DEV_OUTBOUND_DST")]
+    pub dev_outbound_dst: Option<String>,
+    /// Development and tests only: the application port for inbound connections that were not
+    /// redirected by iptables.
+    #[arg(long, env = "MEDMESH_DEV_INBOUND_PORT")]
+    pub dev_inbound_port: Option<String>,
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Inbound listener.
+    pub inbound_addr: SocketAddr,
+    /// Outbound listener.
+    pub outbound_addr: SocketAddr,
+    /// Admin listener.
+    pub admin_addr: SocketAddr,
+    /// Certificate path.
+    pub cert: PathBuf,
+    /// Key path.
+    pub key: PathBuf,
+    /// Bundle path.
+    pub ca: PathBuf,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Policy path.
+    pub policy: Option<PathBuf>,
+    /// Application host.
+    pub app_host: std::net::IpAddr,
+    /// Detection timeout.
+    pub detect_timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Drain deadline.
+    pub drain: Duration,
+    /// Reload period.
+    pub reload: Duration,
+    /// Fallback outbound destination (development).
+    pub dev_outbound_dst: Option<SocketAddr>,
+    /// Fallback inbound port (development).
+    pub dev_inbound_port: Option<u16>,
+}
+
+fn ms(field: &str, v: &str, lo: u64, hi: u64, errs: &mut Vec<String>) -> Duration {
+    match v.parse::<u64>() {
+        Ok(n) if (lo..=hi).contains(&n) => Duration::from_millis(n),
+        _ => {
+            errs.push(format!(
+                "{field} {v:?}: must be a whole number from {lo} to {hi}"
+            ));
+            Duration::ZERO
+        }
+    }
+}
+
+impl Config {
+    /// Checks every setting.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn check(raw: RawConfig) -> Result<Self, Vec<String>> {
+        let mut errs = Vec::new();
+        let mut addr = |field: &str, v: &str| -> SocketAddr {
+            v.parse().unwrap_or_else(|e| {
+                errs.push(format!("{field} {v:?}: {e} (expected ip:port)"));
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            })
+        };
+        let inbound_addr = addr("inbound-addr", &raw.inbound_addr);
+        let outbound_addr = addr("outbound-addr", &raw.outbound_addr);
+        let admin_addr = addr("admin-addr", &raw.admin_addr);
+        let dev_outbound_dst = raw
+            .dev_outbound_dst
+            .as_deref()
+            .map(|v| addr("dev-outbound-dst", v));
+        let mut file = |field: &str, p: &Option<PathBuf>, env: &str| -> PathBuf {
+            match p {
+                Some(p) if p.is_file() => p.clone(),
+                Some(p) => {
+                    errs.push(format!("{field} {}: no such file", p.display()));
+                    p.clone()
+                }
+                None => {
+                    errs.push(format!("{field}: required (--{field} or {env})"));
+                    PathBuf::new()
+                }
+            }
+        };
+        let cert = file("cert", &raw.cert, "MEDMESH_CERT");
+        let key = file("key", &raw.key, "MEDMESH_KEY");
+        let ca = file("ca", &raw.ca, "MEDMESH_CA");
+        if let Some(p) = &raw.policy
+            && !p.is_file()
+        {
+            errs.push(format!("policy {}: no such file", p.display()));
+        }
+        let trust_domain = TrustDomain::new(&raw.trust_domain)
+            .map_err(|e| errs.push(format!("trust-domain: {e}")));
+        let app_host = raw.app_host.parse().unwrap_or_else(|_| {
+            errs.push(format!("app-host {:?}: not an IP address", raw.app_host));
+            std::net::IpAddr::from([127, 0, 0, 1])
+        });
+        let detect_timeout = ms(
+            "detect-timeout-ms",
+            &raw.detect_timeout_ms,
+            1,
+            60_000,
+            &mut errs,
+        );
+        let connect_timeout = ms(
+            "connect-timeout-ms",
+            &raw.connect_timeout_ms,
+            1,
+            120_000,
+            &mut errs,
+        );
+        let drain = match raw.drain_seconds.parse::<u64>() {
+            Ok(n) if n <= 3600 => Duration::from_secs(n),
+            _ => {
+                errs.push(format!(
+                    "drain-seconds {:?}: must be 0 to 3600",
+                    raw.drain_seconds
+                ));
+                Duration::ZERO
+            }
+        };
+        let reload = ms("reload-ms", &raw.reload_ms, 50, 600_000, &mut errs);
+        let dev_inbound_port =
+            raw.dev_inbound_port
+                .as_deref()
+                .and_then(|v| match v.parse::<u16>() {
+                    Ok(p) if p > 0 => Some(p),
+                    _ => {
+                        errs.push(format!("dev-inbound-port {v:?}: not a port"));
+                        None
+                    }
+                });
+        let ports = [inbound_addr.port(), outbound_addr.port(), admin_addr.port()];
+        if errs.is_empty()
+            && (ports[0] == ports[1] || ports[1] == ports[2] || ports[0] == ports[2])
+            && ports[0] != 0
+        {
+            errs.push(format!(
+                "inbound, outbound and admin listeners need distinct ports, got {ports:?}"
+            ));
+        }
+        match (errs.is_empty(), trust_domain) {
+            (true, Ok(trust_domain)) => Ok(Self {
+                inbound_addr,
+                outbound_addr,
+                admin_addr,
+                cert,
+                key,
+                ca,
+                trust_domain,
+                policy: raw.policy,
+                app_host,
+                detect_timeout,
+                connect_timeout,
+                drain,
+                reload,
+                dev_outbound_dst,
+                dev_inbound_port,
+            }),
+            _ => Err(errs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_every_problem() {
+        let raw = RawConfig {
+            inbound_addr: "nope".into(),
+            outbound_addr: "127.0.0.1:15001".into(),
+            admin_addr: "127.0.0.1:99999".into(),
+            cert: None,
+            key: Some("/nonexistent/key.pem".into()),
+            ca: None,
+            trust_domain: "Bad Domain".into(),
+            policy: Some("/nonexistent/policy.yaml".into()),
+            app_host: "localhost".into(),
+            detect_timeout_ms: "0".into(),
+            connect_timeout_ms: "x".into(),
+            drain_seconds: "-1".into(),
+            reload_ms: "10".into(),
+            dev_outbound_dst: None,
+            dev_inbound_port: Some("0".into()),
+        };
+        let errs = Config::check(raw).unwrap_err();
+        let text = errs.join("\n");
+        for want in [
+            "inbound-addr \"nope\"",
+            "admin-addr",
+            "cert: required",
+            "key /nonexistent",
+            "ca: required",
+            "trust-domain",
+            "policy /nonexistent",
+            "app-host",
+            "detect-timeout-ms",
+            "connect-timeout-ms",
+            "drain-seconds",
+            "reload-ms",
+            "dev-inbound-port",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+}

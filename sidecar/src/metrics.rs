@@ -1,0 +1,133 @@
+//! Prometheus metrics of the sidecar. Every label value comes from a fixed set.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// The sidecar's metrics.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// Connections by direction (inbound/outbound), protocol and TLS outcome.
+    pub connections: IntCounterVec,
+    /// Connections open now, by direction.
+    pub open: IntGaugeVec,
+    /// Bytes proxied, by direction and way (to_app/from_app).
+    pub bytes: IntCounterVec,
+    /// TLS handshakes that failed, by direction and reason.
+    pub handshake_failures: IntCounterVec,
+    /// Authorization decisions (allow, deny, audit_deny) by kind (mtls, plaintext).
+    pub authz: IntCounterVec,
+    /// Detection outcomes by protocol (including timeout).
+    pub detect: IntCounterVec,
+    /// Unix time at which the current certificate expires.
+    pub cert_expiry: IntGauge,
+    /// Credential reloads by result.
+    pub cert_reloads: IntCounterVec,
+    /// Policy reloads by result.
+    pub policy_reloads: IntCounterVec,
+    /// Outbound connections refused (no route, loop), by reason.
+    pub refused: IntCounterVec,
+    /// Upstream connect failures, by direction.
+    pub connect_failures: IntCounterVec,
+    /// Whether credentials are loaded (1) or not (0).
+    pub ready: IntGauge,
+    /// Connections cut by the drain deadline.
+    pub drain_cut: IntCounter,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        // Metric definitions are static: a failure is a programming error caught by tests.
+        Err(e) => panic!("invalid metric definition: {e}"),
+    }
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    must(IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `medmesh_sidecar_` prefix.
+    pub fn register(registry: &Registry) -> Self {
+        let m = Self {
+            connections: counter(
+                "medmesh_sidecar_connections_total",
+                "Connections by direction, protocol and TLS outcome",
+                &["direction", "protocol", "tls"],
+            ),
+            open: must(IntGaugeVec::new(
+                Opts::new("medmesh_sidecar_open_connections", "Connections open now"),
+                &["direction"],
+            )),
+            bytes: counter(
+                "medmesh_sidecar_bytes_total",
+                "Bytes proxied",
+                &["direction", "way"],
+            ),
+            handshake_failures: counter(
+                "medmesh_sidecar_tls_handshake_failures_total",
+                "TLS handshakes that failed, by reason",
+                &["direction", "reason"],
+            ),
+            authz: counter(
+                "medmesh_sidecar_authz_decisions_total",
+                "Authorization decisions",
+                &["kind", "decision"],
+            ),
+            detect: counter(
+                "medmesh_sidecar_protocol_detections_total",
+                "Protocol detection outcomes",
+                &["direction", "protocol"],
+            ),
+            cert_expiry: must(IntGauge::new(
+                "medmesh_sidecar_certificate_expiry_timestamp_seconds",
+                "Unix time at which the workload certificate expires",
+            )),
+            cert_reloads: counter(
+                "medmesh_sidecar_certificate_reloads_total",
+                "Credential reloads by result",
+                &["result"],
+            ),
+            policy_reloads: counter(
+                "medmesh_sidecar_policy_reloads_total",
+                "Policy reloads by result",
+                &["result"],
+            ),
+            refused: counter(
+                "medmesh_sidecar_refused_connections_total",
+                "Connections refused before any upstream connection, by reason",
+                &["direction", "reason"],
+            ),
+            connect_failures: counter(
+                "medmesh_sidecar_connect_failures_total",
+                "Upstream connect failures",
+                &["direction"],
+            ),
+            ready: must(IntGauge::new(
+                "medmesh_sidecar_ready",
+                "1 when credentials are loaded",
+            )),
+            drain_cut: must(IntCounter::new(
+                "medmesh_sidecar_drain_cut_connections_total",
+                "Connections cut at the drain deadline",
+            )),
+        };
+        for c in [
+            Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.open.clone()),
+            Box::new(m.bytes.clone()),
+            Box::new(m.handshake_failures.clone()),
+            Box::new(m.authz.clone()),
+            Box::new(m.detect.clone()),
+            Box::new(m.cert_expiry.clone()),
+            Box::new(m.cert_reloads.clone()),
+            Box::new(m.policy_reloads.clone()),
+            Box::new(m.refused.clone()),
+            Box::new(m.connect_failures.clone()),
+            Box::new(m.ready.clone()),
+            Box::new(m.drain_cut.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        m
+    }
+}

@@ -1,0 +1,641 @@
+//! The two data paths.
+//!
+//! Inbound (connections redirected to the inbound listener): recover the original destination
+//! port, read the first bytes, then either terminate medmesh mTLS (TLS 1.3, client SVID
+//! required), authorize the peer for that port and forward to the application, or treat the
+//! bytes as plaintext from outside the mesh, which only permissive ports accept.
+//!
+//! Outbound (connections the application opened, redirected to the outbound listener): recover
+//! the original destination, route it by policy (mesh: originate mTLS to the original address,
+//! optionally pinning the server identity; external: plaintext), and forward.
+//!
+//! Bytes are forwarded unchanged in both directions, half-closes included. Each connection is
+//! counted once, when it ends, from a guard, so that a drain cannot lose the record.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use medmesh_core::policy::{Decision, Policy, ProtocolHint, Route};
+use medmesh_core::tls::{SvidError, spiffe_id_of};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::detect::{self, Detected, MAX_PEEK};
+use crate::identity::Credentials;
+use crate::metrics::Metrics;
+
+/// Copy buffer per direction: large enough for bulk transfers without many syscalls.
+const COPY_BUF: usize = 64 * 1024;
+/// Bytes of the first client read kept for protocol detection on the plaintext side.
+const SNIFF: usize = 64;
+
+/// What the proxies share.
+#[derive(Clone)]
+pub struct Shared {
+    /// Configuration.
+    pub cfg: Arc<Config>,
+    /// Current credentials (`None` until loaded).
+    pub creds: watch::Receiver<Option<Arc<Credentials>>>,
+    /// Current policy.
+    pub policy: watch::Receiver<Arc<Policy>>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Open connections, for the drain.
+    pub conns: Tracker,
+}
+
+/// Counts open connections; the drain waits for zero.
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    open: Arc<watch::Sender<usize>>,
+    /// Turns true at the drain deadline: remaining connections are cut.
+    cut: watch::Receiver<bool>,
+}
+
+impl Tracker {
+    /// A tracker and the sender that cuts connections.
+    pub fn new() -> (Self, watch::Sender<bool>) {
+        let (cut_tx, cut) = watch::channel(false);
+        (
+            Self {
+                open: Arc::new(watch::channel(0).0),
+                cut,
+            },
+            cut_tx,
+        )
+    }
+
+    fn enter(&self) -> Entered {
+        self.open.send_modify(|n| *n += 1);
+        Entered(self.open.clone())
+    }
+
+    /// Resolves when no connection is open.
+    pub async fn idle(&self) {
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        *self.open.borrow()
+    }
+}
+
+struct Entered(Arc<watch::Sender<usize>>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Why a connection was not proxied; `reason` labels the metric.
+#[derive(Debug)]
+struct Refused {
+    reason: &'static str,
+    detail: String,
+}
+
+fn refused(reason: &'static str, detail: impl Into<String>) -> Refused {
+    Refused {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// The per-connection record, emitted once when the connection ends (from `Drop`).
+struct ConnRecord {
+    metrics: Metrics,
+    direction: &'static str,
+    protocol: &'static str,
+    tls: &'static str,
+    to_app: u64,
+    from_app: u64,
+}
+
+impl Drop for ConnRecord {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.connections
+            .with_label_values(&[self.direction, self.protocol, self.tls])
+            .inc();
+        m.bytes
+            .with_label_values(&[self.direction, "from_app"])
+            .inc_by(self.from_app);
+        m.bytes
+            .with_label_values(&[self.direction, "to_app"])
+            .inc_by(self.to_app);
+    }
+}
+
+/// The original destination of a redirected connection, if it was redirected.
+fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let dst = sock.original_dst_v4().ok()?.as_socket()?;
+    // A connection that was not NATed reports no original destination; guard anyway against a
+    // destination that is this listener itself.
+    (Some(dst) != tcp.local_addr().ok()).then_some(dst)
+}
+
+/// Accepts on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    sh: Shared,
+    inbound: bool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let direction = if inbound { "inbound" } else { "outbound" };
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(direction, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let _entered = sh.conns.enter();
+            sh.metrics.open.with_label_values(&[direction]).inc();
+            let mut cut = sh.conns.cut.clone();
+            let work = async {
+                let r = if inbound {
+                    inbound_conn(tcp, &sh).await
+                } else {
+                    outbound_conn(tcp, &sh).await
+                };
+                if let Err(r) = r {
+                    sh.metrics
+                        .refused
+                        .with_label_values(&[direction, r.reason])
+                        .inc();
+                    tracing::info!(direction, %peer, reason = r.reason, detail = %r.detail, "connection refused");
+                }
+            };
+            tokio::select! {
+                _ = work => {}
+                _ = cut.wait_for(|c| *c) => {
+                    sh.metrics.drain_cut.inc();
+                }
+            }
+            sh.metrics.open.with_label_values(&[direction]).dec();
+        });
+    }
+}
+
+/// Reads until the first bytes decide the protocol, `MAX_PEEK` bytes, EOF or the timeout.
+async fn read_detect(
+    tcp: &mut TcpStream,
+    timeout: std::time::Duration,
+) -> (Vec<u8>, Option<Detected>) {
+    let mut buf = Vec::with_capacity(2048);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(d) = detect::detect(&buf) {
+            return (buf, Some(d));
+        }
+        if buf.len() >= MAX_PEEK {
+            return (buf, Some(Detected::Opaque));
+        }
+        let mut chunk = [0u8; 4096];
+        let want = (MAX_PEEK - buf.len()).min(chunk.len());
+        match tokio::time::timeout_at(deadline, tcp.read(&mut chunk[..want])).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return (buf, None),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn tls_reason(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        return "eof";
+    }
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return "io";
+    };
+    use rustls::{CertificateError as C, Error as E};
+    match err {
+        E::InvalidCertificate(C::Expired) => "expired",
+        E::InvalidCertificate(C::NotValidYet) => "not_yet_valid",
+        E::InvalidCertificate(C::UnknownIssuer) => "unknown_issuer",
+        E::InvalidCertificate(C::BadEncoding) => "malformed",
+        E::InvalidCertificate(C::Other(o)) => {
+            o.0.downcast_ref::<SvidError>()
+                .map_or("invalid_certificate", SvidError::reason)
+        }
+        E::InvalidCertificate(_) => "invalid_certificate",
+        E::NoCertificatesPresented => "no_certificate",
+        E::PeerIncompatible(_) => "incompatible",
+        E::AlertReceived(_) => "alert_received",
+        _ => "other",
+    }
+}
+
+async fn connect(
+    addr: SocketAddr,
+    sh: &Shared,
+    direction: &'static str,
+) -> Result<TcpStream, Refused> {
+    match tokio::time::timeout(sh.cfg.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => {
+            sh.metrics
+                .connect_failures
+                .with_label_values(&[direction])
+                .inc();
+            Err(refused("connect_failed", format!("{addr}: {e}")))
+        }
+        Err(_) => {
+            sh.metrics
+                .connect_failures
+                .with_label_values(&[direction])
+                .inc();
+            Err(refused("connect_timeout", format!("{addr}: no answer")))
+        }
+    }
+}
+
+async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
+    let port = match (original_dst(&tcp), sh.cfg.dev_inbound_port) {
+        (Some(dst), _) => dst.port(),
+        (None, Some(p)) => p,
+        (None, None) => return Err(refused("not_redirected", "no original destination")),
+    };
+    let policy = sh.policy.borrow().clone();
+    let (buf, detected) = read_detect(&mut tcp, sh.cfg.detect_timeout).await;
+    let app = SocketAddr::new(sh.cfg.app_host, port);
+    let hint = policy.protocol(port);
+    match detected {
+        Some(d) if d.is_medmesh_tls() => {
+            let Some(creds) = sh.creds.borrow().clone() else {
+                return Err(refused(
+                    "no_credentials",
+                    "no workload certificate loaded yet",
+                ));
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(creds.server.clone());
+            let tls = match tokio::time::timeout(
+                sh.cfg.connect_timeout,
+                acceptor.accept(Prefixed::new(buf, tcp)),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    let reason = tls_reason(&e);
+                    sh.metrics
+                        .handshake_failures
+                        .with_label_values(&["inbound", reason])
+                        .inc();
+                    return Err(refused("handshake", format!("{reason}: {e}")));
+                }
+                Err(_) => {
+                    sh.metrics
+                        .handshake_failures
+                        .with_label_values(&["inbound", "timeout"])
+                        .inc();
+                    return Err(refused("handshake", "timeout"));
+                }
+            };
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(spiffe_id_of);
+            let peer = match peer {
+                Some(Ok(id)) => id,
+                _ => return Err(refused("handshake", "no peer identity")),
+            };
+            let decision = policy.authorize(port, &peer);
+            sh.metrics
+                .authz
+                .with_label_values(&["mtls", decision.as_str()])
+                .inc();
+            if decision == Decision::AuditDeny {
+                tracing::warn!(%peer, port, "audit mode: connection allowed that the policy denies");
+            }
+            if !decision.proceeds() {
+                return Err(refused(
+                    "denied",
+                    format!("{peer} may not connect to port {port}"),
+                ));
+            }
+            let upstream = connect(app, sh, "inbound").await?;
+            proxy(Sniff::new(tls), upstream, sh, "inbound", hint, "mtls", true).await;
+        }
+        other => {
+            let decision = policy.allow_plaintext(port);
+            sh.metrics
+                .authz
+                .with_label_values(&["plaintext", decision.as_str()])
+                .inc();
+            if !decision.proceeds() {
+                let what = other.as_ref().map_or("silent", Detected::label);
+                return Err(refused(
+                    "plaintext",
+                    format!("plaintext ({what}) to strict port {port}"),
+                ));
+            }
+            let mut upstream = connect(app, sh, "inbound").await?;
+            if !buf.is_empty()
+                && let Err(e) = upstream.write_all(&buf).await
+            {
+                return Err(refused("io", e.to_string()));
+            }
+            let label = other.as_ref().map_or("opaque", Detected::label);
+            let hint = if hint == ProtocolHint::Detect {
+                label_hint(label)
+            } else {
+                hint
+            };
+            proxy(tcp, upstream, sh, "inbound", hint, "plaintext", false).await;
+        }
+    }
+    Ok(())
+}
+
+fn label_hint(label: &str) -> ProtocolHint {
+    match label {
+        "http1" | "http2" => ProtocolHint::Http,
+        "dicom" => ProtocolHint::Dicom,
+        _ => ProtocolHint::Opaque,
+    }
+}
+
+async fn outbound_conn(tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
+    let dst = match (original_dst(&tcp), sh.cfg.dev_outbound_dst) {
+        (Some(d), _) => d,
+        (None, Some(d)) => d,
+        (None, None) => return Err(refused("not_redirected", "no original destination")),
+    };
+    let policy = sh.policy.borrow().clone();
+    match policy.route(dst.ip(), dst.port()) {
+        Route::External => {
+            let upstream = connect(dst, sh, "outbound").await?;
+            proxy(
+                Sniff::new(tcp),
+                upstream,
+                sh,
+                "outbound",
+                ProtocolHint::Detect,
+                "none",
+                true,
+            )
+            .await;
+        }
+        Route::Mesh(expected) => {
+            let Some(creds) = sh.creds.borrow().clone() else {
+                return Err(refused(
+                    "no_credentials",
+                    "no workload certificate loaded yet",
+                ));
+            };
+            let cfg = creds
+                .client_for(&expected)
+                .map_err(|e| refused("tls_config", e.to_string()))?;
+            let upstream = connect(dst, sh, "outbound").await?;
+            let connector = tokio_rustls::TlsConnector::from(cfg);
+            let name = ServerName::IpAddress(dst.ip().into());
+            let tls = match tokio::time::timeout(
+                sh.cfg.connect_timeout,
+                connector.connect(name, upstream),
+            )
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    let reason = tls_reason(&e);
+                    sh.metrics
+                        .handshake_failures
+                        .with_label_values(&["outbound", reason])
+                        .inc();
+                    return Err(refused("handshake", format!("{dst}: {reason}: {e}")));
+                }
+                Err(_) => {
+                    sh.metrics
+                        .handshake_failures
+                        .with_label_values(&["outbound", "timeout"])
+                        .inc();
+                    return Err(refused("handshake", format!("{dst}: timeout")));
+                }
+            };
+            proxy(
+                Sniff::new(tcp),
+                tls,
+                sh,
+                "outbound",
+                ProtocolHint::Detect,
+                "mtls",
+                true,
+            )
+            .await;
+        }
+    }
+    Ok(())
+}
+
+/// Forwards both ways until both directions have ended. `client` is the side the connection
+/// came from; `client_is_app_side` tells which byte counter is which.
+async fn proxy<C, U>(
+    mut client: C,
+    mut upstream: U,
+    sh: &Shared,
+    direction: &'static str,
+    hint: ProtocolHint,
+    tls: &'static str,
+    sniffed: bool,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + SniffSource,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rec = ConnRecord {
+        metrics: sh.metrics.clone(),
+        direction,
+        protocol: match hint {
+            ProtocolHint::Dicom => "dicom",
+            ProtocolHint::Http => "http",
+            ProtocolHint::Opaque => "opaque",
+            ProtocolHint::Detect => "unknown",
+        },
+        tls,
+        to_app: 0,
+        from_app: 0,
+    };
+    let r =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUF, COPY_BUF)
+            .await;
+    if let Ok((c2u, u2c)) = r {
+        // Inbound: client -> upstream is towards the app. Outbound: the client is the app.
+        if direction == "inbound" {
+            (rec.to_app, rec.from_app) = (c2u, u2c);
+        } else {
+            (rec.from_app, rec.to_app) = (c2u, u2c);
+        }
+    }
+    if sniffed && hint == ProtocolHint::Detect {
+        let first = client.sniffed();
+        let label = match detect::detect(first) {
+            Some(d) => d.label(),
+            None if first.is_empty() => "silent",
+            None => "opaque",
+        };
+        sh.metrics
+            .detect
+            .with_label_values(&[direction, label])
+            .inc();
+        rec.protocol = label;
+    } else {
+        sh.metrics
+            .detect
+            .with_label_values(&[direction, rec.protocol])
+            .inc();
+    }
+}
+
+/// Access to the first bytes a stream produced.
+trait SniffSource {
+    fn sniffed(&self) -> &[u8] {
+        &[]
+    }
+}
+
+impl SniffSource for TcpStream {}
+
+/// Records the first bytes read through it (up to [`SNIFF`]), for detection after the fact,
+/// without delaying or copying the stream.
+struct Sniff<S> {
+    inner: S,
+    first: Vec<u8>,
+    done: bool,
+}
+
+impl<S> Sniff<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            first: Vec::new(),
+            done: false,
+        }
+    }
+}
+
+impl<S> SniffSource for Sniff<S> {
+    fn sniffed(&self) -> &[u8] {
+        &self.first
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Sniff<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !self.done && buf.filled().len() > before {
+            let new = &buf.filled()[before..];
+            let take = new.len().min(SNIFF - self.first.len());
+            let chunk = new[..take].to_vec();
+            self.first.extend_from_slice(&chunk);
+            self.done = self.first.len() >= SNIFF || detect::detect(&self.first).is_some();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Sniff<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A stream that first replays bytes already read from it (the detection prefix).
+struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, b)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
