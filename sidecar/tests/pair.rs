@@ -303,6 +303,27 @@ async fn bad_client_certificates_are_refused_by_reason() {
             .await
             .is_err()
     );
+    // A certificate of another trust domain, signed by the CA the server trusts.
+    let other_td = medmesh_core::TrustDomain::new("other.test").unwrap();
+    let issued = p
+        .pki
+        .ca
+        .issue(
+            &other_td.workload("radiology", "scanner").unwrap(),
+            &LeafOptions::default(),
+        )
+        .unwrap();
+    let (oc, ok) = (
+        p.pki.dir.path().join("other-td.pem"),
+        p.pki.dir.path().join("other-td-key.pem"),
+    );
+    std::fs::write(&oc, issued.cert_pem).unwrap();
+    std::fs::write(&ok, issued.key_pem).unwrap();
+    assert!(
+        raw_tls(p.server.inbound, Some((&oc, &ok)), false)
+            .await
+            .is_err()
+    );
     // Plaintext to a strict port.
     let mut s = TcpStream::connect(p.server.inbound).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -317,6 +338,7 @@ async fn bad_client_certificates_are_refused_by_reason() {
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"no_certificate\"}",
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"incompatible\"}",
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown_issuer\"}",
+        "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"foreign_trust_domain\"}",
         "medmesh_sidecar_refused_connections_total{direction=\"inbound\",reason=\"plaintext\"}",
         "medmesh_sidecar_authz_decisions_total{decision=\"deny\",kind=\"plaintext\"}",
     ] {
