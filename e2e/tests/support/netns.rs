@@ -1,0 +1,203 @@
+//! Pods made of network namespaces: a veth pair between two namespaces, each with its own
+//! addresses, iptables and processes. Needs root, iproute2, iptables and the peers that
+//! `scripts/check` installs. Everything started is killed, and the namespaces deleted, on drop.
+
+#![allow(dead_code)] // Each test binary uses a different part.
+// Test support: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails (never skips) when a prerequisite is missing: a skipped e2e proves nothing.
+pub fn require(tools: &[&str]) {
+    // SAFETY-free check of root: `id -u` prints 0.
+    let uid = Command::new("id").arg("-u").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "network-namespace e2e tests need root (run scripts/check as root)"
+    );
+    for t in tools {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .output()
+            .unwrap();
+        assert!(
+            found.status.success(),
+            "{t} is not installed: scripts/check installs the e2e peers"
+        );
+    }
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().unwrap()
+}
+
+pub fn ok(cmd: &str) -> String {
+    let o = sh(cmd);
+    assert!(
+        o.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Two namespaces, `a` and `b`, joined by a veth pair on 10.<n>.<m>.0/24.
+pub struct Lab {
+    pub a: String,
+    pub b: String,
+    pub ip_a: String,
+    pub ip_b: String,
+    pub veth_a: String,
+    pub dir: tempfile::TempDir,
+    children: Vec<Child>,
+    pid_files: Vec<PathBuf>,
+}
+
+impl Lab {
+    pub fn new(tag: &str) -> Self {
+        let pid = std::process::id();
+        let (a, b) = (format!("mm{tag}a{pid}"), format!("mm{tag}b{pid}"));
+        let (n, m) = (100 + (pid % 100), (pid / 100) % 250);
+        let (ip_a, ip_b) = (format!("10.{n}.{m}.1"), format!("10.{n}.{m}.2"));
+        let veth_a = format!("va{}", pid % 100_000);
+        let veth_b = format!("vb{}", pid % 100_000);
+        ok(&format!("ip netns add {a} && ip netns add {b}"));
+        ok(&format!(
+            "ip link add {veth_a} type veth peer name {veth_b}"
+        ));
+        ok(&format!(
+            "ip link set {veth_a} netns {a} && ip link set {veth_b} netns {b}"
+        ));
+        ok(&format!(
+            "ip -n {a} addr add {ip_a}/24 dev {veth_a} && ip -n {b} addr add {ip_b}/24 dev {veth_b}"
+        ));
+        ok(&format!(
+            "ip -n {a} link set lo up && ip -n {b} link set lo up && ip -n {a} link set {veth_a} up && ip -n {b} link set {veth_b} up"
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        // The sidecars run as uid 1337 and must read their certificates and policies.
+        ok(&format!("chmod 755 {}", dir.path().display()));
+        Self {
+            a,
+            b,
+            ip_a,
+            ip_b,
+            veth_a,
+            dir,
+            children: Vec::new(),
+            pid_files: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs a command in namespace `ns` and returns its output.
+    pub fn exec(&self, ns: &str, cmd: &str) -> Output {
+        sh(&format!("ip netns exec {ns} {cmd}"))
+    }
+
+    /// Starts a long-running process in `ns` (optionally as uid 1337), logging to `<name>.log`.
+    pub fn spawn(&mut self, ns: &str, name: &str, as_proxy: bool, cmd: &[&str]) {
+        let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]);
+        if as_proxy {
+            c.args([
+                "setpriv",
+                "--reuid",
+                "1337",
+                "--regid",
+                "1337",
+                "--clear-groups",
+            ]);
+        }
+        c.args(cmd).stdout(log.try_clone().unwrap()).stderr(log);
+        self.children.push(c.spawn().unwrap());
+    }
+
+    /// Remembers a pid file whose process must be killed on drop (daemons such as nginx).
+    pub fn track_pid_file(&mut self, p: PathBuf) {
+        self.pid_files.push(p);
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until `cmd` succeeds in `ns`.
+    pub fn wait(&self, ns: &str, cmd: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.exec(ns, cmd).status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what} not up within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Captures TCP on `a`'s veth into `file` while `f` runs; returns the capture's bytes.
+    pub fn capture<T>(&mut self, file: &Path, f: impl FnOnce(&mut Self) -> T) -> (T, Vec<u8>) {
+        let mut td = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.a,
+                "tcpdump",
+                "--immediate-mode",
+                "-U",
+                "-s0",
+                "-i",
+                &self.veth_a,
+                "-w",
+            ])
+            .arg(file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let r = f(self);
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(td.id().to_string())
+            .status();
+        let _ = td.wait();
+        (r, std::fs::read(file).unwrap_or_default())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &self.pid_files {
+            if let Ok(pid) = std::fs::read_to_string(p) {
+                let _ = Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+        // Processes setpriv started are children of `ip netns exec`: kill whatever is left in
+        // the namespaces before deleting them.
+        for ns in [&self.a, &self.b] {
+            let _ = sh(&format!("ip netns pids {ns} | xargs -r kill -9"));
+            let _ = sh(&format!("ip netns del {ns}"));
+        }
+    }
+}
+
+/// Whether `needle` occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
