@@ -20,6 +20,9 @@ pub struct AppendResult {
     pub index: u64,
     /// Leaf hash of the stored entry.
     pub leaf_hash: Hash,
+    /// The ledger's receive time stored in the entry: with it, the submitter rebuilds the entry
+    /// (time, its own SPIFFE ID, its record) and checks `leaf_hash` itself.
+    pub received_us: u64,
     /// Whether the record id was already present with the same content.
     pub duplicate: bool,
     /// Whether the record id is already used by entry `index` for a different record or

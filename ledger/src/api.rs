@@ -34,14 +34,18 @@ use crate::storage::{NewEntry, Placed, Reader, SearchKey, Storage, StorageError}
 pub const MAX_BATCH_RECORDS: usize = 1000;
 /// Most entries in one range read.
 pub const MAX_RANGE: u64 = 1000;
+/// Most requests served at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 512;
 /// Most hits of one search.
 pub const MAX_SEARCH_HITS: usize = 100;
 /// Longest a search waits for the indexes to cover the checkpoint it answers for.
 const SEARCH_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The client identity of a connection, as established by the TLS layer.
+/// The client identity of a connection, as established by the TLS layer, and when its
+/// certificate expires (checked on every request: a connection outliving its certificate loses
+/// its rights).
 #[derive(Debug, Clone)]
-pub struct PeerAuth(pub Result<SpiffeId, SvidError>);
+pub struct PeerAuth(pub Result<(SpiffeId, i64), SvidError>);
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -111,8 +115,13 @@ enum Role {
 }
 
 fn authorize(state: &AppState, auth: &PeerAuth, role: Role) -> ApiResult<SpiffeId> {
+    let expired;
     let id = match &auth.0 {
-        Ok(id) => id,
+        Ok((id, not_after)) if *not_after > now_us() as i64 / 1_000_000 => id,
+        Ok(_) => {
+            expired = Err(SvidError::Expired);
+            return authorize(state, &PeerAuth(expired), role);
+        }
         Err(e) => {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -299,9 +308,19 @@ async fn append(
         .placed
         .iter()
         .map(|p| match *p {
-            Placed::Appended { index, leaf } | Placed::Duplicate { index, leaf } => AppendResult {
+            Placed::Appended {
+                index,
+                leaf,
+                received_us,
+            }
+            | Placed::Duplicate {
+                index,
+                leaf,
+                received_us,
+            } => AppendResult {
                 index,
                 leaf_hash: leaf,
+                received_us,
                 duplicate: matches!(p, Placed::Duplicate { .. }),
                 conflict: false,
                 inclusion_proof: None,
@@ -309,6 +328,7 @@ async fn append(
             Placed::Conflict { index, leaf } => AppendResult {
                 index,
                 leaf_hash: leaf,
+                received_us: 0,
                 duplicate: false,
                 conflict: true,
                 inclusion_proof: None,
@@ -432,6 +452,14 @@ fn view(r: &Reader, index: u64, bytes: &[u8]) -> Result<EntryView, StorageError>
     })
 }
 
+fn index_behind(indexed: u64, size: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "index_behind",
+        format!("the search index covers {indexed} of {size} entries; retry shortly"),
+    )
+}
+
 fn parse_index(s: &str, what: &str) -> ApiResult<u64> {
     s.parse().map_err(|_| {
         ApiError::bad(
@@ -444,9 +472,11 @@ fn parse_index(s: &str, what: &str) -> ApiResult<u64> {
 async fn get_entry(
     State(state): State<AppState>,
     axum::Extension(auth): axum::Extension<PeerAuth>,
-    Path(index): Path<String>,
+    index: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> ApiResult<Json<EntryView>> {
     authorize(&state, &auth, Role::Read)?;
+    let Path(index) =
+        index.map_err(|e| ApiError::bad("bad_parameter", format!("index: {}", e.body_text())))?;
     let index = parse_index(&index, "index")?;
     let storage = state.storage.clone();
     let v = blocking(move || {
@@ -557,6 +587,17 @@ async fn inclusion(
         ),
         None => None,
     };
+    if leaf.is_some() {
+        // Lookups by leaf hash go through the search index, which trails the log slightly.
+        let mut indexed = state.indexed.clone();
+        let want = p.tree_size;
+        if tokio::time::timeout(SEARCH_INDEX_WAIT, indexed.wait_for(|i| *i >= want))
+            .await
+            .is_err()
+        {
+            return Err(index_behind(*indexed.borrow(), want));
+        }
+    }
     let storage = state.storage.clone();
     let metrics = state.metrics.clone();
     let v = blocking(move || {
@@ -690,7 +731,13 @@ async fn search(
     // The indexes trail the log slightly; give them a moment to cover this checkpoint.
     let size = cp.checkpoint.size;
     let mut indexed = state.indexed.clone();
-    let _ = tokio::time::timeout(SEARCH_INDEX_WAIT, indexed.wait_for(|i| *i >= size)).await;
+    if tokio::time::timeout(SEARCH_INDEX_WAIT, indexed.wait_for(|i| *i >= size))
+        .await
+        .is_err()
+    {
+        // A partial answer would read as "not recorded": refuse instead.
+        return Err(index_behind(*indexed.borrow(), size));
+    }
     let storage = state.storage.clone();
     blocking(move || {
         let r = storage.reader()?;

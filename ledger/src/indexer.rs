@@ -41,6 +41,7 @@ pub fn spawn(
             let mut indexed = *indexed_tx.borrow();
             let mut writer_gone = false;
             let mut last_durable = std::time::Instant::now();
+            let mut failures_after_writer = 0;
             loop {
                 let mut target = head.borrow_and_update().size;
                 if indexed < target && target - indexed < CHUNK && !writer_gone {
@@ -60,8 +61,16 @@ pub fn spawn(
                             indexed_tx.send_replace(indexed);
                         }
                         Err(e) => {
-                            // Derived data: retry later; appends and proofs are unaffected.
+                            // Derived data: retry later; appends and proofs are unaffected. Once
+                            // the writer is gone, give up after a few tries: the next start
+                            // redoes the missing part.
                             tracing::error!(error = %e, from = indexed, to, "indexing failed; retrying");
+                            if writer_gone {
+                                failures_after_writer += 1;
+                                if failures_after_writer >= 3 {
+                                    return;
+                                }
+                            }
                             std::thread::sleep(Duration::from_secs(1));
                         }
                     }

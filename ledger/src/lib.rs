@@ -85,6 +85,7 @@ pub struct Ledger {
     /// The checkpoint verifier key.
     pub verifier_key: String,
     shutdown: watch::Sender<bool>,
+    drain: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The writer, then the indexer (which follows it).
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -217,7 +218,7 @@ impl Ledger {
         let admin_task = tokio::spawn(server::serve_admin(
             admin_listener,
             admin_router(AdminState {
-                seq,
+                head: seq.subscribe(),
                 registry,
                 metrics,
             }),
@@ -229,6 +230,7 @@ impl Ledger {
             admin_addr,
             verifier_key: verifier.to_string(),
             shutdown,
+            drain: cfg.drain,
             tasks: vec![api_task, admin_task],
             threads: vec![writer, indexer],
         })
@@ -238,8 +240,15 @@ impl Ledger {
     /// commit what it holds and sign a final checkpoint, and waits for it.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
+        // The API task drains and aborts within the deadline; the admin task could be held by a
+        // scraper's keep-alive connection, so it gets the same deadline and is then aborted.
+        for mut t in self.tasks.drain(..) {
+            if tokio::time::timeout(self.drain + Duration::from_secs(1), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
         }
         // The router (and with it the last sequencer handle) is gone: the writer drains and
         // exits, then the indexer catches up and exits.
@@ -251,7 +260,8 @@ impl Ledger {
 
 #[derive(Clone)]
 struct AdminState {
-    seq: sequencer::Sequencer,
+    // A receiver only: the admin endpoint must not keep the writer alive at shutdown.
+    head: watch::Receiver<sequencer::Head>,
     registry: prometheus::Registry,
     metrics: metrics::Metrics,
 }
@@ -262,7 +272,8 @@ fn admin_router(state: AdminState) -> Router {
         .route(
             "/ready",
             get(|State(s): State<AdminState>| async move {
-                match s.seq.head().checkpoint {
+                let cp = s.head.borrow().checkpoint.clone();
+                match cp {
                     Some(cp) => (
                         StatusCode::OK,
                         format!("ready: tree size {}\n", cp.checkpoint.size),

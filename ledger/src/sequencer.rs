@@ -221,6 +221,7 @@ impl Sequencer {
             metrics,
             head: head_tx,
             last_checkpoint: std::time::Instant::now(),
+            backoff_until: std::time::Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
@@ -262,6 +263,9 @@ impl Sequencer {
     }
 }
 
+/// Pause before a timer-driven retry after a failed commit or signer-state write.
+const RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
 /// Results per submission, and the checkpoint signed in the same transaction.
 type TxnOutcome = (Vec<Vec<Placed>>, Option<(Checkpoint, String)>);
 
@@ -273,6 +277,9 @@ struct Writer {
     metrics: Metrics,
     head: watch::Sender<Head>,
     last_checkpoint: std::time::Instant,
+    /// After a failed commit or signer-state write, no timer-driven retry before this instant
+    /// (a failing disk must not be hammered with signed, fsynced retries).
+    backoff_until: std::time::Instant,
 }
 
 impl Writer {
@@ -299,7 +306,7 @@ impl Writer {
         loop {
             let due = (self.frontier.size() > self.checkpoint_size()
                 || self.head.borrow().checkpoint.is_none())
-            .then(|| self.last_checkpoint + self.cfg.checkpoint_interval);
+            .then(|| (self.last_checkpoint + self.cfg.checkpoint_interval).max(self.backoff_until));
             let first = rt.block_on(async {
                 match due {
                     Some(at) => tokio::time::timeout_at(at.into(), rx.recv())
@@ -381,6 +388,7 @@ impl Writer {
                     Some((checkpoint, note)) => {
                         // Persisted in the database; record it outside too before anyone sees it.
                         if let Err(e) = write_signer_state(&self.cfg.signer_state, &note) {
+                            self.backoff_until = std::time::Instant::now() + RETRY_BACKOFF;
                             tracing::error!(error = %e, path = %self.cfg.signer_state.display(), "cannot record signer state; checkpoint not published");
                             None
                         } else {
@@ -431,6 +439,7 @@ impl Writer {
             }
             Err(e) => {
                 self.frontier = before;
+                self.backoff_until = std::time::Instant::now() + RETRY_BACKOFF;
                 tracing::error!(error = %e, entries, "ledger commit failed; batch rejected");
                 self.metrics
                     .appends

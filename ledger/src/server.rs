@@ -147,7 +147,14 @@ pub fn spawn_reloader(
     });
 }
 
-/// Serves the API on `listener` until `shutdown` turns true, then drains for at most `drain`.
+/// Most API connections open at once; further ones are closed at accept.
+const MAX_CONNECTIONS: usize = 4096;
+/// Longest a client may take to send a request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the API on `listener` until `shutdown` turns true, then drains for at most `drain`
+/// and aborts whatever is still open (a stalled client must not hold the ledger open, and with
+/// it the writer's last checkpoint).
 pub async fn serve_api(
     listener: TcpListener,
     creds: watch::Receiver<Arc<Creds>>,
@@ -157,7 +164,17 @@ pub async fn serve_api(
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -171,28 +188,37 @@ pub async fn serve_api(
             },
             _ = shutdown.changed() => break,
         };
+        // Reap finished connection tasks so the set stays small.
+        while conns.try_join_next().is_some() {}
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics
+                .refusals
+                .with_label_values(&["too_many_connections"])
+                .inc();
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let creds = creds.borrow().clone();
         let router = router.clone();
         let metrics = metrics.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        conns.spawn(async move {
+            let _slot = slot;
             let acceptor = tokio_rustls::TlsAcceptor::from(creds.config.clone());
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        metrics.handshake_failures.inc();
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        metrics.handshake_failures.inc();
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
+            let tls = match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    metrics.handshake_failures.inc();
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.handshake_failures.inc();
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
             // Client certificates are checked here rather than in the handshake, so that a bad
             // one gets an HTTP 401 naming the problem (see `ClientAuth::Deferred`).
             let auth = {
@@ -206,7 +232,8 @@ pub async fn serve_api(
                         rest,
                         UnixTime::now(),
                         Usage::Client,
-                    ),
+                    )
+                    .and_then(|id| Ok((id, tls::not_after(leaf)?))),
                 }
             };
             let auth = PeerAuth(auth);
@@ -229,8 +256,14 @@ pub async fn serve_api(
     drop(listener);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all API connections drained"),
-        _ = tokio::time::sleep(drain) => tracing::warn!(deadline = ?drain, "drain deadline reached; closing remaining connections"),
+        _ = tokio::time::sleep(drain) => {
+            tracing::warn!(deadline = ?drain, open = conns.len(), "drain deadline reached; closing remaining connections");
+        }
     }
+    // Whatever is left (stalled uploads, idle clients) is cut, releasing its handles on the
+    // writer so that it can sign its final checkpoint and stop.
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
 
 /// Serves `/live`, `/ready`, `/metrics` in plaintext until `shutdown` turns true.

@@ -210,6 +210,17 @@ impl Storage {
                         cp.size, cp.root
                     )));
                 }
+                // The writer continues from the frontier's peaks, which are other nodes than
+                // those of the checkpoint's root once the tree has grown past it: check that
+                // what will be signed next extends what was signed.
+                let proof = reader.consistency_proof(cp.size, size)?;
+                merkle::verify_consistency(cp.size, size, &cp.root, &frontier.root(), &proof)
+                    .map_err(|e| {
+                        StorageError::Inconsistent(format!(
+                            "the tree of {size} entries does not extend the signed checkpoint of size {}: {e}",
+                            cp.size
+                        ))
+                    })?;
                 Some((cp, note))
             }
         };
@@ -398,23 +409,24 @@ impl Reader {
             }
             Ok((out, false))
         }
+        // Every arm is clipped to the same `size`: hits beyond it have no proof yet.
         match key {
             SearchKey::Sha256(h) => collect(
                 self.index_txn.open_multimap_table(BY_SHA256)?,
                 h.0,
-                self.size,
+                size,
                 limit,
             ),
             SearchKey::Cid(c) => collect(
                 self.index_txn.open_multimap_table(BY_CID)?,
                 c.as_slice(),
-                self.size,
+                size,
                 limit,
             ),
             SearchKey::Identity(s) => collect(
                 self.index_txn.open_multimap_table(BY_IDENTITY)?,
                 s.as_str(),
-                self.size,
+                size,
                 limit,
             ),
             SearchKey::Uid(u) => {
@@ -488,6 +500,8 @@ pub enum Placed {
         index: u64,
         /// Its leaf hash.
         leaf: Hash,
+        /// Receive time stored in the entry.
+        received_us: u64,
     },
     /// Already present with the same record id and content: nothing written.
     Duplicate {
@@ -495,6 +509,8 @@ pub enum Placed {
         index: u64,
         /// Its leaf hash.
         leaf: Hash,
+        /// Receive time stored in the original entry.
+        received_us: u64,
     },
     /// Record id already used for a different record or by another submitter: not stored.
     Conflict {
@@ -541,7 +557,11 @@ pub(crate) fn write_batch(
                 })?;
             out.push(match stored {
                 Some(s) if s.record == e.record && s.submitter == e.submitter => {
-                    Placed::Duplicate { index, leaf }
+                    Placed::Duplicate {
+                        index,
+                        leaf,
+                        received_us: s.received_us,
+                    }
                 }
                 _ => Placed::Conflict { index, leaf },
             });
@@ -569,7 +589,11 @@ pub(crate) fn write_batch(
             return Err(e.into());
         }
         ids.insert(id.0, index)?;
-        out.push(Placed::Appended { index, leaf });
+        out.push(Placed::Appended {
+            index,
+            leaf,
+            received_us: e.received_us,
+        });
     }
     txn.open_table(META)?
         .insert(META_TREE_SIZE, frontier.size())?;

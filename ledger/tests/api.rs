@@ -488,3 +488,71 @@ async fn growth_is_covered_by_a_checkpoint_within_a_second() {
     }
     l.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_and_leaf_proofs_between_checkpoints() {
+    let pki = Pki::new();
+    // Slow checkpoints: entries appended after one stay uncovered for up to a second.
+    let mut l = TestLedger::start_with(&pki, 1000).await;
+    let w = l.client(&pki, WRITER);
+    let a = l.client(&pki, AUDITOR);
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+    let first = w.append(&record(1, &src, &dst), true).await.unwrap();
+    let second = w.append(&record(2, &src, &dst), false).await.unwrap();
+    assert_eq!((first.result.index, second.result.index), (0, 1));
+    // The search answers from the latest checkpoint (size 1) without an error; the entry it
+    // does not cover yet is left for the next one.
+    let (cp, hits, _) = a.search("identity", src.as_str()).await.unwrap();
+    assert_eq!(cp.checkpoint.size, 1);
+    assert_eq!(hits.iter().map(|h| h.index).collect::<Vec<_>>(), vec![0]);
+    // A proof by leaf hash waits for the index instead of answering 404.
+    let by_leaf = a
+        .inclusion_proof_by_leaf(&second.result.leaf_hash, 2)
+        .await
+        .unwrap();
+    assert_eq!(by_leaf.index, 1);
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_with_a_conflict_and_proofs() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let w = l.client(&pki, WRITER);
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+    let taken = record(1, &src, &dst);
+    w.append(&taken, false).await.unwrap();
+    let mut reuse = taken.clone();
+    reuse.bytes += 1;
+    let b = w
+        .append_batch(vec![reuse, record(2, &src, &dst)], true)
+        .await
+        .unwrap();
+    assert!(b.results[0].conflict && b.results[0].inclusion_proof.is_none());
+    assert!(!b.results[1].conflict && b.results[1].inclusion_proof.is_some());
+    l.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_by_a_stalled_client() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    // An unauthenticated client that completes TLS and then sends half a request, forever.
+    let c = raw_client(None, false, true);
+    let url = format!("{}/v1/checkpoint", l.api());
+    let _ = c.get(&url).send().await;
+    let addr = l.ledger.as_ref().unwrap().api_addr;
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(std::time::Duration::from_secs(8), l.stop())
+        .await
+        .expect("shutdown hung on a stalled connection");
+    // The drain deadline is 2 s in these tests.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -151,6 +151,8 @@ pub struct LedgerClient {
     base: String,
     verifier: NoteVerifier,
     origin: String,
+    /// This client's SPIFFE ID: the submitter the ledger records for its appends.
+    me: medmesh_core::SpiffeId,
 }
 
 impl LedgerClient {
@@ -183,6 +185,7 @@ impl LedgerClient {
             base: cfg.url.trim_end_matches('/').to_owned(),
             verifier: cfg.verifier,
             origin: cfg.origin,
+            me: cfg.identity.id().clone(),
         })
     }
 
@@ -240,6 +243,7 @@ impl LedgerClient {
             url: url.clone(),
             reason: e.to_string(),
         })?;
+        self.check_leaf(&body.result, record, &url)?;
         if proof {
             self.check_append_proof(&body.result, body.checkpoint.as_deref(), &url)?;
         }
@@ -257,18 +261,67 @@ impl LedgerClient {
     ) -> Result<BatchResponse, ClientError> {
         let url = format!("{}/v1/entries/batch?proof={proof}", self.base);
         let resp = self
-            .send(self.http.post(&url).json(&BatchRequest { records }), &url)
+            .send(
+                self.http.post(&url).json(&BatchRequest {
+                    records: records.clone(),
+                }),
+                &url,
+            )
             .await?;
         let body: BatchResponse = resp.json().await.map_err(|e| ClientError::Malformed {
             url: url.clone(),
             reason: e.to_string(),
         })?;
-        if proof {
-            for r in &body.results {
+        if body.results.len() != records.len() {
+            return Err(ClientError::Malformed {
+                url,
+                reason: format!(
+                    "{} results for {} records",
+                    body.results.len(),
+                    records.len()
+                ),
+            });
+        }
+        // Conflicted records were not stored: they carry no proof and another entry's leaf.
+        for (r, rec) in body
+            .results
+            .iter()
+            .zip(&records)
+            .filter(|(r, _)| !r.conflict)
+        {
+            self.check_leaf(r, rec, &url)?;
+            if proof {
                 self.check_append_proof(r, body.checkpoint.as_deref(), &url)?;
             }
         }
         Ok(body)
+    }
+
+    /// The ledger's leaf must be the hash of the entry this client submitted: its record, its own
+    /// SPIFFE ID and the receive time the ledger reports. Otherwise a proof would prove another
+    /// entry.
+    fn check_leaf(
+        &self,
+        r: &medmesh_core::wire::AppendResult,
+        record: &AuditRecord,
+        url: &str,
+    ) -> Result<(), ClientError> {
+        let entry = LogEntry {
+            received_us: r.received_us,
+            submitter: self.me.clone(),
+            record: record.clone(),
+        };
+        let leaf = merkle::leaf_hash(&entry.encode());
+        if leaf != r.leaf_hash {
+            return Err(ClientError::Malformed {
+                url: url.to_owned(),
+                reason: format!(
+                    "entry {} has leaf {} but the submitted record hashes to {leaf}",
+                    r.index, r.leaf_hash
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn check_append_proof(
@@ -392,7 +445,14 @@ impl LedgerClient {
                     url: path.clone(),
                     reason: format!("hit {} has no proof", h.index),
                 })?;
-            hits.push(verify_entry_view(&h, &proof, &checkpoint)?);
+            let hit = verify_entry_view(&h, &proof, &checkpoint)?;
+            if !matches_key(&hit.entry, key, value) {
+                return Err(ClientError::Entry {
+                    index: hit.index,
+                    reason: format!("returned for {key}={value} but does not contain it"),
+                });
+            }
+            hits.push(hit);
         }
         Ok((
             VerifiedCheckpoint {
@@ -489,8 +549,11 @@ impl LedgerClient {
         sample_proofs: u64,
     ) -> Result<AuditReport, ClientError> {
         let mut frontier = Frontier::new();
-        let mut prefix_roots = Vec::with_capacity(cp.size.min(1 << 24) as usize);
-        let mut leaves = Vec::with_capacity(cp.size.min(1 << 24) as usize);
+        // Leaf hashes (32 bytes per entry) and a frontier snapshot every SNAPSHOT entries, from
+        // which any prefix root is rebuilt in at most SNAPSHOT hashes during the bisection.
+        const SNAPSHOT: u64 = 4096;
+        let mut snapshots = vec![Frontier::new()];
+        let mut leaves: Vec<Hash> = Vec::new();
         let mut problems = Vec::new();
         let mut next = 0u64;
         while next < cp.size {
@@ -531,7 +594,9 @@ impl LedgerClient {
                     });
                 }
                 frontier.push(leaf, |_| {});
-                prefix_roots.push(frontier.root());
+                if frontier.size() % SNAPSHOT == 0 {
+                    snapshots.push(frontier.clone());
+                }
                 leaves.push(leaf);
                 expect += 1;
             }
@@ -560,15 +625,15 @@ impl LedgerClient {
             }
             while bad - good > 1 {
                 let mid = good + (bad - good) / 2;
+                let mut prefix = snapshots[(mid / SNAPSHOT) as usize].clone();
+                for leaf in &leaves[prefix.size() as usize..mid as usize] {
+                    prefix.push(*leaf, |_| {});
+                }
                 let ok = match self.consistency_proof(mid, cp.size).await {
-                    Ok(p) => merkle::verify_consistency(
-                        mid,
-                        cp.size,
-                        &prefix_roots[(mid - 1) as usize],
-                        &cp.root,
-                        &p.proof,
-                    )
-                    .is_ok(),
+                    Ok(p) => {
+                        merkle::verify_consistency(mid, cp.size, &prefix.root(), &cp.root, &p.proof)
+                            .is_ok()
+                    }
                     Err(_) => false,
                 };
                 if ok {
@@ -632,6 +697,28 @@ impl LedgerClient {
             proofs_checked,
             problems,
         })
+    }
+}
+
+/// Whether `entry` holds the searched value (the ledger is not trusted to have searched right).
+fn matches_key(entry: &LogEntry, key: &str, value: &str) -> bool {
+    let r = &entry.record;
+    match key {
+        "sha256" => Hash::from_hex(value).is_ok_and(|h| r.content_sha256 == Some(h)),
+        "cid" => value
+            .parse::<medmesh_core::record::ContentId>()
+            .is_ok_and(|c| {
+                r.cid
+                    .as_ref()
+                    .is_some_and(|rc| rc.multihash_bytes() == c.multihash_bytes())
+            }),
+        "identity" => [&r.source, &r.destination, &entry.submitter]
+            .iter()
+            .any(|id| id.as_str() == value),
+        "uid" => value
+            .parse::<medmesh_core::record::KeyedHash>()
+            .is_ok_and(|u| [r.study_uid, r.series_uid, r.sop_instance_uid].contains(&Some(u))),
+        _ => false,
     }
 }
 
@@ -789,8 +876,18 @@ impl TrustedStore {
             std::fs::create_dir_all(dir).map_err(|e| io("create directory for", e))?;
         }
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, note).map_err(|e| io("write", e))?;
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(|e| io("write", e))?;
+            f.write_all(note.as_bytes()).map_err(|e| io("write", e))?;
+            f.sync_all().map_err(|e| io("sync", e))?;
+        }
         std::fs::rename(&tmp, &self.path).map_err(|e| io("replace", e))?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("sync directory of", e))?;
+        }
         Ok(())
     }
 }

@@ -99,6 +99,10 @@ pub fn signing_key(dir: &Path) -> (PathBuf, NoteVerifier) {
 }
 
 pub fn config(pki: &Pki, data: &Path, signing_key: &Path) -> Config {
+    config_with(pki, data, signing_key, 100)
+}
+
+pub fn config_with(pki: &Pki, data: &Path, signing_key: &Path, checkpoint_ms: u64) -> Config {
     let (cert, key) = pki.issue(("medmesh", "ledger"));
     let yaml = format!(
         r#"
@@ -114,7 +118,7 @@ trust_bundle: {ca}
 signing_key: {sk}
 appenders: ["spiffe://{TD}/ns/pacs/sa/writer"]
 readers: ["spiffe://{TD}/ns/audit/*"]
-checkpoint_interval_ms: 100
+checkpoint_interval_ms: {checkpoint_ms}
 max_body_bytes: 65536
 drain_seconds: 2
 "#,
@@ -129,9 +133,13 @@ drain_seconds: 2
 
 impl TestLedger {
     pub async fn start(pki: &Pki) -> Self {
+        Self::start_with(pki, 100).await
+    }
+
+    pub async fn start_with(pki: &Pki, checkpoint_ms: u64) -> Self {
         let data = pki.dir.path().join("data");
         let (signing_key, verifier) = signing_key(pki.dir.path());
-        let cfg = config(pki, &data, &signing_key);
+        let cfg = config_with(pki, &data, &signing_key, checkpoint_ms);
         let ledger = Ledger::start(cfg.clone()).await.unwrap();
         Self {
             ledger: Some(ledger),
