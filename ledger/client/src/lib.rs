@@ -594,7 +594,7 @@ impl LedgerClient {
                     });
                 }
                 frontier.push(leaf, |_| {});
-                if frontier.size() % SNAPSHOT == 0 {
+                if frontier.size().is_multiple_of(SNAPSHOT) {
                     snapshots.push(frontier.clone());
                 }
                 leaves.push(leaf);
