@@ -117,3 +117,36 @@ proptest! {
         }
     }
 }
+
+/// Seed corpus of the `detect` fuzz target, written by this test:
+/// `MEDMESH_BLESS=1 cargo test -p medmesh-sidecar fuzz_seeds`. (ClientHellos carry fresh random
+/// bytes, so the check is of shape, not bytes.)
+#[test]
+fn fuzz_seeds() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/detect");
+    let seeds: [(&str, Vec<u8>); 4] = [
+        ("client-hello-medmesh", rustls_client_hello(&[MEDMESH_ALPN])),
+        (
+            "http1",
+            b"GET /dicom-web/studies HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        ("http2", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()),
+        (
+            "a-associate-rq",
+            vec![0x01, 0x00, 0x00, 0x00, 0x00, 0xcd, 0x00, 0x01, 0x00, 0x00],
+        ),
+    ];
+    for (name, bytes) in seeds {
+        let path = format!("{dir}/{name}");
+        if std::env::var_os("MEDMESH_BLESS").is_some() {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let stored = std::fs::read(&path).unwrap();
+        assert_eq!(
+            detect(&stored),
+            detect(&bytes),
+            "{path} is stale: regenerate with MEDMESH_BLESS=1"
+        );
+    }
+}
