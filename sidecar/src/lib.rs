@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod detect;
+pub mod dicom;
 pub mod identity;
 pub mod iptables;
 pub mod metrics;
