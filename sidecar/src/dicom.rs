@@ -6,6 +6,7 @@
 pub mod command;
 pub mod dataset;
 pub mod pdu;
+pub mod tracker;
 
 #[cfg(test)]
 mod tests;

@@ -432,3 +432,255 @@ proptest! {
         let _ = command::parse(&bytes);
     }
 }
+
+mod tracking {
+    use dicom_ul::pdu::{
+        AssociationRJ, AssociationRJResult, AssociationRJServiceUserReason, AssociationRJSource,
+    };
+
+    use super::super::tracker::{Dir, Kind, StatusClass, Tracker, status_class};
+    use super::*;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+    const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+
+    fn rq() -> Pdu {
+        Pdu::AssociationRQ(AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "STORESCU".into(),
+            called_ae_title: "ORTHANC".into(),
+            application_context_name: "1.2.840.10008.3.1.1.1".into(),
+            presentation_contexts: vec![PresentationContextProposed {
+                id: 1,
+                abstract_syntax: CT.into(),
+                transfer_syntaxes: vec![EXPLICIT.into()],
+            }],
+            user_variables: vec![],
+        })
+    }
+
+    fn ac() -> Pdu {
+        Pdu::AssociationAC(AssociationAC {
+            protocol_version: 1,
+            calling_ae_title: "STORESCU".into(),
+            called_ae_title: "ORTHANC".into(),
+            application_context_name: "1.2.840.10008.3.1.1.1".into(),
+            presentation_contexts: vec![PresentationContextResult {
+                id: 1,
+                reason: PresentationContextResultReason::Acceptance,
+                transfer_syntax: EXPLICIT.into(),
+            }],
+            user_variables: vec![],
+        })
+    }
+
+    fn msg(c: Command, ds: Option<&[u8]>) -> Pdu {
+        let mut data = vec![PDataValue {
+            presentation_context_id: 1,
+            value_type: PDataValueType::Command,
+            is_last: true,
+            data: command::encode(&c),
+        }];
+        if let Some(ds) = ds {
+            let half = ds.len() / 2;
+            for (part, last) in [(&ds[..half], false), (&ds[half..], true)] {
+                data.push(PDataValue {
+                    presentation_context_id: 1,
+                    value_type: PDataValueType::Data,
+                    is_last: last,
+                    data: part.to_vec(),
+                });
+            }
+        }
+        Pdu::PData { data }
+    }
+
+    /// Feeds `(direction, pdu)` pairs through one reader per direction into a tracker.
+    fn run(steps: Vec<(Dir, Pdu)>) -> Vec<super::super::tracker::Transfer> {
+        let mut readers = [PduReader::new(), PduReader::new()];
+        let mut t = Tracker::new();
+        for (dir, pdu) in steps {
+            let mut bytes = Vec::new();
+            dicom_ul::pdu::write_pdu(&mut bytes, &pdu).unwrap();
+            let r = &mut readers[usize::from(dir == Dir::FromAcceptor)];
+            // Feed in small chunks, as a socket would deliver them.
+            for chunk in bytes.chunks(7) {
+                r.feed(chunk, |e| t.on_event(dir, &e)).unwrap();
+            }
+        }
+        t.finish();
+        t.drain()
+    }
+
+    fn store_rq(id: u16, instance: &str) -> Command {
+        Command {
+            field: command::C_STORE_RQ,
+            message_id: Some(id),
+            sop_class: Some(CT.into()),
+            sop_instance: Some(instance.into()),
+            has_dataset: true,
+            ..Default::default()
+        }
+    }
+
+    fn rsp(field: u16, to: u16, status: u16) -> Command {
+        Command {
+            field,
+            responded_to: Some(to),
+            status: Some(status),
+            ..Default::default()
+        }
+    }
+
+    fn dataset() -> Vec<u8> {
+        let file = synthetic(16);
+        medmesh_core::dicom::split_part10(&file)
+            .unwrap()
+            .unwrap()
+            .dataset
+            .to_vec()
+    }
+
+    #[test]
+    fn c_store_success_and_failure() {
+        let ds = dataset();
+        let out = run(vec![
+            (Dir::FromRequestor, rq()),
+            (Dir::FromAcceptor, ac()),
+            (
+                Dir::FromRequestor,
+                msg(store_rq(7, "2.25.100.1.7"), Some(&ds)),
+            ),
+            (
+                Dir::FromAcceptor,
+                msg(rsp(command::C_STORE_RSP, 7, 0x0000), None),
+            ),
+            (
+                Dir::FromRequestor,
+                msg(store_rq(8, "2.25.100.1.8"), Some(&ds)),
+            ),
+            (
+                Dir::FromAcceptor,
+                msg(rsp(command::C_STORE_RSP, 8, 0xA700), None),
+            ),
+            (Dir::FromRequestor, Pdu::ReleaseRQ),
+            (Dir::FromAcceptor, Pdu::ReleaseRP),
+        ]);
+        let kinds: Vec<Kind> = out.iter().map(|t| t.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![Kind::Opened, Kind::Stored, Kind::Stored, Kind::Closed]
+        );
+        let ok = &out[1];
+        assert_eq!(
+            (ok.calling_ae.as_str(), ok.called_ae.as_str()),
+            ("STORESCU", "ORTHANC")
+        );
+        assert_eq!(ok.sop_instance.as_deref(), Some("2.25.100.1.7"));
+        assert_eq!(ok.transfer_syntax.as_deref(), Some(EXPLICIT));
+        assert_eq!(ok.status, Some(0));
+        let d = ok.dataset.as_ref().unwrap();
+        assert_eq!(d.sha256, <[u8; 32]>::from(Sha256::digest(&ds)));
+        assert_eq!(d.study_uid.as_deref(), Some("2.25.100"));
+        assert_eq!(out[2].status, Some(0xA700));
+        assert_eq!(status_class(0xA700), StatusClass::Failure);
+    }
+
+    #[test]
+    fn c_get_sub_operations_are_retrievals() {
+        let ds = dataset();
+        let get = Command {
+            field: command::C_GET_RQ,
+            message_id: Some(1),
+            sop_class: Some("1.2.840.10008.5.1.4.1.2.2.3".into()),
+            has_dataset: true,
+            ..Default::default()
+        };
+        let identifier = nested(true);
+        let out = run(vec![
+            (Dir::FromRequestor, rq()),
+            (Dir::FromAcceptor, ac()),
+            (Dir::FromRequestor, msg(get, Some(&identifier))),
+            (
+                Dir::FromAcceptor,
+                msg(store_rq(2, "2.25.100.1.9"), Some(&ds)),
+            ),
+            (
+                Dir::FromRequestor,
+                msg(rsp(command::C_STORE_RSP, 2, 0), None),
+            ),
+            (
+                Dir::FromAcceptor,
+                msg(rsp(command::C_GET_RSP, 1, 0xFF00), None),
+            ),
+            (
+                Dir::FromAcceptor,
+                msg(rsp(command::C_GET_RSP, 1, 0x0000), None),
+            ),
+        ]);
+        let kinds: Vec<Kind> = out.iter().map(|t| t.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![Kind::Opened, Kind::Retrieved, Kind::Query, Kind::Closed]
+        );
+        assert_eq!(out[1].sop_instance.as_deref(), Some("2.25.100.1.9"));
+        assert!(out[1].dataset.is_some());
+        // A query keeps nothing of its identifier.
+        assert!(out[2].dataset.is_none() && out[2].sop_instance.is_none());
+        assert_eq!(out[2].status, Some(0));
+    }
+
+    #[test]
+    fn abort_mid_transfer_and_echo_and_refusal() {
+        let ds = dataset();
+        let out = run(vec![
+            (Dir::FromRequestor, rq()),
+            (Dir::FromAcceptor, ac()),
+            (
+                Dir::FromRequestor,
+                msg(
+                    Command {
+                        field: command::C_ECHO_RQ,
+                        message_id: Some(1),
+                        ..Default::default()
+                    },
+                    None,
+                ),
+            ),
+            (Dir::FromAcceptor, msg(rsp(command::C_ECHO_RSP, 1, 0), None)),
+            (
+                Dir::FromRequestor,
+                msg(store_rq(2, "2.25.100.1.2"), Some(&ds)),
+            ),
+            (
+                Dir::FromAcceptor,
+                Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceUser,
+                },
+            ),
+        ]);
+        let kinds: Vec<Kind> = out.iter().map(|t| t.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![Kind::Opened, Kind::Echo, Kind::Stored, Kind::Closed]
+        );
+        assert_eq!(out[1].status, Some(0));
+        assert_eq!(out[2].status, None, "no response: aborted");
+        let out = run(vec![
+            (Dir::FromRequestor, rq()),
+            (
+                Dir::FromAcceptor,
+                Pdu::AssociationRJ(AssociationRJ {
+                    result: AssociationRJResult::Permanent,
+                    source: AssociationRJSource::ServiceUser(
+                        AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+                    ),
+                }),
+            ),
+        ]);
+        assert_eq!(
+            out.iter().map(|t| t.kind).collect::<Vec<_>>(),
+            vec![Kind::Refused, Kind::Closed]
+        );
+    }
+}
