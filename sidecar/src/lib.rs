@@ -6,6 +6,7 @@
 //! then cuts what is left.
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod detect;
 pub mod dicom;
@@ -14,6 +15,7 @@ pub mod iptables;
 pub mod metrics;
 pub mod policy_file;
 pub mod proxy;
+pub mod spool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
