@@ -95,6 +95,7 @@ mod tests {
                 sop_instance_uid: Some("1.2.3.4.5.6.7".into()),
             }),
             status: Some(0xB000),
+            message_id: Some(1),
         };
         let scanner: SpiffeId = "spiffe://td/ns/radiology/sa/ct".parse().unwrap();
         let pacs: SpiffeId = "spiffe://td/ns/pacs/sa/orthanc".parse().unwrap();

@@ -57,6 +57,56 @@ pub struct RawConfig {
     /// redirected by iptables.
     #[arg(long, env = "MEDMESH_DEV_INBOUND_PORT")]
     pub dev_inbound_port: Option<String>,
+    /// Audit ledger base URL; auditing of DICOM ports is on when set.
+    #[arg(long, env = "MEDMESH_LEDGER_URL")]
+    pub ledger_url: Option<String>,
+    /// Expected SPIFFE ID of the ledger (default: any identity of the trust domain).
+    #[arg(long, env = "MEDMESH_LEDGER_ID")]
+    pub ledger_id: Option<String>,
+    /// The ledger's checkpoint verifier key, or `@FILE`.
+    #[arg(long, env = "MEDMESH_LEDGER_KEY")]
+    pub ledger_key: Option<String>,
+    /// The ledger's origin (default: the verifier key's name).
+    #[arg(long, env = "MEDMESH_LEDGER_ORIGIN")]
+    pub ledger_origin: Option<String>,
+    /// `enforce` (responses wait for the ledger) or `spool` (responses wait for the local spool).
+    #[arg(long, env = "MEDMESH_AUDIT_DELIVERY", default_value = "spool")]
+    pub audit_delivery: String,
+    /// File holding the tenant's UID hashing key (at least 32 bytes).
+    #[arg(long, env = "MEDMESH_AUDIT_KEY")]
+    pub audit_key: Option<PathBuf>,
+    /// Directory of the record spool (on the pod's volume).
+    #[arg(long, env = "MEDMESH_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Most undelivered record bytes the spool holds.
+    #[arg(long, env = "MEDMESH_SPOOL_MAX_BYTES", default_value = "268435456")]
+    pub spool_max_bytes: String,
+    /// Enforce mode: how long a response may wait for the ledger.
+    #[arg(long, env = "MEDMESH_AUDIT_DEADLINE_MS", default_value = "5000")]
+    pub audit_deadline_ms: String,
+}
+
+/// Checked audit settings.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Ledger URL.
+    pub ledger_url: String,
+    /// Expected ledger identity.
+    pub ledger_id: Option<medmesh_core::SpiffeId>,
+    /// Verifier of its checkpoints.
+    pub verifier: medmesh_core::NoteVerifier,
+    /// Its origin.
+    pub origin: String,
+    /// Delivery mode.
+    pub mode: crate::deliver::Mode,
+    /// UID key file.
+    pub key: PathBuf,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+    /// Spool limit.
+    pub spool_max_bytes: u64,
+    /// Enforce deadline.
+    pub deadline: Duration,
 }
 
 /// The checked configuration.
@@ -92,6 +142,8 @@ pub struct Config {
     pub dev_outbound_dst: Option<SocketAddr>,
     /// Fallback inbound port (development).
     pub dev_inbound_port: Option<u16>,
+    /// Auditing of DICOM ports, when configured.
+    pub audit: Option<AuditConfig>,
 }
 
 fn ms(field: &str, v: &str, lo: u64, hi: u64, errs: &mut Vec<String>) -> Duration {
@@ -188,6 +240,7 @@ impl Config {
                         None
                     }
                 });
+        let audit = check_audit(&raw, &mut errs);
         let ports = [inbound_addr.port(), outbound_addr.port(), admin_addr.port()];
         if errs.is_empty()
             && (ports[0] == ports[1] || ports[1] == ports[2] || ports[0] == ports[2])
@@ -214,10 +267,115 @@ impl Config {
                 reload,
                 dev_outbound_dst,
                 dev_inbound_port,
+                audit,
             }),
             _ => Err(errs),
         }
     }
+}
+
+fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
+    let url = raw.ledger_url.clone()?;
+    let before = errs.len();
+    if !url.starts_with("https://") {
+        errs.push(format!("ledger-url {url:?}: must be an https:// URL"));
+    }
+    let ledger_id = raw.ledger_id.as_deref().and_then(|v| {
+        v.parse()
+            .map_err(|e| errs.push(format!("ledger-id: {e}")))
+            .ok()
+    });
+    let verifier = match raw.ledger_key.as_deref() {
+        None => {
+            errs.push("ledger-key: required with ledger-url (or MEDMESH_LEDGER_KEY)".into());
+            None
+        }
+        Some(v) => {
+            let text = match v.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| errs.push(format!("ledger-key {path}: {e}")))
+                    .ok(),
+                None => Some(v.to_owned()),
+            };
+            text.and_then(|t| {
+                medmesh_core::NoteVerifier::parse(t.trim())
+                    .map_err(|e| errs.push(format!("ledger-key: {e}")))
+                    .ok()
+            })
+        }
+    };
+    let mode = match raw.audit_delivery.as_str() {
+        "enforce" => Some(crate::deliver::Mode::Enforce),
+        "spool" => Some(crate::deliver::Mode::Spool),
+        other => {
+            errs.push(format!(
+                "audit-delivery {other:?}: must be enforce or spool"
+            ));
+            None
+        }
+    };
+    let key = match &raw.audit_key {
+        None => {
+            errs.push("audit-key: required with ledger-url (or MEDMESH_AUDIT_KEY)".into());
+            None
+        }
+        Some(p) => match std::fs::metadata(p) {
+            Ok(m) if m.len() >= 32 => Some(p.clone()),
+            Ok(m) => {
+                errs.push(format!(
+                    "audit-key {}: {} bytes; at least 32 are required",
+                    p.display(),
+                    m.len()
+                ));
+                None
+            }
+            Err(e) => {
+                errs.push(format!("audit-key {}: {e}", p.display()));
+                None
+            }
+        },
+    };
+    let spool_dir = raw.spool_dir.clone().or_else(|| {
+        errs.push("spool-dir: required with ledger-url (or MEDMESH_SPOOL_DIR)".into());
+        None
+    });
+    let spool_max_bytes = raw
+        .spool_max_bytes
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n >= 1 << 16)
+        .or_else(|| {
+            errs.push(format!(
+                "spool-max-bytes {:?}: must be at least 65536",
+                raw.spool_max_bytes
+            ));
+            None
+        });
+    let deadline = ms(
+        "audit-deadline-ms",
+        &raw.audit_deadline_ms,
+        10,
+        120_000,
+        errs,
+    );
+    if errs.len() > before {
+        return None;
+    }
+    let verifier = verifier?;
+    Some(AuditConfig {
+        ledger_url: url,
+        ledger_id,
+        origin: raw
+            .ledger_origin
+            .clone()
+            .unwrap_or_else(|| verifier.name().to_owned()),
+        verifier,
+        mode: mode?,
+        key: key?,
+        spool_dir: spool_dir?,
+        spool_max_bytes: spool_max_bytes?,
+        deadline,
+    })
 }
 
 #[cfg(test)]
@@ -242,6 +400,15 @@ mod tests {
             reload_ms: "10".into(),
             dev_outbound_dst: None,
             dev_inbound_port: Some("0".into()),
+            ledger_url: Some("http://ledger".into()),
+            ledger_id: None,
+            ledger_key: None,
+            ledger_origin: None,
+            audit_delivery: "sometimes".into(),
+            audit_key: None,
+            spool_dir: None,
+            spool_max_bytes: "1".into(),
+            audit_deadline_ms: "5000".into(),
         };
         let errs = Config::check(raw).unwrap_err();
         let text = errs.join("\n");
@@ -259,6 +426,12 @@ mod tests {
             "drain-seconds",
             "reload-ms",
             "dev-inbound-port",
+            "ledger-url",
+            "ledger-key: required",
+            "audit-delivery",
+            "audit-key: required",
+            "spool-dir: required",
+            "spool-max-bytes",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

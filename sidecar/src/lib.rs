@@ -8,8 +8,10 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod deliver;
 pub mod detect;
 pub mod dicom;
+pub mod dicom_proxy;
 pub mod identity;
 pub mod iptables;
 pub mod metrics;
@@ -34,6 +36,9 @@ pub enum StartError {
     /// The policy file is invalid.
     #[error("{0}")]
     Policy(String),
+    /// Auditing could not start (spool, key).
+    #[error("auditing: {0}")]
+    Audit(String),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -121,6 +126,41 @@ impl Sidecar {
 
         let (shutdown, stop) = watch::channel(false);
         let shutdown = Arc::new(shutdown);
+        // Auditing of DICOM ports: the spool, the delivery service and the UID key.
+        let audit = match &cfg.audit {
+            None => None,
+            Some(a) => {
+                let spool = spool::Spool::open(&a.spool_dir, a.spool_max_bytes)
+                    .map_err(|e| StartError::Audit(e.to_string()))?;
+                let key = std::fs::read(&a.key)
+                    .map_err(|e| StartError::Audit(format!("{}: {e}", a.key.display())))
+                    .and_then(|k| {
+                        medmesh_core::record::UidKey::new(k)
+                            .map_err(|e| StartError::Audit(e.to_string()))
+                    })?;
+                let delivery = deliver::Delivery::new(
+                    a.mode,
+                    deliver::LedgerTarget {
+                        url: a.ledger_url.clone(),
+                        server: match &a.ledger_id {
+                            Some(id) => medmesh_core::tls::ServerIdentity::Exact(id.clone()),
+                            None => medmesh_core::tls::ServerIdentity::AnyInTrustDomain,
+                        },
+                        verifier: a.verifier.clone(),
+                        origin: a.origin.clone(),
+                    },
+                    a.deadline,
+                    identity.credentials(),
+                    spool,
+                    metrics.clone(),
+                );
+                delivery.spawn(stop.clone());
+                Some(Arc::new(proxy::Audit {
+                    delivery,
+                    key: Arc::new(key),
+                }))
+            }
+        };
         let (tracker, cut) = proxy::Tracker::new();
         let shared = proxy::Shared {
             cfg: cfg.clone(),
@@ -128,6 +168,7 @@ impl Sidecar {
             policy,
             metrics: metrics.clone(),
             conns: tracker.clone(),
+            audit,
         };
         let tasks = vec![
             tokio::spawn(proxy::serve(inbound_l, shared.clone(), true, stop.clone())),

@@ -31,6 +31,13 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Connections cut by the drain deadline.
     pub drain_cut: IntCounter,
+    /// Audit records by what happened to them (acknowledged, spooled, not_acknowledged,
+    /// delivered, dropped).
+    pub records: IntCounterVec,
+    /// Records in the spool, not yet acknowledged by the ledger.
+    pub spool_depth: IntGauge,
+    /// Responses turned into failures because their record could not be made safe.
+    pub failed_responses: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -110,6 +117,19 @@ impl Metrics {
                 "medmesh_sidecar_drain_cut_connections_total",
                 "Connections cut at the drain deadline",
             )),
+            records: counter(
+                "medmesh_sidecar_audit_records_total",
+                "Audit records by outcome of delivery",
+                &["result"],
+            ),
+            spool_depth: must(IntGauge::new(
+                "medmesh_sidecar_spool_depth",
+                "Audit records in the spool, not yet acknowledged by the ledger",
+            )),
+            failed_responses: must(IntCounter::new(
+                "medmesh_sidecar_audit_failed_responses_total",
+                "Success responses replaced by failures because their record could not be made safe",
+            )),
         };
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -125,6 +145,9 @@ impl Metrics {
             Box::new(m.connect_failures.clone()),
             Box::new(m.ready.clone()),
             Box::new(m.drain_cut.clone()),
+            Box::new(m.records.clone()),
+            Box::new(m.spool_depth.clone()),
+            Box::new(m.failed_responses.clone()),
         ] {
             must(registry.register(c));
         }

@@ -48,6 +48,16 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Open connections, for the drain.
     pub conns: Tracker,
+    /// Auditing of DICOM ports, when configured.
+    pub audit: Option<Arc<Audit>>,
+}
+
+/// What the DICOM path needs to record transfers.
+pub struct Audit {
+    /// Delivery to the ledger.
+    pub delivery: Arc<crate::deliver::Delivery>,
+    /// The tenant's UID key.
+    pub key: Arc<medmesh_core::record::UidKey>,
 }
 
 /// Counts open connections; the drain waits for zero.
@@ -337,7 +347,32 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                 ));
             }
             let upstream = connect(app, sh, "inbound").await?;
-            proxy(Sniff::new(tls), upstream, sh, "inbound", hint, "mtls", true).await;
+            match (&sh.audit, hint) {
+                (Some(audit), ProtocolHint::Dicom) => {
+                    let mut rec = ConnRecord {
+                        metrics: sh.metrics.clone(),
+                        direction: "inbound",
+                        protocol: "dicom",
+                        tls: "mtls",
+                        to_app: 0,
+                        from_app: 0,
+                    };
+                    let ctx = crate::dicom_proxy::AuditCtx {
+                        delivery: audit.delivery.clone(),
+                        key: audit.key.clone(),
+                        requestor: peer,
+                        acceptor: creds.identity.id().clone(),
+                        metrics: sh.metrics.clone(),
+                    };
+                    (rec.to_app, rec.from_app) =
+                        crate::dicom_proxy::proxy(tls, upstream, ctx).await;
+                    sh.metrics
+                        .detect
+                        .with_label_values(&["inbound", "dicom"])
+                        .inc();
+                }
+                _ => proxy(Sniff::new(tls), upstream, sh, "inbound", hint, "mtls", true).await,
+            }
         }
         other => {
             let decision = policy.allow_plaintext(port);

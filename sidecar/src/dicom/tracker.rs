@@ -56,6 +56,8 @@ pub struct Transfer {
     pub dataset: Option<Observed>,
     /// DIMSE status of the response; `None` when there was none (aborted, released first).
     pub status: Option<u16>,
+    /// Message ID of the request.
+    pub message_id: Option<u16>,
 }
 
 /// Largest command set assembled from fragments.
@@ -131,14 +133,15 @@ impl Tracker {
 
     fn push(&mut self, kind: Kind, o: Option<Outstanding>, status: Option<u16>) {
         let (calling_ae, called_ae) = self.aes();
-        let (sop_class, sop_instance, transfer_syntax, dataset) = match o {
+        let (sop_class, sop_instance, transfer_syntax, dataset, message_id) = match o {
             Some(o) => (
                 o.command.sop_class,
                 o.command.sop_instance,
                 o.transfer_syntax,
                 o.dataset,
+                o.command.message_id,
             ),
-            None => (None, None, None, None),
+            None => (None, None, None, None, None),
         };
         self.out.push(Transfer {
             kind,
@@ -149,6 +152,7 @@ impl Tracker {
             transfer_syntax,
             dataset,
             status,
+            message_id,
         });
     }
 

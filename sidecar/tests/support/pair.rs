@@ -76,6 +76,15 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         reload_ms: "100".into(),
         dev_outbound_dst: None,
         dev_inbound_port: None,
+        ledger_url: None,
+        ledger_id: None,
+        ledger_key: None,
+        ledger_origin: None,
+        audit_delivery: "spool".into(),
+        audit_key: None,
+        spool_dir: None,
+        spool_max_bytes: "268435456".into(),
+        audit_deadline_ms: "5000".into(),
     }
 }
 
