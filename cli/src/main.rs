@@ -1,6 +1,7 @@
 //! `medmesh`: verify the audit ledger, and set up local meshes.
 
 mod demo;
+mod demo_uid;
 mod devcerts;
 mod ledger;
 

@@ -4,6 +4,8 @@
 //! meta group (0002,xxxx); receivers write a new meta group. So the hash that identifies an
 //! instance across DIMSE hops is that of the bytes after the meta group.
 
+pub mod command;
+
 /// Why a Part 10 header could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -141,6 +143,40 @@ fn put_element(out: &mut Vec<u8>, group: u16, element: u16, vr: &[u8; 2], value:
     if let Some(p) = pad {
         out.push(p);
     }
+}
+
+/// Wraps a data set received over DIMSE into a Part 10 file with a new file meta group, as a
+/// storage SCP does.
+pub fn part10(
+    sop_class: &str,
+    sop_instance: &str,
+    transfer_syntax: &str,
+    dataset: &[u8],
+) -> Vec<u8> {
+    let mut meta = Vec::new();
+    put_element(&mut meta, 0x0002, 0x0001, b"OB", &[0, 1]);
+    put_element(&mut meta, 0x0002, 0x0002, b"UI", sop_class.as_bytes());
+    put_element(&mut meta, 0x0002, 0x0003, b"UI", sop_instance.as_bytes());
+    put_element(&mut meta, 0x0002, 0x0010, b"UI", transfer_syntax.as_bytes());
+    put_element(
+        &mut meta,
+        0x0002,
+        0x0012,
+        b"UI",
+        IMPLEMENTATION_CLASS_UID.as_bytes(),
+    );
+    let mut file = vec![0u8; 128];
+    file.extend_from_slice(b"DICM");
+    put_element(
+        &mut file,
+        0x0002,
+        0x0000,
+        b"UL",
+        &(meta.len() as u32).to_le_bytes(),
+    );
+    file.extend_from_slice(&meta);
+    file.extend_from_slice(dataset);
+    file
 }
 
 /// A synthetic CT instance as a DICOM Part 10 file (explicit VR little endian): a valid file

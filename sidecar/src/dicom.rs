@@ -3,7 +3,7 @@
 //! its SHA-256 and Study/Series UIDs. Everything streams: memory stays bounded whatever the
 //! PDU or data set sizes, and nothing here ever changes the bytes being forwarded.
 
-pub mod command;
+pub use medmesh_core::dicom::command;
 pub mod dataset;
 pub mod pdu;
 pub mod tracker;
