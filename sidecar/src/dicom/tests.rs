@@ -253,6 +253,27 @@ fn pdu_stream_matches_dicom_ul_at_every_split() {
     assert_eq!(c.sop_instance.as_deref(), Some("2.25.100.1.7"));
 }
 
+/// Seed corpus of the `dicom_stream` fuzz target (a C-STORE association written by dicom-ul):
+/// `MEDMESH_BLESS=1 cargo test -p medmesh-sidecar dicom_fuzz_seed`.
+#[test]
+fn dicom_fuzz_seed() {
+    let (bytes, _) = store_stream();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/seeds/dicom_stream/c-store"
+    );
+    if std::env::var_os("MEDMESH_BLESS").is_some() {
+        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+        std::fs::write(path, &bytes).unwrap();
+    }
+    // The association's fixed parts (the data set is synthetic and seeded): same length.
+    assert_eq!(
+        std::fs::read(path).unwrap().len(),
+        bytes.len(),
+        "{path} is stale: regenerate it"
+    );
+}
+
 #[test]
 fn malformed_pdus_fail_precisely_and_stay_failed() {
     let mut r = PduReader::new();
