@@ -74,3 +74,40 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct DicomArgs {
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of instances (one study, one series).
+    #[arg(long, default_value_t = 10)]
+    count: u32,
+    /// Rows and columns of each 16-bit image (512 gives 512 KiB of pixel data).
+    #[arg(long, default_value_t = 512)]
+    size: u16,
+}
+
+/// `medmesh dev dicom`: synthetic CT instances made by the repo itself (no downloads).
+pub fn dicom(args: DicomArgs) -> anyhow::Result<()> {
+    use medmesh_core::dicom::{SyntheticInstance, synthetic_ct};
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    let study = format!(
+        "2.25.{}",
+        u128::from_be_bytes(medmesh_core::record::RecordId::random()?.0) >> 8
+    );
+    for n in 0..args.count {
+        let f = synthetic_ct(&SyntheticInstance {
+            study_uid: study.clone(),
+            series_uid: format!("{study}.1"),
+            sop_instance_uid: format!("{study}.1.{}", n + 1),
+            patient_name: "BENCH^SYNTHETIC".into(),
+            patient_id: "BENCH-1".into(),
+            rows: args.size,
+            columns: args.size,
+            seed: u64::from(n) + 1,
+        });
+        std::fs::write(args.out.join(format!("ct-{:05}.dcm", n + 1)), f)?;
+    }
+    Ok(())
+}

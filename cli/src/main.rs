@@ -38,6 +38,8 @@ enum Cmd {
 enum DevCmd {
     /// Mint a throw-away CA and SPIFFE certificates for local runs and tests.
     Certs(devcerts::CertsArgs),
+    /// Write synthetic CT instances (Part 10 files) for tests and benchmarks.
+    Dicom(devcerts::DicomArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,9 @@ fn main() -> ExitCode {
         Cmd::Dev {
             cmd: DevCmd::Certs(args),
         } => devcerts::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Dev {
+            cmd: DevCmd::Dicom(args),
+        } => devcerts::dicom(args).map(|()| ExitCode::SUCCESS),
         Cmd::Ledger(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(ledger::run(*args)),
             Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
