@@ -9,20 +9,12 @@
 #[path = "support/mesh.rs"]
 mod mesh;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use medmesh_core::dicom::{SyntheticInstance, split_part10, synthetic_ct};
 use medmesh_core::merkle::sha256;
 use mesh::*;
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -272,5 +264,136 @@ impl HitsOrZero
 {
     fn unwrap_or_default_hits(self) -> ((), usize, ()) {
         ((), self.map(|(_, h, _)| h.len()).unwrap_or(0), ())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_mode_survives_sigkill_and_ledger_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut ledger = LedgerProc::setup(d);
+    // The ledger starts down: stores succeed on the strength of the local spool alone.
+    let certs = d.join("certs");
+    let out = run(Command::new(bin("medmesh"))
+        .args(["dev", "certs", "--workload", "radiology/scanner", "--out"])
+        .arg(&certs));
+    assert!(out.status.success(), "{}", text(&out));
+    let scp_port = free_port();
+    let received = d.join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let _scp = Kill(
+        Command::new("storescp")
+            .args(["-aet", "STORESCP", "-od"])
+            .arg(&received)
+            .arg(scp_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(scp_port);
+    let policy = d.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!(r#"{{"inbound":[{{"port":{scp_port},"protocol":"dicom","allow":[{{"service_account":"radiology/scanner"}}]}}]}}"#),
+    )
+    .unwrap();
+    std::fs::write(d.join("uid.key"), [5u8; 32]).unwrap();
+    let s = |p: std::path::PathBuf| p.display().to_string();
+    let server_args: Vec<String> = vec![
+        "--trust-domain".into(),
+        TD.into(),
+        "--cert".into(),
+        s(certs.join("pacs.writer.pem")),
+        "--key".into(),
+        s(certs.join("pacs.writer-key.pem")),
+        "--ca".into(),
+        s(certs.join("ca.pem")),
+        "--policy".into(),
+        s(policy),
+        "--dev-inbound-port".into(),
+        scp_port.to_string(),
+        "--ledger-url".into(),
+        ledger.url(),
+        "--ledger-key".into(),
+        format!("@{}", s(d.join("verifier.key"))),
+        "--audit-key".into(),
+        s(d.join("uid.key")),
+        "--audit-delivery".into(),
+        "spool".into(),
+        "--spool-dir".into(),
+        s(d.join("spool")),
+    ];
+    let (server, sp) = sidecar(d, "server-sidecar", &server_args);
+    let client_args: Vec<String> = vec![
+        "--trust-domain".into(),
+        TD.into(),
+        "--cert".into(),
+        s(certs.join("radiology.scanner.pem")),
+        "--key".into(),
+        s(certs.join("radiology.scanner-key.pem")),
+        "--ca".into(),
+        s(certs.join("ca.pem")),
+        "--dev-outbound-dst".into(),
+        format!("127.0.0.1:{}", sp[0]),
+    ];
+    let (_client, cp) = sidecar(d, "client-sidecar", &client_args);
+
+    let files_dir = d.join("send");
+    let out = run(Command::new(bin("medmesh"))
+        .args(["dev", "dicom", "--count", "20", "--size", "64", "--out"])
+        .arg(&files_dir));
+    assert!(out.status.success(), "{}", text(&out));
+    let mut files: Vec<_> = std::fs::read_dir(&files_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let out = run(Command::new("storescu")
+        .args(["-aec", "STORESCP", "127.0.0.1", &cp[1].to_string()])
+        .args(&files));
+    assert!(
+        out.status.success(),
+        "spool mode must accept while the ledger is down: {}",
+        text(&out)
+    );
+    let m = String::from_utf8(
+        run(Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{}/metrics", sp[2])]))
+            .stdout,
+    )
+    .unwrap();
+    let depth: u64 = m
+        .lines()
+        .find(|l| l.starts_with("medmesh_sidecar_spool_depth "))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(depth >= 20, "spool depth {depth}\n{m}");
+
+    // SIGKILL the sidecar holding the spool, restart it on the same spool, bring the ledger up.
+    drop(server);
+    let (_server, _) = sidecar_on(d, "server-sidecar", &server_args, sp);
+    ledger.start().unwrap();
+    let auditor = ledger.client("audit.auditor");
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let h = sha256(split_part10(&bytes).unwrap().unwrap().dataset);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = auditor
+                .search("sha256", &h.to_hex())
+                .await
+                .map(|(_, h, _)| h.len())
+                .unwrap_or(0);
+            if n == 1 {
+                break;
+            }
+            assert!(n < 2, "a spooled record was delivered twice");
+            assert!(
+                Instant::now() < deadline,
+                "spooled record for {} never arrived",
+                f.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }

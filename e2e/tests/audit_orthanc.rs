@@ -10,41 +10,13 @@
 #[path = "support/mesh.rs"]
 mod mesh;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use medmesh_core::dicom::split_part10;
 use medmesh_core::merkle::sha256;
 use medmesh_core::record::{EventKind, Outcome};
 use mesh::*;
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sidecar(dir: &std::path::Path, name: &str, args: &[String]) -> (Kill, [u16; 3]) {
-    let ports = [free_port(), free_port(), free_port()];
-    let child = Command::new(bin("medmesh-sidecar"))
-        .arg("run")
-        .args(args)
-        .args(["--inbound-addr", &format!("127.0.0.1:{}", ports[0])])
-        .args(["--outbound-addr", &format!("127.0.0.1:{}", ports[1])])
-        .args(["--admin-addr", &format!("127.0.0.1:{}", ports[2])])
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_status(ports[2], "/ready") != Some(200) {
-        assert!(Instant::now() < deadline, "{name} not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Kill(child), ports)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orthanc_with_pydicom_samples() {

@@ -263,3 +263,46 @@ pub fn writer_id() -> SpiffeId {
         .workload("pacs", "writer")
         .unwrap()
 }
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `medmesh-sidecar run <args>` on three free ports (inbound, outbound, admin), logging
+/// to `<dir>/<name>.log`, and waits for `/ready`.
+pub fn sidecar(dir: &Path, name: &str, args: &[String]) -> (Kill, [u16; 3]) {
+    let ports = [free_port(), free_port(), free_port()];
+    sidecar_on(dir, name, args, ports)
+}
+
+/// [`sidecar`] on given ports (to restart one where it was).
+pub fn sidecar_on(dir: &Path, name: &str, args: &[String], ports: [u16; 3]) -> (Kill, [u16; 3]) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .unwrap();
+    let child = Command::new(bin("medmesh-sidecar"))
+        .arg("run")
+        .args(args)
+        .args(["--inbound-addr", &format!("127.0.0.1:{}", ports[0])])
+        .args(["--outbound-addr", &format!("127.0.0.1:{}", ports[1])])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", ports[2])])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_status(ports[2], "/ready") != Some(200) {
+        assert!(Instant::now() < deadline, "{name} not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Kill(child), ports)
+}
