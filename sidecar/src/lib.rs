@@ -15,6 +15,7 @@ pub mod dicom_proxy;
 pub mod identity;
 pub mod iptables;
 pub mod metrics;
+pub mod multipart;
 pub mod policy_file;
 pub mod proxy;
 pub mod spool;
