@@ -224,42 +224,7 @@ pub fn synthetic_ct(i: &SyntheticInstance) -> Vec<u8> {
     }
     put_element(&mut ds, 0x7FE0, 0x0010, b"OW", &pixels);
 
-    let mut meta = Vec::new();
-    put_element(&mut meta, 0x0002, 0x0001, b"OB", &[0, 1]);
-    put_element(
-        &mut meta,
-        0x0002,
-        0x0002,
-        b"UI",
-        CT_IMAGE_STORAGE.as_bytes(),
-    );
-    put_element(
-        &mut meta,
-        0x0002,
-        0x0003,
-        b"UI",
-        i.sop_instance_uid.as_bytes(),
-    );
-    put_element(&mut meta, 0x0002, 0x0010, b"UI", EXPLICIT_VR_LE.as_bytes());
-    put_element(
-        &mut meta,
-        0x0002,
-        0x0012,
-        b"UI",
-        IMPLEMENTATION_CLASS_UID.as_bytes(),
-    );
-    let mut file = vec![0u8; 128];
-    file.extend_from_slice(b"DICM");
-    put_element(
-        &mut file,
-        0x0002,
-        0x0000,
-        b"UL",
-        &(meta.len() as u32).to_le_bytes(),
-    );
-    file.extend_from_slice(&meta);
-    file.extend_from_slice(&ds);
-    file
+    part10(CT_IMAGE_STORAGE, &i.sop_instance_uid, EXPLICIT_VR_LE, &ds)
 }
 
 #[cfg(test)]

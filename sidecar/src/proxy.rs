@@ -253,6 +253,28 @@ fn tls_reason(e: &io::Error) -> &'static str {
     }
 }
 
+/// Runs a TLS handshake with the connect timeout, counting a failure by its reason.
+async fn handshake<T>(
+    sh: &Shared,
+    direction: &'static str,
+    what: &str,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, Refused> {
+    let (reason, detail) = match tokio::time::timeout(sh.cfg.connect_timeout, fut).await {
+        Ok(Ok(t)) => return Ok(t),
+        Ok(Err(e)) => (tls_reason(&e), e.to_string()),
+        Err(_) => (
+            "timeout",
+            "no handshake within the connect timeout".to_owned(),
+        ),
+    };
+    sh.metrics
+        .handshake_failures
+        .with_label_values(&[direction, reason])
+        .inc();
+    Err(refused("handshake", format!("{what}{reason}: {detail}")))
+}
+
 async fn connect(
     addr: SocketAddr,
     sh: &Shared,
@@ -299,29 +321,8 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                 ));
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(creds.server.clone());
-            let tls = match tokio::time::timeout(
-                sh.cfg.connect_timeout,
-                acceptor.accept(Prefixed::new(buf, tcp)),
-            )
-            .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    let reason = tls_reason(&e);
-                    sh.metrics
-                        .handshake_failures
-                        .with_label_values(&["inbound", reason])
-                        .inc();
-                    return Err(refused("handshake", format!("{reason}: {e}")));
-                }
-                Err(_) => {
-                    sh.metrics
-                        .handshake_failures
-                        .with_label_values(&["inbound", "timeout"])
-                        .inc();
-                    return Err(refused("handshake", "timeout"));
-                }
-            };
+            let tls =
+                handshake(sh, "inbound", "", acceptor.accept(Prefixed::new(buf, tcp))).await?;
             let peer = tls
                 .get_ref()
                 .1
@@ -447,29 +448,8 @@ async fn outbound_conn(tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
             let upstream = connect(dst, sh, "outbound").await?;
             let connector = tokio_rustls::TlsConnector::from(cfg);
             let name = ServerName::IpAddress(dst.ip().into());
-            let tls = match tokio::time::timeout(
-                sh.cfg.connect_timeout,
-                connector.connect(name, upstream),
-            )
-            .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    let reason = tls_reason(&e);
-                    sh.metrics
-                        .handshake_failures
-                        .with_label_values(&["outbound", reason])
-                        .inc();
-                    return Err(refused("handshake", format!("{dst}: {reason}: {e}")));
-                }
-                Err(_) => {
-                    sh.metrics
-                        .handshake_failures
-                        .with_label_values(&["outbound", "timeout"])
-                        .inc();
-                    return Err(refused("handshake", format!("{dst}: timeout")));
-                }
-            };
+            let what = format!("{dst}: ");
+            let tls = handshake(sh, "outbound", &what, connector.connect(name, upstream)).await?;
             proxy(
                 Sniff::new(tcp),
                 tls,
