@@ -1,8 +1,9 @@
 //! The sidecar for real: two network-namespace "pods" joined by a veth pair, each with
 //! `medmesh-sidecar init` (iptables) and `medmesh-sidecar run` as uid 1337. Unmodified curl ->
 //! nginx and DCMTK storescu -> Orthanc work through the mesh, a capture on the wire shows no
-//! plaintext, and a policy change denies storescu. Needs root and the peers scripts/check
-//! installs; it fails, never skips, when they are missing.
+//! plaintext, B's sidecar records the stored instance in a ledger (running in pod B) before
+//! Orthanc's success reaches storescu, and a policy change denies storescu. Needs root and the
+//! peers scripts/check installs; it fails, never skips, when they are missing.
 
 // Integration tests: a panic is the failure report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -64,10 +65,31 @@ fn mesh_between_namespace_pods() {
                 "radiology/scanner",
                 "--workload",
                 "pacs/orthanc",
+                "--workload",
+                "medmesh/ledger",
+                "--workload",
+                "medmesh/auditor",
             ]),
     );
     assert!(out.status.success(), "{}", mesh::text(&out));
-    ok(&format!("chmod -R a+rX {}", certs.display()));
+    // The audit ledger, in pod B, with its signing key; the UID key and spool of B's sidecar.
+    let signing = lab.path("signing.key");
+    let out = mesh::run(
+        std::process::Command::new(mesh::bin("medmesh-ledger"))
+            .args(["keygen", "--origin", "medmesh.local/ledger", "--out"])
+            .arg(&signing),
+    );
+    assert!(out.status.success(), "{}", mesh::text(&out));
+    std::fs::write(lab.path("verifier.key"), &out.stdout).unwrap();
+    std::fs::write(lab.path("uid.key"), [9u8; 32]).unwrap();
+    std::fs::create_dir_all(lab.path("spool")).unwrap();
+    ok(&format!("chmod 777 {}", lab.path("spool").display()));
+    ok(&format!(
+        "chmod -R a+rX {} {} {}",
+        certs.display(),
+        lab.path("uid.key").display(),
+        lab.path("verifier.key").display()
+    ));
     let policy_b = lab.path("policy-b.json");
     std::fs::write(&policy_b, POLICY_B).unwrap();
     let policy_a = lab.path("policy-a.json");
@@ -103,6 +125,34 @@ fn mesh_between_namespace_pods() {
             .contains("-A PREROUTING -p tcp -j MEDMESH_INBOUND")
     );
 
+    let c = certs.display().to_string();
+    std::fs::write(
+        lab.path("ledger.yaml"),
+        format!(
+            "node_id: ledger-0\norigin: medmesh.local/ledger\ndata_dir: {d}/ledger-data\nlisten: 127.0.0.1:18443\n\
+             admin_listen: 127.0.0.1:19443\ntrust_domain: medmesh.local\ncert: {c}/medmesh.ledger.pem\n\
+             key: {c}/medmesh.ledger-key.pem\ntrust_bundle: {c}/ca.pem\nsigning_key: {s}\n\
+             appenders: [\"spiffe://medmesh.local/ns/pacs/sa/orthanc\"]\nreaders: [\"spiffe://medmesh.local/ns/medmesh/sa/auditor\"]\n",
+            d = lab.dir.path().display(),
+            s = signing.display()
+        ),
+    )
+    .unwrap();
+    let ledger_bin = mesh::bin("medmesh-ledger");
+    let ledger_cfg = lab.path("ledger.yaml");
+    lab.spawn(
+        &b,
+        "ledger",
+        false,
+        &[
+            ledger_bin.to_str().unwrap(),
+            "run",
+            "--config",
+            ledger_cfg.to_str().unwrap(),
+        ],
+    );
+    lab.wait(&b, "curl -sf http://127.0.0.1:19443/ready", "ledger in B");
+
     // The sidecars, as uid 1337.
     for (ns, who, policy) in [
         (&a, "radiology.scanner", &policy_a),
@@ -117,27 +167,42 @@ fn mesh_between_namespace_pods() {
             policy.to_str().unwrap().to_owned(),
         );
         let name = format!("sidecar-{ns}");
-        lab.spawn(
-            ns,
-            &name,
-            true,
-            &[
-                sidecar,
-                "run",
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-                "--ca",
-                &ca,
-                "--trust-domain",
-                "medmesh.local",
-                "--policy",
-                &pol,
-                "--reload-ms",
-                "200",
-            ],
-        );
+        let mut args: Vec<String> = [
+            sidecar,
+            "run",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &ca,
+            "--trust-domain",
+            "medmesh.local",
+            "--policy",
+            &pol,
+            "--reload-ms",
+            "200",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if ns == &b {
+            // B audits its DICOM port; the ledger is on B's loopback (never redirected).
+            args.extend([
+                "--ledger-url".into(),
+                "https://127.0.0.1:18443".into(),
+                "--ledger-key".into(),
+                format!("@{}", lab.path("verifier.key").display()),
+                "--audit-key".into(),
+                lab.path("uid.key").display().to_string(),
+                "--audit-delivery".into(),
+                "enforce".into(),
+                "--spool-dir".into(),
+                lab.path("spool").display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.spawn(ns, &name, true, &args);
     }
     lab.wait(&a, "curl -sf http://127.0.0.1:15020/ready", "sidecar in A");
     lab.wait(&b, "curl -sf http://127.0.0.1:15020/ready", "sidecar in B");
@@ -210,6 +275,41 @@ fn mesh_between_namespace_pods() {
         instances.matches('"').count() / 2,
         1,
         "Orthanc holds one instance: {instances}"
+    );
+
+    // B's sidecar recorded the instance; an auditor in B finds it with a verified proof.
+    let auditor_env = format!(
+        "MEDMESH_LEDGER_URL=https://127.0.0.1:18443 MEDMESH_CERT={c}/medmesh.auditor.pem MEDMESH_KEY={c}/medmesh.auditor-key.pem \
+         MEDMESH_CA={c}/ca.pem MEDMESH_LEDGER_KEY=@{v} MEDMESH_LEDGER_STATE={d}/auditor.checkpoint",
+        v = lab.path("verifier.key").display(),
+        d = lab.dir.path().display()
+    );
+    let medmesh = mesh::bin("medmesh");
+    let mut found = String::new();
+    for _ in 0..50 {
+        let out = lab.exec(
+            &b,
+            &format!("env {auditor_env} {} ledger search --identity spiffe://medmesh.local/ns/radiology/sa/scanner", medmesh.display()),
+        );
+        found = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if found.contains("instance_stored") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        found.contains("\"kind\":\"instance_stored\"") && found.contains("verified in checkpoint"),
+        "{found}\nB sidecar: {}\nledger: {}",
+        lab.log(&format!("sidecar-{b}")),
+        lab.log("ledger")
+    );
+    assert!(
+        !found.contains("CompressedSamples"),
+        "patient data in the ledger: {found}"
     );
 
     // The wire carried only TLS: no DICOM UIDs, no patient name, no HTTP request or page.
