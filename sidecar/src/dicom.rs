@@ -5,6 +5,7 @@
 
 pub use medmesh_core::dicom::command;
 pub mod dataset;
+pub mod part10;
 pub mod pdu;
 pub mod tracker;
 
