@@ -1,8 +1,9 @@
 //! Delivery of audit records to the ledger.
 //!
 //! - `enforce`: [`Delivery::commit`] returns only once the ledger acknowledged the record; if it
-//!   cannot within the deadline, the record goes to the spool (kept for later delivery) and the
-//!   caller gets an error, so the client sees a failure, never an unrecorded success.
+//!   cannot within the deadline the caller gets an error: the client then sees a failure, never
+//!   an unrecorded success, and the caller keeps the record (with that failure) for later
+//!   delivery through [`Delivery::later`].
 //! - `spool`: [`Delivery::commit`] returns once the record is durable in the local spool; a
 //!   background task delivers the spool with backoff.
 //!
@@ -47,8 +48,8 @@ pub struct LedgerTarget {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeliveryError {
-    /// The ledger did not acknowledge in time (enforce); the record was spooled.
-    #[error("ledger did not acknowledge within {0:?}; record kept in the spool")]
+    /// The ledger did not acknowledge in time (enforce).
+    #[error("ledger did not acknowledge within {0:?}")]
     NotAcknowledged(Duration),
     /// No credentials to talk to the ledger yet.
     #[error("no workload certificate loaded yet")]
@@ -154,14 +155,10 @@ impl Delivery {
                 Ok(())
             }
             Mode::Enforce => {
-                let sent = match self.client() {
-                    Ok(c) => tokio::time::timeout(self.deadline, c.append(&rec, false)).await,
-                    Err(e) => {
-                        tokio::task::block_in_place(|| self.spool_append(&rec))?;
-                        return Err(e);
-                    }
-                };
-                match sent {
+                // On failure nothing is spooled here: the caller keeps the record as the client
+                // sees it (a failure), so that the ledger never shows a success that was not.
+                let client = self.client()?;
+                match tokio::time::timeout(self.deadline, client.append(&rec, false)).await {
                     Ok(Ok(_)) => {
                         self.metrics
                             .records
@@ -170,12 +167,10 @@ impl Delivery {
                         Ok(())
                     }
                     _ => {
-                        // Not acknowledged: keep it for later, and fail the response.
                         self.metrics
                             .records
                             .with_label_values(&["not_acknowledged"])
                             .inc();
-                        tokio::task::block_in_place(|| self.spool_append(&rec))?;
                         Err(DeliveryError::NotAcknowledged(self.deadline))
                     }
                 }

@@ -42,23 +42,79 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// Feeds bytes to the reader and tracker; returns the transfers they completed. A parse error
-/// ends observation of this direction (the bytes are still forwarded).
+/// What the gate decides for the bytes just observed.
+struct Observed {
+    /// Transfers completed.
+    done: Vec<Transfer>,
+    /// Message ids of success responses that match no request seen.
+    unmatched: Vec<u16>,
+}
+
+/// Feeds bytes to the reader and tracker. `Err` when auditing cannot follow the association
+/// any more (malformed PDUs, an unparseable command, duplicate outstanding message ids): the
+/// association must then be aborted, never forwarded unobserved.
 fn observe(
-    reader: &mut Option<PduReader>,
+    reader: &mut PduReader,
     tracker: &Mutex<Tracker>,
     dir: Dir,
     bytes: &[u8],
-) -> Vec<Transfer> {
-    let Some(r) = reader.as_mut() else {
-        return Vec::new();
-    };
+) -> Result<Observed, String> {
     let mut t = tracker.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(e) = r.feed(bytes, |ev| t.on_event(dir, &ev)) {
-        tracing::warn!(error = %e, ?dir, "DICOM stream not understood; no longer observed");
-        *reader = None;
+    reader
+        .feed(bytes, |ev| t.on_event(dir, &ev))
+        .map_err(|e| e.to_string())?;
+    if t.poisoned() {
+        return Err(
+            "association cannot be audited (duplicate message ids or an unparseable command)"
+                .into(),
+        );
     }
-    t.drain()
+    Ok(Observed {
+        done: t.drain(),
+        unmatched: t.take_unmatched(),
+    })
+}
+
+/// A-ABORT from the service provider, reason unspecified.
+const A_ABORT: [u8; 10] = [0x07, 0x00, 0, 0, 0, 4, 0x00, 0x00, 0x02, 0x00];
+
+/// Whether a transfer is a store the client will take as done (success or warning).
+fn gated(t: &Transfer) -> bool {
+    use crate::dicom::tracker::{StatusClass, status_class};
+    t.kind == Kind::Stored
+        && t.status
+            .map(status_class)
+            .is_some_and(|c| matches!(c, StatusClass::Success | StatusClass::Warning))
+}
+
+/// Makes every gated transfer's record safe; returns the message ids that could not be, and
+/// the other transfers (recorded later). Unmatched success responses count as failed.
+async fn gate(ctx: &AuditCtx, o: Observed) -> (Vec<u16>, Vec<Transfer>) {
+    let mut failed = o.unmatched;
+    let mut later = Vec::new();
+    for t in o.done {
+        if !gated(&t) {
+            later.push(t);
+            continue;
+        }
+        let rec = match audit::dimse_record(&t, &ctx.requestor, &ctx.acceptor, &ctx.key, now_us()) {
+            Ok(r) => r,
+            Err(_) => {
+                failed.extend(t.message_id);
+                continue;
+            }
+        };
+        if let Err(e) = ctx.delivery.commit(rec.clone()).await {
+            tracing::warn!(error = %e, "record not safe: the store is reported as failed");
+            // Keep what the client is told: a failure.
+            let mut kept = rec;
+            kept.status = Some(STATUS_OUT_OF_RESOURCES);
+            kept.outcome = medmesh_core::record::Outcome::Failure;
+            ctx.delivery.later(kept).await;
+            failed.extend(t.message_id);
+        }
+    }
+    (failed, later)
 }
 
 async fn record_later(ctx: &AuditCtx, ts: Vec<Transfer>) {
@@ -78,62 +134,93 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
 {
     let tracker = Mutex::new(Tracker::new());
+    let (abort_tx, abort_rx) = tokio::sync::watch::channel(false);
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ar, mut aw) = tokio::io::split(app);
     let up = async {
-        let mut reader = Some(PduReader::new());
+        let mut reader = PduReader::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut n_total = 0u64;
+        let mut abort = abort_rx.clone();
         loop {
-            let n = match cr.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+            let n = tokio::select! {
+                r = cr.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                _ = abort.wait_for(|a| *a) => break,
             };
             // Observe before forwarding: the application cannot answer a request before the
             // tracker has seen it.
-            let done = observe(&mut reader, &tracker, Dir::FromRequestor, &buf[..n]);
-            if aw.write_all(&buf[..n]).await.is_err() {
+            let seen = match observe(&mut reader, &tracker, Dir::FromRequestor, &buf[..n]) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "aborting the association");
+                    abort_tx.send_replace(true);
+                    break;
+                }
+            };
+            let write = aw.write_all(&buf[..n]).await;
+            record_later(&ctx, seen.done).await;
+            if write.is_err() {
                 break;
             }
             n_total += n as u64;
-            record_later(&ctx, done).await;
         }
         let _ = aw.shutdown().await;
         n_total
     };
     let down = async {
-        let mut reader = Some(PduReader::new());
+        let mut reader = PduReader::new();
         let mut n_total = 0u64;
         let mut header = [0u8; 6];
-        loop {
-            if ar.read_exact(&mut header).await.is_err() {
+        let mut abort = abort_rx.clone();
+        let mut aborted = false;
+        'pdus: loop {
+            let got = tokio::select! {
+                r = ar.read_exact(&mut header) => r.is_ok(),
+                _ = abort.wait_for(|a| *a) => { aborted = true; false }
+            };
+            if !got {
                 break;
             }
             let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
             if len > MAX_HOLD {
-                // Too large to be a response: stream it.
-                let mut done = observe(&mut reader, &tracker, Dir::FromAcceptor, &header);
-                if cw.write_all(&header).await.is_err() {
-                    break;
-                }
+                // Too large to hold: observe each chunk before forwarding it, and abort if a
+                // chunk completes a store whose record cannot be made safe.
+                let mut pending: Vec<u8> = header.to_vec();
                 let mut left = len;
                 let mut buf = vec![0u8; 64 * 1024];
-                while left > 0 {
-                    let want = left.min(buf.len());
-                    let n = match ar.read(&mut buf[..want]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
+                loop {
+                    let seen = match observe(&mut reader, &tracker, Dir::FromAcceptor, &pending) {
+                        Ok(o) => o,
+                        Err(_) => {
+                            aborted = true;
+                            break 'pdus;
+                        }
                     };
-                    done.extend(observe(&mut reader, &tracker, Dir::FromAcceptor, &buf[..n]));
-                    if cw.write_all(&buf[..n]).await.is_err() {
+                    let (failed, later) = gate(&ctx, seen).await;
+                    record_later(&ctx, later).await;
+                    if !failed.is_empty() {
+                        ctx.metrics.failed_responses.inc_by(failed.len() as u64);
+                        aborted = true;
+                        break 'pdus;
+                    }
+                    if cw.write_all(&pending).await.is_err() {
+                        break 'pdus;
+                    }
+                    n_total += pending.len() as u64;
+                    if left == 0 {
                         break;
                     }
+                    let want = left.min(buf.len());
+                    let n = match ar.read(&mut buf[..want]).await {
+                        Ok(0) | Err(_) => break 'pdus,
+                        Ok(n) => n,
+                    };
                     left -= n;
-                }
-                n_total += (6 + len - left) as u64;
-                record_later(&ctx, done).await;
-                if left > 0 {
-                    break;
+                    pending.clear();
+                    pending.extend_from_slice(&buf[..n]);
                 }
                 continue;
             }
@@ -141,49 +228,40 @@ where
             pdu.extend_from_slice(&header);
             pdu.resize(6 + len, 0);
             if ar.read_exact(&mut pdu[6..]).await.is_err() {
-                // Forward what there is, then end.
-                let _ = cw.write_all(&header).await;
                 break;
             }
-            let done = observe(&mut reader, &tracker, Dir::FromAcceptor, &pdu);
-            let mut failed = Vec::new();
-            let mut later = Vec::new();
-            for t in done {
-                if t.kind == Kind::Stored
-                    && t.status
-                        .is_some_and(|s| s == 0 || (0xB000..=0xBFFF).contains(&s))
-                {
-                    // The gate: a store the client will see as successful.
-                    let rec = match audit::dimse_record(
-                        &t,
-                        &ctx.requestor,
-                        &ctx.acceptor,
-                        &ctx.key,
-                        now_us(),
-                    ) {
-                        Ok(r) => r,
-                        Err(_) => {
-                            failed.extend(t.message_id);
-                            continue;
-                        }
-                    };
-                    if let Err(e) = ctx.delivery.commit(rec).await {
-                        tracing::warn!(error = %e, "record not safe: the store is reported as failed");
-                        failed.extend(t.message_id);
-                    }
-                } else {
-                    later.push(t);
+            let seen = match observe(&mut reader, &tracker, Dir::FromAcceptor, &pdu) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "aborting the association");
+                    aborted = true;
+                    break;
                 }
-            }
+            };
+            let (failed, later) = gate(&ctx, seen).await;
             if !failed.is_empty() {
                 ctx.metrics.failed_responses.inc_by(failed.len() as u64);
-                pdu = fail_store_responses(&pdu, &failed).unwrap_or(pdu);
+                match fail_store_responses(&pdu, &failed) {
+                    Some(rewritten) => pdu = rewritten,
+                    None => {
+                        // The success cannot be turned into a failure in place (a response
+                        // split over PDVs or PDUs): the client must not get it at all.
+                        record_later(&ctx, later).await;
+                        aborted = true;
+                        break;
+                    }
+                }
             }
-            if cw.write_all(&pdu).await.is_err() {
+            let write = cw.write_all(&pdu).await;
+            record_later(&ctx, later).await;
+            if write.is_err() {
                 break;
             }
             n_total += pdu.len() as u64;
-            record_later(&ctx, later).await;
+        }
+        if aborted {
+            abort_tx.send_replace(true);
+            let _ = cw.write_all(&A_ABORT).await;
         }
         let _ = cw.shutdown().await;
         n_total

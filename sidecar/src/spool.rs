@@ -169,6 +169,10 @@ impl Spool {
             .open(&path)
             .map_err(|e| io(&path, e))?;
         let len = file.metadata().map_err(|e| io(&path, e))?.len();
+        // Make the (possibly new) segment's directory entry durable.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e))?;
         let mut s = Self {
             dir: dir.to_owned(),
             segment,
@@ -214,8 +218,23 @@ impl Spool {
         frame.extend_from_slice(&payload);
         frame.extend_from_slice(&check(&payload));
         let path = Self::segment_path(&self.dir, self.segment);
-        self.file.write_all(&frame).map_err(|e| io(&path, e))?;
-        self.file.sync_data().map_err(|e| io(&path, e))?;
+        if let Err(e) = self
+            .file
+            .write_all(&frame)
+            .and_then(|()| self.file.sync_data())
+        {
+            // Cut off a partial frame, or later records would sit behind it and be lost at
+            // recovery; if even that fails, start a new segment.
+            if self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+                .is_err()
+            {
+                self.rotate()?;
+            }
+            return Err(io(&path, e));
+        }
         self.len += size;
         let pos = Position {
             segment: self.segment,

@@ -704,4 +704,41 @@ mod tracking {
             vec![Kind::Refused, Kind::Closed]
         );
     }
+
+    #[test]
+    fn unmatched_responses_and_duplicate_ids_fail_closed() {
+        let ds = dataset();
+        // A success C-STORE-RSP answering no request the tracker saw.
+        let mut readers = [PduReader::new(), PduReader::new()];
+        let mut t = Tracker::new();
+        for (dir, pdu) in [
+            (Dir::FromRequestor, rq()),
+            (Dir::FromAcceptor, ac()),
+            (
+                Dir::FromAcceptor,
+                msg(rsp(command::C_STORE_RSP, 42, 0), None),
+            ),
+        ] {
+            let mut bytes = Vec::new();
+            dicom_ul::pdu::write_pdu(&mut bytes, &pdu).unwrap();
+            let r = &mut readers[usize::from(dir == Dir::FromAcceptor)];
+            r.feed(&bytes, |e| t.on_event(dir, &e)).unwrap();
+        }
+        assert_eq!(t.take_unmatched(), vec![42]);
+        assert!(!t.poisoned());
+        // Two outstanding stores with one message id: which answer is whose is unknowable.
+        let mut r = PduReader::new();
+        let mut t = Tracker::new();
+        for pdu in [
+            rq(),
+            msg(store_rq(5, "2.25.1"), Some(&ds)),
+            msg(store_rq(5, "2.25.2"), Some(&ds)),
+        ] {
+            let mut bytes = Vec::new();
+            dicom_ul::pdu::write_pdu(&mut bytes, &pdu).unwrap();
+            r.feed(&bytes, |e| t.on_event(Dir::FromRequestor, &e))
+                .unwrap();
+        }
+        assert!(t.poisoned());
+    }
 }

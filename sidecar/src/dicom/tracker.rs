@@ -90,6 +90,11 @@ pub struct Tracker {
     outstanding: HashMap<(Dir, u16), Outstanding>,
     out: Vec<Transfer>,
     closed: bool,
+    /// Message ids of success/warning C-STORE-RSPs that answer no request this tracker saw.
+    unmatched: Vec<u16>,
+    /// The association broke an assumption auditing relies on (two outstanding requests with
+    /// one message id): the proxy must abort it.
+    poisoned: bool,
 }
 
 /// How a DIMSE status reads (PS3.7 Annex C).
@@ -159,6 +164,17 @@ impl Tracker {
     /// Takes the transfers completed so far.
     pub fn drain(&mut self) -> Vec<Transfer> {
         std::mem::take(&mut self.out)
+    }
+
+    /// Takes the message ids of success/warning C-STORE-RSPs that match no request seen: the
+    /// proxy must not let them reach the client.
+    pub fn take_unmatched(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.unmatched)
+    }
+
+    /// Whether the association must be aborted (see the field).
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
     }
 
     /// Ends the association (connection closed): requests still waiting for a response are
@@ -236,6 +252,8 @@ impl Tracker {
                 .map_err(|_| ())
                 .and_then(|c| if too_large { Err(()) } else { Ok(c) })
             else {
+                // A command the application may understand but auditing cannot: fail closed.
+                self.poisoned = true;
                 return;
             };
             if cmd.has_dataset && cmd.field & 0x8000 == 0 {
@@ -293,7 +311,7 @@ impl Tracker {
                 } else {
                     None
                 };
-                self.outstanding.insert(
+                let previous = self.outstanding.insert(
                     (dir, id),
                     Outstanding {
                         kind,
@@ -302,6 +320,11 @@ impl Tracker {
                         dataset,
                     },
                 );
+                if previous.is_some() {
+                    // PS3.7 requires distinct ids among outstanding requests; which response
+                    // answers which instance is now ambiguous.
+                    self.poisoned = true;
+                }
             }
             field if field & 0x8000 != 0 => {
                 let Some(id) = cmd.responded_to else { return };
@@ -310,9 +333,20 @@ impl Tracker {
                 if status_class(status) == StatusClass::Pending {
                     return;
                 }
-                if let Some(o) = self.outstanding.remove(&(other, id)) {
-                    let kind = o.kind;
-                    self.push(kind, Some(o), Some(status));
+                match self.outstanding.remove(&(other, id)) {
+                    Some(o) => {
+                        let kind = o.kind;
+                        self.push(kind, Some(o), Some(status));
+                    }
+                    None if field == command::C_STORE_RSP
+                        && matches!(
+                            status_class(status),
+                            StatusClass::Success | StatusClass::Warning
+                        ) =>
+                    {
+                        self.unmatched.push(id);
+                    }
+                    None => {}
                 }
             }
             _ => {}
