@@ -19,6 +19,8 @@ use crate::metrics::Metrics;
 
 /// PDUs up to this size are held until processed; larger ones (never a response) stream.
 const MAX_HOLD: usize = 1 << 20;
+/// How long the client may keep its side open after the application closed its own.
+const CLIENT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Status sent instead of success when a record could not be made safe.
 pub const STATUS_OUT_OF_RESOURCES: u16 = 0xA700;
 
@@ -135,6 +137,8 @@ where
 {
     let tracker = Mutex::new(Tracker::new());
     let (abort_tx, abort_rx) = tokio::sync::watch::channel(false);
+    // Set when the requestor side ended; lets the application side stop waiting for it.
+    let (up_done_tx, up_done_rx) = tokio::sync::watch::channel(false);
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ar, mut aw) = tokio::io::split(app);
     let up = async {
@@ -168,6 +172,7 @@ where
             n_total += n as u64;
         }
         let _ = aw.shutdown().await;
+        up_done_tx.send_replace(true);
         n_total
     };
     let down = async {
@@ -264,6 +269,15 @@ where
             let _ = cw.write_all(&A_ABORT).await;
         }
         let _ = cw.shutdown().await;
+        // The application is done: give the client a grace period to close its side, then cut
+        // it (a silent or dead client must not hold the connection and its records forever).
+        let mut up_done = up_done_rx.clone();
+        if tokio::time::timeout(CLIENT_GRACE, up_done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            abort_tx.send_replace(true);
+        }
         n_total
     };
     let (to_app, from_app) = tokio::join!(up, down);
