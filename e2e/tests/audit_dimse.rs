@@ -9,20 +9,12 @@
 #[path = "support/mesh.rs"]
 mod mesh;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use medmesh_core::dicom::{SyntheticInstance, split_part10, synthetic_ct};
 use medmesh_core::merkle::sha256;
 use mesh::*;
-
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listening on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storescu_through_audited_sidecars() {
@@ -47,20 +39,8 @@ async fn storescu_through_audited_sidecars() {
     assert!(out.status.success(), "{}", text(&out));
 
     // The receiver: DCMTK storescp.
-    let scp_port = free_port();
+    let (_scp, scp_port) = storescp(dir.path());
     let received = dir.path().join("received");
-    std::fs::create_dir_all(&received).unwrap();
-    let _scp = Kill(
-        Command::new("storescp")
-            .args(["-aet", "STORESCP", "-od"])
-            .arg(&received)
-            .arg(scp_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port(scp_port);
 
     // The server sidecar audits the DICOM port (identity pacs/writer: an appender of the ledger).
     let (s_in, s_out, s_admin) = (free_port(), free_port(), free_port());
@@ -278,20 +258,7 @@ async fn spool_mode_survives_sigkill_and_ledger_outage() {
         .args(["dev", "certs", "--workload", "radiology/scanner", "--out"])
         .arg(&certs));
     assert!(out.status.success(), "{}", text(&out));
-    let scp_port = free_port();
-    let received = d.join("received");
-    std::fs::create_dir_all(&received).unwrap();
-    let _scp = Kill(
-        Command::new("storescp")
-            .args(["-aet", "STORESCP", "-od"])
-            .arg(&received)
-            .arg(scp_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port(scp_port);
+    let (_scp, scp_port) = storescp(d);
     let policy = d.join("policy.json");
     std::fs::write(
         &policy,
@@ -299,44 +266,9 @@ async fn spool_mode_survives_sigkill_and_ledger_outage() {
     )
     .unwrap();
     std::fs::write(d.join("uid.key"), [5u8; 32]).unwrap();
-    let s = |p: std::path::PathBuf| p.display().to_string();
-    let server_args: Vec<String> = vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--cert".into(),
-        s(certs.join("pacs.writer.pem")),
-        "--key".into(),
-        s(certs.join("pacs.writer-key.pem")),
-        "--ca".into(),
-        s(certs.join("ca.pem")),
-        "--policy".into(),
-        s(policy),
-        "--dev-inbound-port".into(),
-        scp_port.to_string(),
-        "--ledger-url".into(),
-        ledger.url(),
-        "--ledger-key".into(),
-        format!("@{}", s(d.join("verifier.key"))),
-        "--audit-key".into(),
-        s(d.join("uid.key")),
-        "--audit-delivery".into(),
-        "spool".into(),
-        "--spool-dir".into(),
-        s(d.join("spool")),
-    ];
+    let server_args = audit_server_args(d, &ledger, &policy, scp_port, "spool");
     let (server, sp) = sidecar(d, "server-sidecar", &server_args);
-    let client_args: Vec<String> = vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--cert".into(),
-        s(certs.join("radiology.scanner.pem")),
-        "--key".into(),
-        s(certs.join("radiology.scanner-key.pem")),
-        "--ca".into(),
-        s(certs.join("ca.pem")),
-        "--dev-outbound-dst".into(),
-        format!("127.0.0.1:{}", sp[0]),
-    ];
+    let client_args = scanner_client_args(d, sp[0]);
     let (_client, cp) = sidecar(d, "client-sidecar", &client_args);
 
     let files_dir = d.join("send");

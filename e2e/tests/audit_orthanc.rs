@@ -84,44 +84,9 @@ async fn orthanc_with_pydicom_samples() {
     )
     .unwrap();
     std::fs::write(d.join("uid.key"), [3u8; 32]).unwrap();
-    let s = |p: std::path::PathBuf| p.display().to_string();
-    let server_args = vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--cert".into(),
-        s(certs.join("pacs.writer.pem")),
-        "--key".into(),
-        s(certs.join("pacs.writer-key.pem")),
-        "--ca".into(),
-        s(certs.join("ca.pem")),
-        "--policy".into(),
-        s(policy.clone()),
-        "--dev-inbound-port".into(),
-        dicom_port.to_string(),
-        "--ledger-url".into(),
-        ledger.url(),
-        "--ledger-key".into(),
-        format!("@{}", s(d.join("verifier.key"))),
-        "--audit-key".into(),
-        s(d.join("uid.key")),
-        "--audit-delivery".into(),
-        "enforce".into(),
-        "--spool-dir".into(),
-        s(d.join("spool")),
-    ];
+    let server_args = audit_server_args(d, &ledger, &policy, dicom_port, "enforce");
     let (_server, sp) = sidecar(d, "server-sidecar", &server_args);
-    let client_args = vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--cert".into(),
-        s(certs.join("radiology.scanner.pem")),
-        "--key".into(),
-        s(certs.join("radiology.scanner-key.pem")),
-        "--ca".into(),
-        s(certs.join("ca.pem")),
-        "--dev-outbound-dst".into(),
-        format!("127.0.0.1:{}", sp[0]),
-    ];
+    let client_args = scanner_client_args(d, sp[0]);
     let (_client, cp) = sidecar(d, "client-sidecar", &client_args);
 
     // storescu proposes one transfer-syntax family per run: one association per family.

@@ -306,3 +306,86 @@ pub fn sidecar_on(dir: &Path, name: &str, args: &[String], ports: [u16; 3]) -> (
     }
     (Kill(child), ports)
 }
+
+/// Waits until something accepts TCP connections on `port`.
+pub fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// DCMTK storescp (AE STORESCP) writing into `<dir>/received`; returns it and its port.
+pub fn storescp(dir: &Path) -> (Kill, u16) {
+    let port = free_port();
+    let received = dir.join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let child = Command::new("storescp")
+        .args(["-aet", "STORESCP", "-od"])
+        .arg(&received)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let scp = Kill(child);
+    wait_port(port);
+    (scp, port)
+}
+
+/// Arguments of a server sidecar (identity pacs/writer, certificates from `medmesh dev certs`
+/// in `<dir>/certs`) that audits `app_port` into `ledger` with `delivery`, using `<dir>/uid.key`
+/// and `<dir>/spool`.
+pub fn audit_server_args(
+    dir: &Path,
+    ledger: &LedgerProc,
+    policy: &Path,
+    app_port: u16,
+    delivery: &str,
+) -> Vec<String> {
+    let certs = dir.join("certs");
+    let s = |p: PathBuf| p.display().to_string();
+    vec![
+        "--trust-domain".into(),
+        TD.into(),
+        "--cert".into(),
+        s(certs.join("pacs.writer.pem")),
+        "--key".into(),
+        s(certs.join("pacs.writer-key.pem")),
+        "--ca".into(),
+        s(certs.join("ca.pem")),
+        "--policy".into(),
+        s(policy.to_owned()),
+        "--dev-inbound-port".into(),
+        app_port.to_string(),
+        "--ledger-url".into(),
+        ledger.url(),
+        "--ledger-key".into(),
+        format!("@{}", s(dir.join("verifier.key"))),
+        "--audit-key".into(),
+        s(dir.join("uid.key")),
+        "--audit-delivery".into(),
+        delivery.into(),
+        "--spool-dir".into(),
+        s(dir.join("spool")),
+    ]
+}
+
+/// Arguments of a client sidecar (identity radiology/scanner) sending everything to `server_inbound`.
+pub fn scanner_client_args(dir: &Path, server_inbound: u16) -> Vec<String> {
+    let certs = dir.join("certs");
+    let s = |p: PathBuf| p.display().to_string();
+    vec![
+        "--trust-domain".into(),
+        TD.into(),
+        "--cert".into(),
+        s(certs.join("radiology.scanner.pem")),
+        "--key".into(),
+        s(certs.join("radiology.scanner-key.pem")),
+        "--ca".into(),
+        s(certs.join("ca.pem")),
+        "--dev-outbound-dst".into(),
+        format!("127.0.0.1:{server_inbound}"),
+    ]
+}
