@@ -54,42 +54,8 @@ fn mesh_between_namespace_pods() {
     let sidecar = mesh::bin("medmesh-sidecar");
     let sidecar = sidecar.to_str().unwrap();
 
-    // Identities and policies, readable by the proxy's uid.
-    let certs = lab.path("certs");
-    let out = mesh::run(
-        std::process::Command::new(mesh::bin("medmesh"))
-            .args(["dev", "certs", "--out"])
-            .arg(&certs)
-            .args([
-                "--workload",
-                "radiology/scanner",
-                "--workload",
-                "pacs/orthanc",
-                "--workload",
-                "medmesh/ledger",
-                "--workload",
-                "medmesh/auditor",
-            ]),
-    );
-    assert!(out.status.success(), "{}", mesh::text(&out));
-    // The audit ledger, in pod B, with its signing key; the UID key and spool of B's sidecar.
-    let signing = lab.path("signing.key");
-    let out = mesh::run(
-        std::process::Command::new(mesh::bin("medmesh-ledger"))
-            .args(["keygen", "--origin", "medmesh.local/ledger", "--out"])
-            .arg(&signing),
-    );
-    assert!(out.status.success(), "{}", mesh::text(&out));
-    std::fs::write(lab.path("verifier.key"), &out.stdout).unwrap();
-    std::fs::write(lab.path("uid.key"), [9u8; 32]).unwrap();
-    std::fs::create_dir_all(lab.path("spool")).unwrap();
-    ok(&format!("chmod 777 {}", lab.path("spool").display()));
-    ok(&format!(
-        "chmod -R a+rX {} {} {}",
-        certs.display(),
-        lab.path("uid.key").display(),
-        lab.path("verifier.key").display()
-    ));
+    // Identities, the ledger's signing key, B's UID key and spool, readable by the proxy's uid.
+    let (certs, signing) = lab.mesh_files(9);
     let policy_b = lab.path("policy-b.json");
     std::fs::write(&policy_b, POLICY_B).unwrap();
     let policy_a = lab.path("policy-a.json");
@@ -125,33 +91,12 @@ fn mesh_between_namespace_pods() {
             .contains("-A PREROUTING -p tcp -j MEDMESH_INBOUND")
     );
 
-    let c = certs.display().to_string();
-    std::fs::write(
-        lab.path("ledger.yaml"),
-        format!(
-            "node_id: ledger-0\norigin: medmesh.local/ledger\ndata_dir: {d}/ledger-data\nlisten: 127.0.0.1:18443\n\
-             admin_listen: 127.0.0.1:19443\ntrust_domain: medmesh.local\ncert: {c}/medmesh.ledger.pem\n\
-             key: {c}/medmesh.ledger-key.pem\ntrust_bundle: {c}/ca.pem\nsigning_key: {s}\n\
-             appenders: [\"spiffe://medmesh.local/ns/pacs/sa/orthanc\"]\nreaders: [\"spiffe://medmesh.local/ns/medmesh/sa/auditor\"]\n",
-            d = lab.dir.path().display(),
-            s = signing.display()
-        ),
-    )
-    .unwrap();
-    let ledger_bin = mesh::bin("medmesh-ledger");
-    let ledger_cfg = lab.path("ledger.yaml");
-    lab.spawn(
-        &b,
-        "ledger",
-        false,
-        &[
-            ledger_bin.to_str().unwrap(),
-            "run",
-            "--config",
-            ledger_cfg.to_str().unwrap(),
-        ],
+    lab.start_ledger(
+        &certs,
+        &signing,
+        "spiffe://medmesh.local/ns/pacs/sa/orthanc",
     );
-    lab.wait(&b, "curl -sf http://127.0.0.1:19443/ready", "ledger in B");
+    let c = certs.display().to_string();
 
     // The sidecars, as uid 1337.
     for (ns, who, policy) in [

@@ -6,6 +6,7 @@ use medmesh_core::SpiffeId;
 use medmesh_core::merkle::Hash;
 use medmesh_core::record::{AuditRecord, EventKind, Outcome, Protocol, RecordId, UidKey};
 
+use crate::dicom::part10::Part10Observed;
 use crate::dicom::tracker::{Kind, StatusClass, Transfer, status_class};
 
 /// The record of `t` on an association from `requestor` to `acceptor` (this workload).
@@ -72,6 +73,58 @@ pub fn dimse_record(
     })
 }
 
+/// The record of one DICOMweb instance (a Part 10 file in a STOW-RS request or WADO-RS
+/// response) between `requestor` (the HTTP client) and `acceptor` (this workload). The hash
+/// and size are of the whole file.
+///
+/// # Errors
+/// When the operating system's random generator fails (record ids).
+#[allow(clippy::too_many_arguments)]
+pub fn dicomweb_record(
+    part: &Part10Observed,
+    kind: EventKind,
+    requestor: &SpiffeId,
+    acceptor: &SpiffeId,
+    key: &UidKey,
+    status: Option<u16>,
+    outcome: Outcome,
+    time_us: u64,
+) -> Result<AuditRecord, getrandom::Error> {
+    let (source, destination) = match kind {
+        EventKind::InstanceRetrieved => (acceptor.clone(), requestor.clone()),
+        _ => (requestor.clone(), acceptor.clone()),
+    };
+    let ds = part.dataset.as_ref();
+    Ok(AuditRecord {
+        record_id: RecordId::new()?,
+        kind,
+        time_us,
+        source,
+        destination,
+        protocol: Protocol::DicomWeb,
+        outcome,
+        status,
+        bytes: part.bytes,
+        content_sha256: Some(Hash(part.sha256)),
+        study_uid: ds
+            .and_then(|d| d.study_uid.as_deref())
+            .map(|u| key.hash_uid(u)),
+        series_uid: ds
+            .and_then(|d| d.series_uid.as_deref())
+            .map(|u| key.hash_uid(u)),
+        sop_instance_uid: ds
+            .and_then(|d| d.sop_instance_uid.as_deref())
+            .map(|u| key.hash_uid(u)),
+        calling_ae: None,
+        called_ae: None,
+        sop_class_uid: ds
+            .and_then(|d| d.sop_class_uid.as_deref())
+            .and_then(|u| u.parse().ok()),
+        transfer_syntax_uid: part.transfer_syntax.as_deref().and_then(|u| u.parse().ok()),
+        cid: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +146,7 @@ mod tests {
                 study_uid: Some("1.2.3.4".into()),
                 series_uid: Some("1.2.3.4.5".into()),
                 sop_instance_uid: Some("1.2.3.4.5.6.7".into()),
+                sop_class_uid: None,
             }),
             status: Some(0xB000),
             message_id: Some(1),

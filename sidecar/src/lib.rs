@@ -12,6 +12,7 @@ pub mod deliver;
 pub mod detect;
 pub mod dicom;
 pub mod dicom_proxy;
+pub mod dicomweb;
 pub mod identity;
 pub mod iptables;
 pub mod metrics;

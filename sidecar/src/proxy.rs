@@ -206,8 +206,8 @@ pub async fn serve(
 }
 
 /// Reads until the first bytes decide the protocol, `MAX_PEEK` bytes, EOF or the timeout.
-async fn read_detect(
-    tcp: &mut TcpStream,
+async fn read_detect<S: AsyncRead + Unpin>(
+    tcp: &mut S,
     timeout: std::time::Duration,
 ) -> (Vec<u8>, Option<Detected>) {
     let mut buf = Vec::with_capacity(2048);
@@ -348,16 +348,8 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                 ));
             }
             let upstream = connect(app, sh, "inbound").await?;
-            match (&sh.audit, hint) {
-                (Some(audit), ProtocolHint::Dicom) => {
-                    let mut rec = ConnRecord {
-                        metrics: sh.metrics.clone(),
-                        direction: "inbound",
-                        protocol: "dicom",
-                        tls: "mtls",
-                        to_app: 0,
-                        from_app: 0,
-                    };
+            match &sh.audit {
+                Some(audit) if hint != ProtocolHint::Opaque => {
                     let ctx = crate::dicom_proxy::AuditCtx {
                         delivery: audit.delivery.clone(),
                         key: audit.key.clone(),
@@ -365,12 +357,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                         acceptor: creds.identity.id().clone(),
                         metrics: sh.metrics.clone(),
                     };
-                    (rec.to_app, rec.from_app) =
-                        crate::dicom_proxy::proxy(tls, upstream, ctx).await;
-                    sh.metrics
-                        .detect
-                        .with_label_values(&["inbound", "dicom"])
-                        .inc();
+                    audited(tls, upstream, sh, hint, ctx).await;
                 }
                 _ => proxy(Sniff::new(tls), upstream, sh, "inbound", hint, "mtls", true).await,
             }
@@ -404,6 +391,119 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
         }
     }
     Ok(())
+}
+
+/// An audited inbound mTLS connection: DICOM associations and DICOMweb exchanges are followed
+/// (see `dicom_proxy` and `dicomweb`); anything else is forwarded as it is. Unless the policy
+/// names the protocol, it is detected from the first decrypted bytes.
+async fn audited<C>(
+    mut tls: C,
+    upstream: TcpStream,
+    sh: &Shared,
+    hint: ProtocolHint,
+    ctx: crate::dicom_proxy::AuditCtx,
+) where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (first, label) = if hint == ProtocolHint::Dicom {
+        (Vec::new(), "dicom")
+    } else {
+        let (b, d) = read_detect(&mut tls, sh.cfg.detect_timeout).await;
+        let label = d.as_ref().map_or("opaque", Detected::label);
+        (b, label)
+    };
+    let proto = match hint {
+        ProtocolHint::Dicom => ProtocolHint::Dicom,
+        _ => label_hint(label),
+    };
+    let client = Prefixed::new(first, tls);
+    let counted = Counted::new(upstream);
+    let (to_app, from_app) = (counted.written.clone(), counted.read.clone());
+    let mut rec = ConnRecord {
+        metrics: sh.metrics.clone(),
+        direction: "inbound",
+        protocol: "opaque",
+        tls: "mtls",
+        to_app: 0,
+        from_app: 0,
+    };
+    match proto {
+        ProtocolHint::Dicom => {
+            rec.protocol = "dicom";
+            crate::dicom_proxy::proxy(client, counted, ctx).await;
+        }
+        ProtocolHint::Http => {
+            rec.protocol = if label == "http2" { "http2" } else { "http1" };
+            crate::dicomweb::serve(client, counted, label == "http2", ctx).await;
+        }
+        _ => {
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut { client },
+                &mut { counted },
+                COPY_BUF,
+                COPY_BUF,
+            )
+            .await;
+        }
+    }
+    rec.to_app = to_app.load(std::sync::atomic::Ordering::Relaxed);
+    rec.from_app = from_app.load(std::sync::atomic::Ordering::Relaxed);
+    sh.metrics
+        .detect
+        .with_label_values(&["inbound", rec.protocol])
+        .inc();
+}
+
+/// A stream that counts the bytes read from and written to it.
+struct Counted<S> {
+    inner: S,
+    read: Arc<std::sync::atomic::AtomicU64>,
+    written: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: Arc::default(),
+            written: Arc::default(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, b);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn label_hint(label: &str) -> ProtocolHint {

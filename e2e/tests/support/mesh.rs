@@ -389,3 +389,21 @@ pub fn scanner_client_args(dir: &Path, server_inbound: u16) -> Vec<String> {
         format!("127.0.0.1:{server_inbound}"),
     ]
 }
+
+/// The storescu option proposing `ts` (storescu proposes one transfer-syntax family per run).
+/// Uncompressed files propose their own syntax, so that every receiver accepts the same one and
+/// storescu sends the file's bytes.
+pub fn storescu_option(ts: &str) -> Option<&'static str> {
+    match ts {
+        "1.2.840.10008.1.2.4.50" => Some("-xy"),
+        "1.2.840.10008.1.2.4.51" => Some("-xx"),
+        "1.2.840.10008.1.2.4.57" | "1.2.840.10008.1.2.4.70" => Some("-xs"),
+        "1.2.840.10008.1.2.4.80" => Some("-xt"),
+        "1.2.840.10008.1.2.4.81" => Some("-xu"),
+        "1.2.840.10008.1.2.4.90" => Some("-xv"),
+        "1.2.840.10008.1.2.4.91" => Some("-xw"),
+        "1.2.840.10008.1.2.5" => Some("-xr"),
+        "1.2.840.10008.1.2" => Some("-xi"),
+        _ => Some("-xe"),
+    }
+}

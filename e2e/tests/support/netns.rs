@@ -144,6 +144,76 @@ impl Lab {
         }
     }
 
+    /// Writes what a mesh of the two pods needs, readable by the proxy's uid: certificates for
+    /// radiology/scanner, pacs/orthanc, medmesh/ledger and medmesh/auditor in `certs/`, the
+    /// ledger's `signing.key` and `verifier.key`, B's `uid.key` (filled with `uid_key_byte`) and
+    /// a `spool/` directory. Returns (certs, signing key).
+    pub fn mesh_files(&self, uid_key_byte: u8) -> (PathBuf, PathBuf) {
+        use crate::mesh::{bin, run, text};
+        let certs = self.path("certs");
+        let mut cmd = Command::new(bin("medmesh"));
+        cmd.args(["dev", "certs", "--out"]).arg(&certs);
+        for w in [
+            "radiology/scanner",
+            "pacs/orthanc",
+            "medmesh/ledger",
+            "medmesh/auditor",
+        ] {
+            cmd.args(["--workload", w]);
+        }
+        let out = run(&mut cmd);
+        assert!(out.status.success(), "{}", text(&out));
+        let signing = self.path("signing.key");
+        let out = run(Command::new(bin("medmesh-ledger"))
+            .args(["keygen", "--origin", "medmesh.local/ledger", "--out"])
+            .arg(&signing));
+        assert!(out.status.success(), "{}", text(&out));
+        std::fs::write(self.path("verifier.key"), &out.stdout).unwrap();
+        std::fs::write(self.path("uid.key"), [uid_key_byte; 32]).unwrap();
+        std::fs::create_dir_all(self.path("spool")).unwrap();
+        ok(&format!("chmod 777 {}", self.path("spool").display()));
+        ok(&format!(
+            "chmod -R a+rX {} {} {}",
+            certs.display(),
+            self.path("uid.key").display(),
+            self.path("verifier.key").display()
+        ));
+        (certs, signing)
+    }
+
+    /// Starts a ledger in pod B on 127.0.0.1:18443 (admin 19443) with certificates from
+    /// `medmesh dev certs` in `certs`, `signing` from `medmesh-ledger keygen`, one appender and
+    /// the reader `medmesh/auditor`; waits until it is ready.
+    pub fn start_ledger(&mut self, certs: &Path, signing: &Path, appender: &str) {
+        let (c, d) = (certs.display(), self.dir.path().display());
+        std::fs::write(
+            self.path("ledger.yaml"),
+            format!(
+                "node_id: ledger-0\norigin: medmesh.local/ledger\ndata_dir: {d}/ledger-data\nlisten: 127.0.0.1:18443\n\
+                 admin_listen: 127.0.0.1:19443\ntrust_domain: medmesh.local\ncert: {c}/medmesh.ledger.pem\n\
+                 key: {c}/medmesh.ledger-key.pem\ntrust_bundle: {c}/ca.pem\nsigning_key: {s}\n\
+                 appenders: [\"{appender}\"]\nreaders: [\"spiffe://medmesh.local/ns/medmesh/sa/auditor\"]\n",
+                s = signing.display()
+            ),
+        )
+        .unwrap();
+        let bin = crate::mesh::bin("medmesh-ledger");
+        let cfg = self.path("ledger.yaml");
+        let b = self.b.clone();
+        self.spawn(
+            &b,
+            "ledger",
+            false,
+            &[
+                bin.to_str().unwrap(),
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+            ],
+        );
+        self.wait(&b, "curl -sf http://127.0.0.1:19443/ready", "ledger in B");
+    }
+
     /// Captures TCP on `a`'s veth into `file` while `f` runs; returns the capture's bytes.
     pub fn capture<T>(&mut self, file: &Path, f: impl FnOnce(&mut Self) -> T) -> (T, Vec<u8>) {
         let mut td = Command::new("ip")

@@ -46,6 +46,8 @@ pub struct Observed {
     pub series_uid: Option<String>,
     /// (0008,0018) SOP Instance UID.
     pub sop_instance_uid: Option<String>,
+    /// (0008,0016) SOP Class UID.
+    pub sop_class_uid: Option<String>,
 }
 
 /// The observer of one data set.
@@ -61,6 +63,7 @@ pub struct DataSetObserver {
     study: Option<String>,
     series: Option<String>,
     instance: Option<String>,
+    class: Option<String>,
 }
 
 impl DataSetObserver {
@@ -82,6 +85,7 @@ impl DataSetObserver {
             study: None,
             series: None,
             instance: None,
+            class: None,
         }
     }
 
@@ -102,6 +106,7 @@ impl DataSetObserver {
             study_uid: self.study,
             series_uid: self.series,
             sop_instance_uid: self.instance,
+            sop_class_uid: self.class,
         }
     }
 
@@ -154,6 +159,7 @@ impl DataSetObserver {
                         match tag {
                             (0x0020, 0x000D) => self.study = Some(v),
                             (0x0020, 0x000E) => self.series = Some(v),
+                            (0x0008, 0x0016) => self.class = Some(v),
                             (0x0008, 0x0018) => self.instance = Some(v),
                             _ => {}
                         }
@@ -224,7 +230,10 @@ impl DataSetObserver {
             return;
         }
         let keep = depth0
-            && matches!(tag, (0x0020, 0x000D) | (0x0020, 0x000E) | (0x0008, 0x0018))
+            && matches!(
+                tag,
+                (0x0020, 0x000D) | (0x0020, 0x000E) | (0x0008, 0x0016) | (0x0008, 0x0018)
+            )
             && len <= 64;
         self.state = if len == 0 {
             Parse::Header

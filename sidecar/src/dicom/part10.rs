@@ -27,6 +27,14 @@ pub struct Part10Observer {
     ts: Option<String>,
 }
 
+impl std::fmt::Debug for Part10Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Part10Observer")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Default for Part10Observer {
     fn default() -> Self {
         Self::new()

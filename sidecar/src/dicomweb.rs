@@ -1,0 +1,711 @@
+//! DICOMweb auditing on the inbound path: an HTTP/1.1 or HTTP/2 proxy (hyper on both sides)
+//! between the mTLS peer and the application that observes, without buffering, the instances
+//! moving in STOW-RS requests and WADO-RS responses.
+//!
+//! - **STOW-RS** (`POST …/studies[/{study}]`, `multipart/related; type="application/dicom"`):
+//!   each part is hashed whole (SHA-256 of the Part 10 file, which is what WADO-RS returns) and
+//!   its UIDs read from the data set header as it streams to the application. When the
+//!   application answers 2xx, its (small) response is read to learn per-instance failures; the
+//!   records of stored instances are made safe (see [`crate::deliver`]) before the response is
+//!   released. If they cannot be, the client gets 503 and the records are kept as failures.
+//! - **WADO-RS** (`GET …/studies/{study}[/series/{series}[/instances/{instance}]]`): each
+//!   `application/dicom` part of the response is hashed as it streams to the client and recorded
+//!   as retrieved when it ends (a part cut short is recorded as aborted).
+//! - Everything else is forwarded unchanged (headers, bodies, upgrades).
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use medmesh_core::record::{EventKind, Outcome};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::audit;
+use crate::dicom::part10::{Part10Observed, Part10Observer};
+use crate::dicom_proxy::AuditCtx;
+use crate::multipart::{MultipartReader, Part, boundary_of};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Largest STOW-RS response read to learn per-instance outcomes (larger ones stream, and the
+/// HTTP status alone gives the outcome).
+const MAX_STOW_RESPONSE: usize = 16 << 20;
+
+/// The DICOMweb transaction a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transaction {
+    /// STOW-RS store of `multipart/related` DICOM parts.
+    Stow,
+    /// WADO-RS retrieval of a study, series or instance.
+    Wado,
+}
+
+/// Which transaction `method path` with `content_type` is, if any.
+pub fn classify(method: &Method, path: &str, content_type: Option<&str>) -> Option<Transaction> {
+    let segs: Vec<&str> = path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let at = segs.iter().rposition(|s| *s == "studies")?;
+    let rest = &segs[at + 1..];
+    if method == Method::POST {
+        let stow_path = rest.len() <= 1;
+        let ct = content_type?;
+        return (stow_path && is_multipart_dicom(ct)).then_some(Transaction::Stow);
+    }
+    if method == Method::GET {
+        // studies/{s}, studies/{s}/series/{r}, studies/{s}/series/{r}/instances/{i}.
+        let shape = matches!(
+            rest,
+            [_] | [_, "series", _] | [_, "series", _, "instances", _]
+        );
+        return shape.then_some(Transaction::Wado);
+    }
+    None
+}
+
+fn media_type(ct: &str) -> String {
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn param<'a>(ct: &'a str, name: &str) -> Option<&'a str> {
+    ct.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// `multipart/related` whose root type is `application/dicom`.
+fn is_multipart_dicom(ct: &str) -> bool {
+    media_type(ct) == "multipart/related"
+        && param(ct, "type").is_some_and(|t| t.eq_ignore_ascii_case("application/dicom"))
+}
+
+/// The instances seen in one body.
+#[derive(Debug, Default)]
+pub struct Parts {
+    reader: Option<MultipartReader>,
+    current: Option<Part10Observer>,
+    /// Completed instances, in order.
+    pub done: Vec<Part10Observed>,
+    /// A part that the body ended inside (cut short).
+    pub cut: Option<Part10Observed>,
+    /// The body ended where it should (closing delimiter, or end of a single instance).
+    pub complete: bool,
+    /// Why the body could not be followed.
+    pub error: Option<String>,
+}
+
+impl Parts {
+    /// The parts of a `multipart/related` body with content type `ct`.
+    ///
+    /// # Errors
+    /// When `ct` has no valid boundary.
+    pub fn multipart(ct: &str) -> Result<Self, String> {
+        let b = boundary_of(ct).ok_or_else(|| "multipart body without a boundary".to_owned())?;
+        let reader = MultipartReader::new(&b).map_err(|e| e.to_string())?;
+        Ok(Self {
+            reader: Some(reader),
+            ..Self::default()
+        })
+    }
+
+    /// A body that is one instance (`application/dicom`).
+    pub fn single() -> Self {
+        Self {
+            current: Some(Part10Observer::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Observes the next bytes of the body.
+    pub fn feed(&mut self, b: &[u8]) {
+        if self.error.is_some() || self.complete && self.reader.is_some() {
+            return;
+        }
+        let Some(reader) = self.reader.as_mut() else {
+            if let Some(c) = self.current.as_mut() {
+                c.feed(b);
+            }
+            return;
+        };
+        let (current, done, complete) = (&mut self.current, &mut self.done, &mut self.complete);
+        let r = reader.feed(b, |p| match p {
+            Part::Start(headers) => {
+                let dicom = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-type")
+                    .is_none_or(|(_, v)| media_type(v) == "application/dicom");
+                *current = dicom.then(Part10Observer::new);
+            }
+            Part::Data(d) => {
+                if let Some(c) = current.as_mut() {
+                    c.feed(d);
+                }
+            }
+            Part::End => {
+                if let Some(c) = current.take() {
+                    done.push(c.finish());
+                }
+            }
+            Part::Finished => *complete = true,
+        });
+        if let Err(e) = r {
+            self.error = Some(e.to_string());
+        }
+    }
+
+    /// The body ended.
+    pub fn end(&mut self) {
+        if self.reader.is_none() {
+            if let Some(c) = self.current.take() {
+                self.done.push(c.finish());
+            }
+            self.complete = true;
+        } else if !self.complete {
+            self.cut = self.current.take().map(Part10Observer::finish);
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Parts>>;
+
+fn lock(p: &Shared) -> std::sync::MutexGuard<'_, Parts> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A body passed through unchanged while its bytes are observed; `on_end` runs once, when the
+/// body ended or was dropped.
+struct Tap<B> {
+    inner: B,
+    parts: Option<Shared>,
+    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl<B> Tap<B> {
+    fn finish(&mut self) {
+        if let Some(p) = &self.parts {
+            lock(p).end();
+        }
+        if let Some(f) = self.on_end.take() {
+            f();
+        }
+    }
+}
+
+impl<B> Drop for Tap<B> {
+    fn drop(&mut self) {
+        if self.on_end.is_some() {
+            self.finish();
+        }
+    }
+}
+
+impl<B> Body for Tap<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(p)) = (f.data_ref(), &self.parts) {
+                    lock(p).feed(d);
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        r.map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn tap<B>(
+    inner: B,
+    parts: Option<Shared>,
+    on_end: Option<Box<dyn FnOnce() + Send + Sync>>,
+) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    BoxBody::new(Tap {
+        inner,
+        parts,
+        on_end,
+    })
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(BoxBody::new(
+        http_body_util::Full::new(Bytes::from(format!("{msg}\n"))).map_err(|e| match e {}),
+    ));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The upstream connection, whichever HTTP version the client spoke.
+#[derive(Clone)]
+enum Upstream {
+    H1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<ProxyBody>>>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+impl Upstream {
+    async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, hyper::Error> {
+        match self {
+            Self::H1(s) => {
+                let mut s = s.lock().await;
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Self::H2(s) => {
+                let mut s = s.clone();
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+/// Serves one HTTP connection from the mTLS peer `client` to `app`. `h2` when the client's
+/// first bytes were the HTTP/2 preface. Returns when both connections ended.
+pub async fn serve<C, A>(client: C, app: A, h2: bool, ctx: AuditCtx)
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(ctx);
+    let upstream = if h2 {
+        match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await {
+            Ok((send, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Upstream::H2(send)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP/2 handshake with the application failed");
+                return;
+            }
+        }
+    } else {
+        // Header names keep their case both ways, as an unproxied exchange would.
+        let handshake = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .title_case_headers(false)
+            .handshake(TokioIo::new(app));
+        match handshake.await {
+            Ok((send, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                Upstream::H1(Arc::new(tokio::sync::Mutex::new(send)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP/1 handshake with the application failed");
+                return;
+            }
+        }
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let (up, ctx) = (upstream.clone(), ctx.clone());
+        async move { Ok::<_, Infallible>(handle(req, up, ctx).await) }
+    });
+    let io = TokioIo::new(client);
+    let r = if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    up: Upstream,
+    ctx: Arc<AuditCtx>,
+) -> Response<ProxyBody> {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let tx = classify(req.method(), req.uri().path(), ct.as_deref());
+    let upgrade = req
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut req));
+    let stow = match (tx, ct.as_deref()) {
+        (Some(Transaction::Stow), Some(ct)) => match Parts::multipart(ct) {
+            Ok(p) => Some(Arc::new(Mutex::new(p))),
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("STOW-RS request: {e}")),
+        },
+        _ => None,
+    };
+    let req = req.map(|b| tap(b, stow.clone(), None));
+    let mut resp = match up.send(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "application request failed");
+            return text(StatusCode::BAD_GATEWAY, "the application did not answer");
+        }
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_up) = upgrade
+    {
+        let app_up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(c), Ok(a)) = (client_up.await, app_up.await) {
+                let (mut c, mut a) = (TokioIo::new(c), TokioIo::new(a));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut a).await;
+            }
+        });
+    }
+    match (tx, stow) {
+        (Some(Transaction::Stow), Some(parts)) => stow_response(resp, parts, &ctx).await,
+        (Some(Transaction::Wado), _) if resp.status().is_success() => wado_response(resp, ctx),
+        _ => resp.map(|b| tap(b, None, None)),
+    }
+}
+
+/// Per-instance outcomes named by a STOW-RS response (DICOM JSON): SOP Instance UIDs of the
+/// Failed SOP Sequence (0008,1198), and of Referenced SOP Sequence (0008,1199) items that carry
+/// a Warning Reason (0008,1196).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StowOutcomes {
+    /// Instances the application refused.
+    pub failed: Vec<String>,
+    /// Instances stored with a warning.
+    pub warned: Vec<String>,
+    /// Instances stored.
+    pub stored: Vec<String>,
+}
+
+/// Reads the outcomes from a DICOM JSON STOW-RS response body; `None` when it is not one.
+pub fn stow_outcomes(body: &[u8]) -> Option<StowOutcomes> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    // A bare object, or an array of one.
+    let obj = match &v {
+        serde_json::Value::Array(a) => a.first()?,
+        o => o,
+    };
+    let uids = |seq: &str, need: Option<&str>| -> Vec<String> {
+        obj.get(seq)
+            .and_then(|s| s.get("Value"))
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .filter(|item| need.is_none_or(|t| item.get(t).is_some()))
+            .filter_map(|item| {
+                item.get("00081155")?
+                    .get("Value")?
+                    .as_array()?
+                    .first()?
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    Some(StowOutcomes {
+        failed: uids("00081198", None),
+        warned: uids("00081199", Some("00081196")),
+        stored: uids("00081199", None),
+    })
+}
+
+/// The outcome of one stored part given the response.
+fn part_outcome(status: StatusCode, uid: Option<&str>, named: Option<&StowOutcomes>) -> Outcome {
+    if !status.is_success() {
+        return Outcome::Failure;
+    }
+    match (named, uid) {
+        (Some(n), Some(u)) if n.failed.iter().any(|f| f == u) => Outcome::Failure,
+        (Some(n), Some(u)) if n.warned.iter().any(|f| f == u) => Outcome::Warning,
+        (Some(n), Some(u)) if n.stored.iter().any(|f| f == u) => Outcome::Success,
+        // Not named: 200 means all stored; 202 means some were not, so not this one for sure.
+        _ if status == StatusCode::OK => Outcome::Success,
+        _ => Outcome::Warning,
+    }
+}
+
+async fn stow_response(
+    resp: Response<Incoming>,
+    parts: Shared,
+    ctx: &AuditCtx,
+) -> Response<ProxyBody> {
+    let status = resp.status();
+    let (head, mut body) = resp.into_parts();
+    // Read a small response whole: it names per-instance failures, and it must be held anyway
+    // until the records are safe.
+    let mut held = Vec::new();
+    let mut rest = None;
+    loop {
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    held.extend_from_slice(d);
+                }
+                if held.len() > MAX_STOW_RESPONSE {
+                    rest = Some(body);
+                    break;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "STOW-RS response failed mid-body");
+                return text(StatusCode::BAD_GATEWAY, "the application's response failed");
+            }
+            None => break,
+        }
+    }
+    let named = if rest.is_none()
+        && head
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| media_type(ct).ends_with("json"))
+    {
+        stow_outcomes(&held)
+    } else {
+        None
+    };
+    let (done, complete, error) = {
+        let mut p = lock(&parts);
+        (std::mem::take(&mut p.done), p.complete, p.error.take())
+    };
+    let requestor = &ctx.requestor;
+    let acceptor = &ctx.acceptor;
+    let mut gated = Vec::new();
+    let mut later = Vec::new();
+    for part in &done {
+        let uid = part
+            .dataset
+            .as_ref()
+            .and_then(|d| d.sop_instance_uid.as_deref());
+        let outcome = part_outcome(status, uid, named.as_ref());
+        let rec = match audit::dicomweb_record(
+            part,
+            EventKind::InstanceStored,
+            requestor,
+            acceptor,
+            &ctx.key,
+            Some(status.as_u16()),
+            outcome,
+            now_us(),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make a record id");
+                continue;
+            }
+        };
+        if matches!(outcome, Outcome::Success | Outcome::Warning) {
+            gated.push(rec);
+        } else {
+            later.push(rec);
+        }
+    }
+    // A success that cannot be matched to every instance sent must not reach the client.
+    let unfollowable = status.is_success() && (error.is_some() || !complete);
+    let mut failed = unfollowable;
+    if unfollowable {
+        tracing::warn!(
+            error = error
+                .as_deref()
+                .unwrap_or("body ended before its closing delimiter"),
+            "STOW-RS request could not be followed: the success is withheld"
+        );
+    }
+    if !failed {
+        let mut set = tokio::task::JoinSet::new();
+        for rec in gated.iter().cloned() {
+            let d = ctx.delivery.clone();
+            set.spawn(async move { d.commit(rec).await });
+        }
+        while let Some(r) = set.join_next().await {
+            if !matches!(r, Ok(Ok(()))) {
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ctx.metrics
+            .failed_responses
+            .inc_by(gated.len().max(1) as u64);
+        // Keep what the client is told: a failure.
+        for mut rec in gated {
+            rec.status = Some(StatusCode::SERVICE_UNAVAILABLE.as_u16());
+            rec.outcome = Outcome::Failure;
+            ctx.delivery.later(rec).await;
+        }
+        for rec in later {
+            ctx.delivery.later(rec).await;
+        }
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "medmesh: the stored instances could not be recorded in the audit ledger; retry",
+        );
+    }
+    for rec in later {
+        ctx.delivery.later(rec).await;
+    }
+    let body = http_body_util::Full::new(Bytes::from(held));
+    let body: ProxyBody = match rest {
+        None => BoxBody::new(body.map_err(|e| match e {})),
+        Some(rest) => BoxBody::new(Chain {
+            first: Some(body),
+            rest,
+        }),
+    };
+    Response::from_parts(head, body)
+}
+
+/// `first`, then `rest`.
+struct Chain<A, B> {
+    first: Option<A>,
+    rest: B,
+}
+
+impl<A, B> Body for Chain<A, B>
+where
+    A: Body<Data = Bytes, Error = Infallible> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(a) = self.first.as_mut() {
+            match Pin::new(a).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => return Poll::Ready(Some(Ok(f))),
+                Poll::Ready(Some(Err(e))) => match e {},
+                Poll::Ready(None) => self.first = None,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map(|o| o.map(|r| r.map_err(Into::into)))
+    }
+}
+
+fn wado_response(resp: Response<Incoming>, ctx: Arc<AuditCtx>) -> Response<ProxyBody> {
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let parts = if media_type(ct) == "multipart/related" {
+        match Parts::multipart(ct) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "WADO-RS response not followed");
+                return resp.map(|b| tap(b, None, None));
+            }
+        }
+    } else if media_type(ct) == "application/dicom" {
+        Parts::single()
+    } else {
+        // Metadata, rendered or bulk data: not an instance transfer.
+        return resp.map(|b| tap(b, None, None));
+    };
+    let status = resp.status().as_u16();
+    let parts = Arc::new(Mutex::new(parts));
+    let seen = parts.clone();
+    let on_end: Box<dyn FnOnce() + Send + Sync> = Box::new(move || {
+        let (done, cut) = {
+            let mut p = lock(&seen);
+            (std::mem::take(&mut p.done), p.cut.take())
+        };
+        let mut recs = Vec::new();
+        let all = done
+            .iter()
+            .map(|d| (d, Outcome::Success))
+            .chain(cut.iter().map(|d| (d, Outcome::Aborted)));
+        for (part, outcome) in all {
+            match audit::dicomweb_record(
+                part,
+                EventKind::InstanceRetrieved,
+                &ctx.requestor,
+                &ctx.acceptor,
+                &ctx.key,
+                Some(status),
+                outcome,
+                now_us(),
+            ) {
+                Ok(r) => recs.push(r),
+                Err(e) => tracing::error!(error = %e, "cannot make a record id"),
+            }
+        }
+        if recs.is_empty() {
+            return;
+        }
+        // Spooling is blocking work; the body may be dropped outside a task.
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                for r in recs {
+                    ctx.delivery.later(r).await;
+                }
+            });
+        }
+    });
+    resp.map(|b| tap(b, Some(parts), Some(on_end)))
+}
+
+#[cfg(test)]
+mod tests;

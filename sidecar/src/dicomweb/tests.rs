@@ -1,0 +1,210 @@
+use super::*;
+use medmesh_core::dicom::{SyntheticInstance, synthetic_ct};
+use sha2::{Digest, Sha256};
+
+fn instance(n: u32) -> Vec<u8> {
+    synthetic_ct(&SyntheticInstance {
+        study_uid: "2.25.70".into(),
+        series_uid: "2.25.70.1".into(),
+        sop_instance_uid: format!("2.25.70.1.{n}"),
+        patient_name: "DOE^JANE".into(),
+        patient_id: "PID-4711".into(),
+        rows: 8,
+        columns: 8,
+        seed: n.into(),
+    })
+}
+
+fn multipart(boundary: &str, files: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for f in files {
+        b.extend_from_slice(
+            format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+        );
+        b.extend_from_slice(f);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    b
+}
+
+#[test]
+fn classifies_stow_and_wado_paths() {
+    let mp = "multipart/related; type=\"application/dicom\"; boundary=x";
+    let cases = [
+        (
+            Method::POST,
+            "/dicom-web/studies",
+            Some(mp),
+            Some(Transaction::Stow),
+        ),
+        (
+            Method::POST,
+            "/dicom-web/studies/1.2.3",
+            Some(mp),
+            Some(Transaction::Stow),
+        ),
+        (
+            Method::POST,
+            "/studies?x=1",
+            Some("Multipart/Related; Type=application/dicom; boundary=y"),
+            Some(Transaction::Stow),
+        ),
+        // Not DICOM parts, or not a store path.
+        (
+            Method::POST,
+            "/dicom-web/studies",
+            Some("multipart/related; type=\"application/dicom+json\"; boundary=x"),
+            None,
+        ),
+        (
+            Method::POST,
+            "/dicom-web/studies",
+            Some("application/json"),
+            None,
+        ),
+        (Method::POST, "/dicom-web/studies", None, None),
+        (Method::POST, "/dicom-web/studies/1/series", Some(mp), None),
+        (
+            Method::GET,
+            "/dicom-web/studies/1.2",
+            None,
+            Some(Transaction::Wado),
+        ),
+        (
+            Method::GET,
+            "/dicom-web/studies/1.2/series/3",
+            None,
+            Some(Transaction::Wado),
+        ),
+        (
+            Method::GET,
+            "/dicom-web/studies/1.2/series/3/instances/4",
+            None,
+            Some(Transaction::Wado),
+        ),
+        (
+            Method::GET,
+            "/dicom-web/studies/1.2/series/3/instances/4?accept=x",
+            None,
+            Some(Transaction::Wado),
+        ),
+        // Queries, metadata, rendered, frames: not instance transfers.
+        (Method::GET, "/dicom-web/studies", None, None),
+        (Method::GET, "/dicom-web/studies/1.2/metadata", None, None),
+        (
+            Method::GET,
+            "/dicom-web/studies/1.2/series/3/rendered",
+            None,
+            None,
+        ),
+        (
+            Method::GET,
+            "/dicom-web/studies/1.2/series/3/instances/4/frames/1",
+            None,
+            None,
+        ),
+        (Method::GET, "/app/index.html", None, None),
+        (Method::DELETE, "/dicom-web/studies/1.2", None, None),
+    ];
+    for (m, p, ct, want) in cases {
+        assert_eq!(classify(&m, p, ct), want, "{m} {p} {ct:?}");
+    }
+}
+
+#[test]
+fn parts_hash_whole_files_at_every_split() {
+    let files = [instance(1), instance(2)];
+    let body = multipart("b0und", &files);
+    let ct = "multipart/related; type=\"application/dicom\"; boundary=b0und";
+    for s in 0..=body.len() {
+        let mut p = Parts::multipart(ct).unwrap();
+        p.feed(&body[..s]);
+        p.feed(&body[s..]);
+        p.end();
+        assert!(
+            p.complete && p.error.is_none() && p.cut.is_none(),
+            "split {s}"
+        );
+        assert_eq!(p.done.len(), 2, "split {s}");
+        for (d, f) in p.done.iter().zip(&files) {
+            let want: [u8; 32] = Sha256::digest(f).into();
+            assert_eq!((d.sha256, d.bytes), (want, f.len() as u64), "split {s}");
+        }
+        let ds = p.done[1].dataset.as_ref().unwrap();
+        assert_eq!(ds.sop_instance_uid.as_deref(), Some("2.25.70.1.2"));
+        assert_eq!(
+            ds.sop_class_uid.as_deref(),
+            Some("1.2.840.10008.5.1.4.1.1.2")
+        );
+    }
+}
+
+#[test]
+fn a_body_cut_inside_a_part_reports_it_cut() {
+    let files = [instance(1), instance(2)];
+    let body = multipart("b", &files);
+    let ct = "multipart/related; type=application/dicom; boundary=b";
+    let mut p = Parts::multipart(ct).unwrap();
+    p.feed(&body[..body.len() - 400]);
+    p.end();
+    assert!(!p.complete);
+    assert_eq!(p.done.len(), 1);
+    assert!(p.cut.is_some_and(|c| c.bytes < files[1].len() as u64));
+    // Garbage after a delimiter is an error, never a panic.
+    let mut p = Parts::multipart(ct).unwrap();
+    p.feed(b"--b\r\nContent-Type: application/dicom\r\n\r\nxx\r\n--bZZ");
+    assert!(p.error.is_some());
+    assert!(Parts::multipart("multipart/related; type=application/dicom").is_err());
+}
+
+#[test]
+fn non_dicom_parts_are_not_instances() {
+    let ct = "multipart/related; type=application/dicom; boundary=q";
+    let body = b"--q\r\nContent-Type: application/json\r\n\r\n{}\r\n--q--\r\n";
+    let mut p = Parts::multipart(ct).unwrap();
+    p.feed(body);
+    p.end();
+    assert!(p.complete && p.done.is_empty());
+}
+
+#[test]
+fn stow_response_names_failed_and_warned_instances() {
+    // The shape Orthanc and the standard (PS3.18 §10.5.3) give.
+    let body = br#"{
+      "00081190": {"vr": "UR", "Value": ["http://pacs/dicom-web/studies/2.25.70"]},
+      "00081198": {"vr": "SQ", "Value": [
+        {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+         "00081155": {"vr": "UI", "Value": ["2.25.70.1.2"]},
+         "00081197": {"vr": "US", "Value": [272]}}]},
+      "00081199": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": ["2.25.70.1.1"]}},
+        {"00081155": {"vr": "UI", "Value": ["2.25.70.1.3"]},
+         "00081196": {"vr": "US", "Value": [45063]}}]}
+    }"#;
+    let o = stow_outcomes(body).unwrap();
+    assert_eq!(o.failed, ["2.25.70.1.2"]);
+    assert_eq!(o.warned, ["2.25.70.1.3"]);
+    assert_eq!(o.stored, ["2.25.70.1.1", "2.25.70.1.3"]);
+    let ok = StatusCode::OK;
+    let partial = StatusCode::ACCEPTED;
+    assert_eq!(
+        part_outcome(partial, Some("2.25.70.1.2"), Some(&o)),
+        Outcome::Failure
+    );
+    assert_eq!(
+        part_outcome(partial, Some("2.25.70.1.3"), Some(&o)),
+        Outcome::Warning
+    );
+    assert_eq!(
+        part_outcome(partial, Some("2.25.70.1.1"), Some(&o)),
+        Outcome::Success
+    );
+    assert_eq!(part_outcome(ok, None, None), Outcome::Success);
+    assert_eq!(part_outcome(partial, None, None), Outcome::Warning);
+    assert_eq!(
+        part_outcome(StatusCode::CONFLICT, Some("2.25.70.1.1"), Some(&o)),
+        Outcome::Failure
+    );
+    assert!(stow_outcomes(b"<NativeDicomModel/>").is_none());
+}
