@@ -339,3 +339,6 @@ pub fn fail_store_responses(pdu: &[u8], ids: &[u16]) -> Option<Vec<u8>> {
     pdu_out.extend_from_slice(&out);
     Some(pdu_out)
 }
+
+#[cfg(test)]
+mod tests;

@@ -208,3 +208,24 @@ fn stow_response_names_failed_and_warned_instances() {
     );
     assert!(stow_outcomes(b"<NativeDicomModel/>").is_none());
 }
+
+/// The fuzz seed of `sidecar/fuzz` target `multipart` (a split byte, then a STOW-RS body).
+/// Regenerate with `MEDMESH_BLESS=1 cargo test -p medmesh-sidecar multipart_fuzz_seed`.
+#[test]
+fn multipart_fuzz_seed() {
+    let mut seed = vec![128u8];
+    seed.extend(multipart("b0und", &[instance(1), instance(2)]));
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/seeds/multipart/two-instances"
+    );
+    if std::env::var_os("MEDMESH_BLESS").is_some() {
+        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+        std::fs::write(path, &seed).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(path).unwrap(),
+        seed,
+        "{path} is stale: regenerate it"
+    );
+}
