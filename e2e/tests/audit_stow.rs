@@ -125,7 +125,7 @@ async fn stow_rs_through_a_ledger_outage() {
     let policy = d.join("policy.json");
     std::fs::write(
         &policy,
-        format!(r#"{{"inbound":[{{"port":{http_port},"protocol":"http","allow":[{{"service_account":"radiology/scanner"}}]}}]}}"#),
+        format!(r#"{{"inbound":[{{"port":{http_port},"protocol":"http","permissive":true,"allow":[{{"service_account":"radiology/scanner"}}]}}]}}"#),
     )
     .unwrap();
 
@@ -149,15 +149,15 @@ async fn stow_rs_through_a_ledger_outage() {
             &format!("client-{mode}"),
             &scanner_client_args(&sub, sp[0]),
         );
-        ports.push((cp[1], sp[2]));
+        ports.push((cp[1], sp[2], sp[0]));
         kept.push((server, client));
     }
-    let (enforce_port, enforce_admin) = ports[0];
+    let (enforce_port, enforce_admin, enforce_inbound) = ports[0];
     let spool_port = ports[1].0;
     let auditor = ledger.client("audit.auditor");
 
     // Ledger up: 200, and each instance has its success record.
-    let files: Vec<Vec<u8>> = (0..12).map(instance).collect();
+    let files: Vec<Vec<u8>> = (0..13).map(instance).collect();
     let sha: Vec<Hash> = files.iter().map(|f| sha256(f)).collect();
     assert_eq!(stow(d, enforce_port, &files[0..3]), 200);
     for h in &sha[0..3] {
@@ -201,6 +201,16 @@ async fn stow_rs_through_a_ledger_outage() {
             [(Outcome::Success, Some(200))]
         );
     }
+    // A permissive port takes plaintext from outside the mesh: still audited, the sender
+    // recorded as unauthenticated.
+    assert_eq!(stow(d, enforce_inbound, &files[12..13]), 200);
+    assert_eq!(records(&auditor, &sha[12], 1).await.len(), 1);
+    let hits = auditor.search("sha256", &sha[12].to_hex()).await.unwrap().1;
+    assert_eq!(hits.len(), 1);
+    assert_eq!(
+        hits[0].entry.record.source.as_str(),
+        "spiffe://medmesh.local/unauthenticated"
+    );
     // Delivery is idempotent: a while later, still one record each.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for h in &sha {

@@ -357,7 +357,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                         acceptor: creds.identity.id().clone(),
                         metrics: sh.metrics.clone(),
                     };
-                    audited(tls, upstream, sh, hint, ctx).await;
+                    audited(tls, upstream, sh, hint, "mtls", ctx).await;
                 }
                 _ => proxy(Sniff::new(tls), upstream, sh, "inbound", hint, "mtls", true).await,
             }
@@ -375,18 +375,45 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                     format!("plaintext ({what}) to strict port {port}"),
                 ));
             }
-            let mut upstream = connect(app, sh, "inbound").await?;
-            if !buf.is_empty()
-                && let Err(e) = upstream.write_all(&buf).await
-            {
-                return Err(refused("io", e.to_string()));
-            }
             let label = other.as_ref().map_or("opaque", Detected::label);
             let hint = if hint == ProtocolHint::Detect {
                 label_hint(label)
             } else {
                 hint
             };
+            // Permissive plaintext is still audited: the sender is recorded as unauthenticated.
+            let creds = sh.creds.borrow().clone();
+            if let (Some(audit), ProtocolHint::Dicom | ProtocolHint::Http, Some(creds)) =
+                (&sh.audit, hint, creds)
+            {
+                let upstream = connect(app, sh, "inbound").await?;
+                let requestor = format!("spiffe://{}/unauthenticated", sh.cfg.trust_domain)
+                    .parse()
+                    .map_err(|_| refused("config", "trust domain"))?;
+                let ctx = crate::dicom_proxy::AuditCtx {
+                    delivery: audit.delivery.clone(),
+                    key: audit.key.clone(),
+                    requestor,
+                    acceptor: creds.identity.id().clone(),
+                    metrics: sh.metrics.clone(),
+                };
+                audited(
+                    Prefixed::new(buf, tcp),
+                    upstream,
+                    sh,
+                    hint,
+                    "plaintext",
+                    ctx,
+                )
+                .await;
+                return Ok(());
+            }
+            let mut upstream = connect(app, sh, "inbound").await?;
+            if !buf.is_empty()
+                && let Err(e) = upstream.write_all(&buf).await
+            {
+                return Err(refused("io", e.to_string()));
+            }
             proxy(tcp, upstream, sh, "inbound", hint, "plaintext", false).await;
         }
     }
@@ -401,6 +428,7 @@ async fn audited<C>(
     upstream: TcpStream,
     sh: &Shared,
     hint: ProtocolHint,
+    tls_label: &'static str,
     ctx: crate::dicom_proxy::AuditCtx,
 ) where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -423,7 +451,7 @@ async fn audited<C>(
         metrics: sh.metrics.clone(),
         direction: "inbound",
         protocol: "opaque",
-        tls: "mtls",
+        tls: tls_label,
         to_app: 0,
         from_app: 0,
     };
