@@ -134,3 +134,37 @@ pub struct ErrorBody {
     /// Bounded reason label.
     pub reason: String,
 }
+
+/// Body of the operator's `POST /v1/certificate` (identity service): a PKCS#10 CSR whose only
+/// SAN is the workload's SPIFFE ID, and the workload's projected service-account token
+/// (audience `medmesh-identity`) proving which service account it runs as.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CertificateRequest {
+    /// The CSR (PEM).
+    pub csr: String,
+    /// The projected service-account token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for CertificateRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never in logs.
+        f.debug_struct("CertificateRequest")
+            .field("csr", &self.csr)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Answer of `POST /v1/certificate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateResponse {
+    /// The X.509-SVID chain (PEM), leaf first.
+    pub certificate: String,
+    /// The trust bundle of the trust domain (PEM).
+    pub bundle: String,
+    /// End of the leaf's validity, seconds since the Unix epoch.
+    pub not_after: i64,
+}

@@ -28,6 +28,24 @@ pub struct RawConfig {
     /// Trust bundle (PEM).
     #[arg(long, env = "MEDMESH_CA")]
     pub ca: Option<PathBuf>,
+    /// The operator's identity service: credentials come from it (a key generated in memory,
+    /// a CSR and the projected token) instead of --cert/--key/--ca.
+    #[arg(long, env = "MEDMESH_IDENTITY_URL")]
+    pub identity_url: Option<String>,
+    /// The projected service-account token (audience medmesh-identity).
+    #[arg(
+        long,
+        env = "MEDMESH_IDENTITY_TOKEN",
+        default_value = "/var/run/secrets/medmesh/identity/token"
+    )]
+    pub identity_token: PathBuf,
+    /// CA certificates (PEM) of the identity service's serving certificate.
+    #[arg(
+        long,
+        env = "MEDMESH_IDENTITY_CA",
+        default_value = "/etc/medmesh/identity/ca.crt"
+    )]
+    pub identity_ca: PathBuf,
     /// Mesh trust domain.
     #[arg(long, env = "MEDMESH_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -109,6 +127,29 @@ pub struct AuditConfig {
     pub deadline: Duration,
 }
 
+/// Where the workload's credentials come from.
+#[derive(Debug, Clone)]
+pub enum IdentityConfig {
+    /// PEM files, reloaded when they change.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+        /// Trust bundle.
+        ca: PathBuf,
+    },
+    /// The operator's identity service.
+    Service {
+        /// Its base URL.
+        url: String,
+        /// The projected token file.
+        token: PathBuf,
+        /// Its serving CA.
+        service_ca: PathBuf,
+    },
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,12 +159,8 @@ pub struct Config {
     pub outbound_addr: SocketAddr,
     /// Admin listener.
     pub admin_addr: SocketAddr,
-    /// Certificate path.
-    pub cert: PathBuf,
-    /// Key path.
-    pub key: PathBuf,
-    /// Bundle path.
-    pub ca: PathBuf,
+    /// Where credentials come from.
+    pub identity: IdentityConfig,
     /// Trust domain.
     pub trust_domain: TrustDomain,
     /// Policy path.
@@ -191,9 +228,26 @@ impl Config {
                 }
             }
         };
-        let cert = file("cert", &raw.cert, "MEDMESH_CERT");
-        let key = file("key", &raw.key, "MEDMESH_KEY");
-        let ca = file("ca", &raw.ca, "MEDMESH_CA");
+        let identity = match &raw.identity_url {
+            Some(url) => {
+                if !url.starts_with("https://") {
+                    errs.push(format!("identity-url {url:?}: must be an https:// URL"));
+                }
+                if raw.cert.is_some() || raw.key.is_some() || raw.ca.is_some() {
+                    errs.push("identity-url excludes --cert, --key and --ca".into());
+                }
+                IdentityConfig::Service {
+                    url: url.clone(),
+                    token: raw.identity_token.clone(),
+                    service_ca: raw.identity_ca.clone(),
+                }
+            }
+            None => IdentityConfig::Files {
+                cert: file("cert", &raw.cert, "MEDMESH_CERT"),
+                key: file("key", &raw.key, "MEDMESH_KEY"),
+                ca: file("ca", &raw.ca, "MEDMESH_CA"),
+            },
+        };
         if let Some(p) = &raw.policy
             && !p.is_file()
         {
@@ -255,9 +309,7 @@ impl Config {
                 inbound_addr,
                 outbound_addr,
                 admin_addr,
-                cert,
-                key,
-                ca,
+                identity,
                 trust_domain,
                 policy: raw.policy,
                 app_host,
@@ -391,6 +443,9 @@ mod tests {
             cert: None,
             key: Some("/nonexistent/key.pem".into()),
             ca: None,
+            identity_url: None,
+            identity_token: "/nonexistent/token".into(),
+            identity_ca: "/nonexistent/ca.crt".into(),
             trust_domain: "Bad Domain".into(),
             policy: Some("/nonexistent/policy.yaml".into()),
             app_host: "localhost".into(),

@@ -14,6 +14,7 @@ pub mod dicom;
 pub mod dicom_proxy;
 pub mod dicomweb;
 pub mod identity;
+pub mod identity_csr;
 pub mod iptables;
 pub mod metrics;
 pub mod multipart;
@@ -29,7 +30,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Config;
-use identity::IdentitySource as _;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,17 +84,35 @@ impl Sidecar {
         let cfg = Arc::new(cfg);
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry);
-        // Identity: certificates from files, reloaded on change.
-        let identity = identity::FileIdentity::spawn(
-            identity::FilePaths {
-                cert: cfg.cert.clone(),
-                key: cfg.key.clone(),
-                bundle: cfg.ca.clone(),
-                trust_domain: cfg.trust_domain.clone(),
-            },
-            cfg.reload,
-            metrics.clone(),
-        );
+        // Identity: certificates from files (reloaded on change) or the identity service.
+        let identity: Box<dyn identity::IdentitySource> = match &cfg.identity {
+            config::IdentityConfig::Files { cert, key, ca } => {
+                Box::new(identity::FileIdentity::spawn(
+                    identity::FilePaths {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        bundle: ca.clone(),
+                        trust_domain: cfg.trust_domain.clone(),
+                    },
+                    cfg.reload,
+                    metrics.clone(),
+                ))
+            }
+            config::IdentityConfig::Service {
+                url,
+                token,
+                service_ca,
+            } => Box::new(identity_csr::CsrIdentity::spawn(
+                identity_csr::CsrConfig {
+                    url: url.clone(),
+                    token: token.clone(),
+                    service_ca: service_ca.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                    max_backoff: std::time::Duration::from_secs(30),
+                },
+                metrics.clone(),
+            )),
+        };
         // Policy: default deny until a valid document is read; a bad one refuses to start.
         let initial = match &cfg.policy {
             Some(p) => policy_file::load(p, &cfg.trust_domain).map_err(StartError::Policy)?,
