@@ -178,6 +178,59 @@ impl Delivery {
         }
     }
 
+    /// Makes all of `recs` safe at once (one spool fsync, or one batch the ledger commits in
+    /// one transaction); all or nothing is reported safe.
+    ///
+    /// # Errors
+    /// When they could not be made safe; the response must then report a failure.
+    pub async fn commit_all(&self, recs: Vec<AuditRecord>) -> Result<(), DeliveryError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let n = recs.len() as u64;
+        match self.mode {
+            Mode::Spool => {
+                tokio::task::block_in_place(|| {
+                    let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+                    s.append_all(&recs)?;
+                    self.metrics.spool_depth.set(s.depth() as i64);
+                    Ok::<_, DeliveryError>(())
+                })?;
+                self.wake.notify_one();
+                self.metrics
+                    .records
+                    .with_label_values(&["spooled"])
+                    .inc_by(n);
+                Ok(())
+            }
+            Mode::Enforce => {
+                let client = self.client()?;
+                let all = async {
+                    for chunk in recs.chunks(1000) {
+                        client.append_batch(chunk.to_vec(), false).await?;
+                    }
+                    Ok::<_, medmesh_ledger_client::ClientError>(())
+                };
+                match tokio::time::timeout(self.deadline, all).await {
+                    Ok(Ok(())) => {
+                        self.metrics
+                            .records
+                            .with_label_values(&["acknowledged"])
+                            .inc_by(n);
+                        Ok(())
+                    }
+                    _ => {
+                        self.metrics
+                            .records
+                            .with_label_values(&["not_acknowledged"])
+                            .inc_by(n);
+                        Err(DeliveryError::NotAcknowledged(self.deadline))
+                    }
+                }
+            }
+        }
+    }
+
     /// Records that need no gate (associations, queries, retrievals): spooled, delivered later.
     pub async fn later(&self, rec: AuditRecord) {
         if let Err(e) = tokio::task::block_in_place(|| self.spool_append(&rec)) {

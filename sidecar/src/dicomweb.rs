@@ -6,7 +6,7 @@
 //!   each part is hashed whole (SHA-256 of the Part 10 file, which is what WADO-RS returns) and
 //!   its UIDs read from the data set header as it streams to the application. When the
 //!   application answers 2xx, its (small) response is read to learn per-instance failures; the
-//!   records of stored instances are made safe (see [`crate::deliver`]) before the response is
+//!   records of stored instances are made safe together (see [`crate::deliver`]) before the response is
 //!   released. If they cannot be, the client gets 503 and the records are kept as failures.
 //! - **WADO-RS** (`GET …/studies/{study}[/series/{series}[/instances/{instance}]]`): each
 //!   `application/dicom` part of the response is hashed as it streams to the client and recorded
@@ -567,17 +567,9 @@ async fn stow_response(
             "STOW-RS request could not be followed: the success is withheld"
         );
     }
-    if !failed {
-        let mut set = tokio::task::JoinSet::new();
-        for rec in gated.iter().cloned() {
-            let d = ctx.delivery.clone();
-            set.spawn(async move { d.commit(rec).await });
-        }
-        while let Some(r) = set.join_next().await {
-            if !matches!(r, Ok(Ok(()))) {
-                failed = true;
-            }
-        }
+    if !failed && let Err(e) = ctx.delivery.commit_all(gated.clone()).await {
+        tracing::warn!(error = %e, "STOW-RS records not safe: the success is withheld");
+        failed = true;
     }
     if failed {
         ctx.metrics

@@ -197,14 +197,31 @@ impl Spool {
         self.pending.len()
     }
 
-    /// Appends a record and makes it durable before returning.
+    /// Appends one record and makes it durable (fsync) before returning.
     ///
     /// # Errors
-    /// [`SpoolError::Full`] when the undelivered bytes reached the limit; I/O errors.
+    /// When the spool is full or the write fails (then nothing of it is kept).
     pub fn append(&mut self, rec: &AuditRecord) -> Result<Position, SpoolError> {
-        let payload = rec.encode();
-        let size = (4 + payload.len() + 8) as u64;
-        if self.pending_bytes + size > self.limit {
+        self.append_all(std::slice::from_ref(rec))
+    }
+
+    /// Appends records with one fsync for all; returns the position after the last. All or
+    /// none are kept.
+    ///
+    /// # Errors
+    /// When the spool is full or the write fails (then none of them is kept).
+    pub fn append_all(&mut self, recs: &[AuditRecord]) -> Result<Position, SpoolError> {
+        let mut frames = Vec::new();
+        let mut sizes = Vec::with_capacity(recs.len());
+        for rec in recs {
+            let payload = rec.encode();
+            sizes.push((4 + payload.len() + 8) as u64);
+            frames.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            frames.extend_from_slice(&payload);
+            frames.extend_from_slice(&check(&payload));
+        }
+        let total = frames.len() as u64;
+        if self.pending_bytes + total > self.limit {
             return Err(SpoolError::Full {
                 pending: self.pending_bytes,
                 limit: self.limit,
@@ -213,17 +230,13 @@ impl Spool {
         if self.len >= self.segment_bytes {
             self.rotate()?;
         }
-        let mut frame = Vec::with_capacity(size as usize);
-        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        frame.extend_from_slice(&payload);
-        frame.extend_from_slice(&check(&payload));
         let path = Self::segment_path(&self.dir, self.segment);
         if let Err(e) = self
             .file
-            .write_all(&frame)
+            .write_all(&frames)
             .and_then(|()| self.file.sync_data())
         {
-            // Cut off a partial frame, or later records would sit behind it and be lost at
+            // Cut off partial frames, or later records would sit behind them and be lost at
             // recovery; if even that fails, start a new segment.
             if self
                 .file
@@ -235,14 +248,19 @@ impl Spool {
             }
             return Err(io(&path, e));
         }
-        self.len += size;
-        let pos = Position {
+        for (rec, size) in recs.iter().zip(sizes) {
+            self.len += size;
+            let pos = Position {
+                segment: self.segment,
+                end: self.len,
+            };
+            self.pending.push_back((pos, size, rec.clone()));
+            self.pending_bytes += size;
+        }
+        Ok(Position {
             segment: self.segment,
             end: self.len,
-        };
-        self.pending.push_back((pos, size, rec.clone()));
-        self.pending_bytes += size;
-        Ok(pos)
+        })
     }
 
     fn rotate(&mut self) -> Result<(), SpoolError> {
@@ -407,6 +425,27 @@ mod tests {
         assert_eq!(std::fs::metadata(&seg).unwrap().len(), len);
         let p = s.append(&rec(99)).unwrap();
         s.ack(p).unwrap();
+        assert_eq!(s.depth(), 0);
+    }
+
+    #[test]
+    fn batches_are_kept_whole_or_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 4096).unwrap();
+        let recs: Vec<_> = (0..5).map(rec).collect();
+        let end = s.append_all(&recs).unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path(), 4096).unwrap();
+        assert_eq!(
+            s.pending().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            recs
+        );
+        assert_eq!(s.pending().last().unwrap().0, end);
+        // Over the limit: none of the batch is kept.
+        let many: Vec<_> = (10..60).map(rec).collect();
+        assert!(matches!(s.append_all(&many), Err(SpoolError::Full { .. })));
+        assert_eq!(s.depth(), 5);
+        s.ack(end).unwrap();
         assert_eq!(s.depth(), 0);
     }
 
