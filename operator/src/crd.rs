@@ -37,6 +37,41 @@ pub mod condition {
     pub const PROGRESSING: &str = "Progressing";
     /// Something is wrong that the user can see and usually fix (the message says what).
     pub const DEGRADED: &str = "Degraded";
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    /// A condition with status `True` or `False`.
+    pub fn new(
+        type_: &str,
+        status: bool,
+        reason: &str,
+        message: &str,
+        observed_generation: Option<i64>,
+        now: &Time,
+    ) -> Condition {
+        Condition {
+            type_: type_.to_owned(),
+            status: if status { "True" } else { "False" }.to_owned(),
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            observed_generation,
+            last_transition_time: now.clone(),
+        }
+    }
+
+    /// Puts `new` into `conditions`, replacing the condition of the same type; when its status
+    /// is unchanged the old `lastTransitionTime` is kept (KEP-1623).
+    pub fn set(conditions: &mut Vec<Condition>, mut new: Condition) {
+        match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+            Some(old) => {
+                if old.status == new.status {
+                    new.last_transition_time = old.last_transition_time.clone();
+                }
+                *old = new;
+            }
+            None => conditions.push(new),
+        }
+    }
 }
 
 /// A Kubernetes service account. The namespace defaults to the namespace of the resource that

@@ -9,3 +9,4 @@
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod crd;
+pub mod policy;
