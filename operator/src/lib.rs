@@ -9,4 +9,6 @@
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod crd;
+pub mod metrics;
 pub mod policy;
+pub mod webhook;
