@@ -9,6 +9,7 @@
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod crd;
+pub mod identity;
 pub mod metrics;
 pub mod policy;
 pub mod webhook;
