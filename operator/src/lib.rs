@@ -12,4 +12,5 @@ pub mod crd;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod run;
 pub mod webhook;
