@@ -6,6 +6,7 @@
 //! - [`webhook`]: the mutating admission webhook that injects the sidecar (`POST /mutate`).
 //! - [`identity`]: the CA that issues X.509-SVIDs for projected service-account tokens
 //!   (`POST /v1/certificate`, `GET /v1/bundle`).
+//! - [`metrics`]: admission and certificate counters (bounded labels).
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod crd;
