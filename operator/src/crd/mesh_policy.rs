@@ -1,0 +1,168 @@
+//! `MeshPolicy`: which identities may reach which ports of the selected pods, and how their
+//! traffic is audited.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{SecretKeyRef, ServiceAccountRef};
+
+/// The inbound policy of a set of pods. Ports not listed by any policy refuse every connection.
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy takes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "medmesh.io",
+    version = "v1alpha1",
+    kind = "MeshPolicy",
+    plural = "meshpolicies",
+    singular = "meshpolicy",
+    shortname = "mpol",
+    category = "medmesh",
+    namespaced,
+    status = "MeshPolicyStatus",
+    derive = "PartialEq",
+    doc = "Inbound policy of the selected pods: per port, the protocol and the identities allowed; default deny.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Ports", type_ = "string", json_path = ".spec.ports[*].port"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicySpec {
+    /// The pods of this namespace the policy applies to; an empty selector selects all.
+    pub pod_selector: LabelSelector,
+    /// Inbound ports and who may connect to them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["port"])
+    )]
+    pub ports: Vec<PortRule>,
+    /// `enforce` denies what is not allowed; `audit` allows it and counts it.
+    #[serde(default)]
+    pub mode: PolicyMode,
+    /// Auditing of DICOM traffic to the selected pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<PolicyAudit>,
+}
+
+/// One inbound port.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRule {
+    /// The application's container port.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// How the sidecar reads the bytes; detected from the first bytes when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<PortProtocol>,
+    /// Who may connect over mTLS; empty: nobody.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub allow: Vec<Peer>,
+}
+
+/// The protocol hint of a port.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// DICOM upper layer (DIMSE); audited when the policy has `audit`.
+    Dicom,
+    /// HTTP (DICOMweb or other).
+    Http,
+    /// An opaque byte stream (no detection; for server-speaks-first protocols).
+    Opaque,
+}
+
+/// An allowed peer: exactly one of a SPIFFE ID, a service account or a namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "(has(self.spiffeId) ? 1 : 0) + (has(self.serviceAccount) ? 1 : 0) + (has(self.__namespace__) ? 1 : 0) == 1",
+    "message": "exactly one of spiffeId, serviceAccount or namespace must be set",
+}]))]
+pub struct Peer {
+    /// Exactly this SPIFFE ID (it must belong to the mesh trust domain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub spiffe_id: Option<String>,
+    /// A service account; its namespace defaults to the policy's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<ServiceAccountRef>,
+    /// Every workload of this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+}
+
+/// Whether denials are enforced.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Deny what is not allowed.
+    #[default]
+    Enforce,
+    /// Allow everything, count and log what would have been denied.
+    Audit,
+}
+
+/// Auditing settings of the selected pods.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyAudit {
+    /// The `AuditLedger` (in this namespace) that receives the records.
+    pub ledger_ref: LedgerRef,
+    /// `enforce`: a DICOM response waits for the ledger; `spool`: for the local spool.
+    #[serde(default)]
+    pub delivery: AuditDelivery,
+    /// The tenant key (at least 32 bytes) under which UIDs and AE titles are hashed.
+    pub key_secret_ref: SecretKeyRef,
+}
+
+/// A reference to an `AuditLedger` in the same namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+pub struct LedgerRef {
+    /// Name of the `AuditLedger`.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// When a DICOM response may be released.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditDelivery {
+    /// After the ledger acknowledged the record.
+    Enforce,
+    /// After the record is durable in the pod's spool.
+    #[default]
+    Spool,
+}
+
+/// What the operator made of a policy.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing` and `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,17 @@
+//! The medmesh operator: custom resources, policy compilation, sidecar injection and the
+//! workload-identity CA.
+//!
+//! - [`crd`]: `AuditLedger` and `MeshPolicy` and their generated CRDs (`medmesh-operator crds`).
+//! - [`policy`]: compiles a namespace's `MeshPolicy` objects into the document sidecars enforce.
+//! - [`webhook`]: the mutating admission webhook that injects the sidecar (`POST /mutate`).
+//! - [`identity`]: the CA that issues X.509-SVIDs for projected service-account tokens
+//!   (`POST /v1/certificate`, `GET /v1/bundle`).
+//! - [`metrics`]: admission and certificate counters (bounded labels).
+//! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
+
+pub mod crd;
+pub mod identity;
+pub mod metrics;
+pub mod policy;
+pub mod run;
+pub mod webhook;
