@@ -165,6 +165,6 @@ pub struct CertificateResponse {
     pub certificate: String,
     /// The trust bundle of the trust domain (PEM).
     pub bundle: String,
-    /// End of the leaf's validity, seconds since the Unix epoch.
-    pub not_after: i64,
+    /// End of the leaf's validity (RFC 3339, UTC).
+    pub not_after: String,
 }

@@ -22,7 +22,6 @@ use axum::routing::{get, post};
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use medmesh_core::{SpiffeId, TrustDomain};
 use rcgen::{CertificateSigningRequestParams, SanType};
-use serde::{Deserialize, Serialize};
 
 use crate::metrics::{IssueResult, Metrics};
 
@@ -37,27 +36,7 @@ pub const AUDIENCE: &str = crate::webhook::IDENTITY_AUDIENCE;
 /// Default certificate lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// A certificate request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertificateRequest {
-    /// PKCS#10 CSR (PEM).
-    pub csr: String,
-    /// The projected service-account token.
-    pub token: String,
-}
-
-/// An issued certificate.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CertificateResponse {
-    /// The X.509-SVID then its intermediates (PEM).
-    pub certificate: String,
-    /// The trust bundle (PEM).
-    pub bundle: String,
-    /// End of validity (RFC 3339).
-    pub not_after: String,
-}
+pub use medmesh_core::wire::{CertificateRequest, CertificateResponse};
 
 /// Why a certificate was refused.
 #[derive(Debug, thiserror::Error)]

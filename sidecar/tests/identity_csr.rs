@@ -55,7 +55,9 @@ async fn issue(
     Ok(Json(CertificateResponse {
         certificate: cert.pem(),
         bundle: d.bundle.clone(),
-        not_after: (now + d.lifetime).unix_timestamp(),
+        not_after: (now + d.lifetime)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
     }))
 }
 
