@@ -248,10 +248,14 @@ impl Config {
                 ca: file("ca", &raw.ca, "MEDMESH_CA"),
             },
         };
+        // A policy path that does not exist yet is not an error: in a pod it is an optional
+        // ConfigMap the operator may publish after the pod starts. Until it appears, every
+        // inbound connection is refused (see `Sidecar::start`).
         if let Some(p) = &raw.policy
+            && p.exists()
             && !p.is_file()
         {
-            errs.push(format!("policy {}: no such file", p.display()));
+            errs.push(format!("policy {}: not a file", p.display()));
         }
         let trust_domain = TrustDomain::new(&raw.trust_domain)
             .map_err(|e| errs.push(format!("trust-domain: {e}")));
@@ -474,7 +478,6 @@ mod tests {
             "key /nonexistent",
             "ca: required",
             "trust-domain",
-            "policy /nonexistent",
             "app-host",
             "detect-timeout-ms",
             "connect-timeout-ms",

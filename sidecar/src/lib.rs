@@ -115,6 +115,10 @@ impl Sidecar {
         };
         // Policy: default deny until a valid document is read; a bad one refuses to start.
         let initial = match &cfg.policy {
+            Some(p) if !p.exists() => {
+                tracing::warn!(path = %p.display(), "no policy file yet: every inbound connection is refused until it appears");
+                Policy::deny_all(cfg.trust_domain.clone())
+            }
             Some(p) => policy_file::load(p, &cfg.trust_domain).map_err(StartError::Policy)?,
             None => Policy::deny_all(cfg.trust_domain.clone()),
         };

@@ -256,6 +256,27 @@ async fn identity_not_in_policy_is_denied_and_policy_reloads() {
     );
 }
 
+/// In a pod the policy is an optional ConfigMap that may appear after the sidecar starts:
+/// until then everything is refused, then the policy takes effect without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_that_appears_later_takes_effect() {
+    let port = echo_app().await;
+    let p = pair(port, "", ("radiology", "scanner"), LeafOptions::default()).await;
+    refused(&p).await;
+    std::fs::write(
+        &p.server_policy,
+        ALLOW_SCANNER.replace("{PORT}", &port.to_string()),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut s = TcpStream::connect(p.client.outbound).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"ping");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_certificates_are_refused_by_reason() {
     let port = echo_app().await;

@@ -100,7 +100,8 @@ pub struct Pair {
 }
 
 /// A server sidecar in front of `app_port` whose policy is `server_policy` (JSON with `{PORT}`
-/// standing for the app port), and a client sidecar for `client_ns/client_sa`.
+/// standing for the app port; empty: no policy file yet), and a client sidecar for
+/// `client_ns/client_sa`.
 pub async fn pair(
     app_port: u16,
     server_policy: &str,
@@ -109,11 +110,16 @@ pub async fn pair(
 ) -> Pair {
     let pki = Pki::new();
     let (sc, sk) = pki.issue("server", "pacs", "orthanc", &LeafOptions::default());
-    let policy = write_policy(
-        pki.dir.path(),
-        "server-policy.json",
-        &server_policy.replace("{PORT}", &app_port.to_string()),
-    );
+    // An empty policy stands for a file that does not exist yet.
+    let policy = if server_policy.is_empty() {
+        pki.dir.path().join("server-policy.json")
+    } else {
+        write_policy(
+            pki.dir.path(),
+            "server-policy.json",
+            &server_policy.replace("{PORT}", &app_port.to_string()),
+        )
+    };
     let mut s = raw(&sc, &sk, &pki.ca_path());
     s.policy = Some(policy.clone());
     s.dev_inbound_port = Some(app_port.to_string());
