@@ -53,7 +53,8 @@ pub struct Observed {
 /// The observer of one data set.
 #[derive(Debug)]
 pub struct DataSetObserver {
-    sha: Sha256,
+    /// `None` when the caller hashes the bytes itself (a Part 10 file is hashed whole).
+    sha: Option<Sha256>,
     bytes: u64,
     explicit: bool,
     state: Parse,
@@ -71,7 +72,7 @@ impl DataSetObserver {
     pub fn new(transfer_syntax: &str) -> Self {
         let parseable = transfer_syntax != EXPLICIT_VR_BE && transfer_syntax != DEFLATED;
         Self {
-            sha: Sha256::new(),
+            sha: Some(Sha256::new()),
             bytes: 0,
             explicit: transfer_syntax != IMPLICIT_VR_LE,
             state: if parseable {
@@ -89,9 +90,19 @@ impl DataSetObserver {
         }
     }
 
+    /// An observer that only reads UIDs; [`Observed::sha256`] is then all zeroes.
+    pub fn without_hash(transfer_syntax: &str) -> Self {
+        Self {
+            sha: None,
+            ..Self::new(transfer_syntax)
+        }
+    }
+
     /// Feeds the next bytes.
     pub fn feed(&mut self, mut b: &[u8]) {
-        self.sha.update(b);
+        if let Some(sha) = self.sha.as_mut() {
+            sha.update(b);
+        }
         self.bytes += b.len() as u64;
         while !b.is_empty() && !matches!(self.state, Parse::Done) {
             self.step(&mut b);
@@ -101,7 +112,7 @@ impl DataSetObserver {
     /// The result.
     pub fn finish(self) -> Observed {
         Observed {
-            sha256: self.sha.finalize().into(),
+            sha256: self.sha.map_or([0; 32], |s| s.finalize().into()),
             bytes: self.bytes,
             study_uid: self.study,
             series_uid: self.series,

@@ -50,7 +50,7 @@ pub struct Part10Observed {
     pub bytes: u64,
     /// Transfer syntax from the meta group.
     pub transfer_syntax: Option<String>,
-    /// The data set's UIDs (and its own hash), when it was parsed.
+    /// The data set's UIDs, when it was parsed (its `sha256` is not computed: zeroes).
     pub dataset: Option<Observed>,
 }
 
@@ -100,7 +100,8 @@ impl Part10Observer {
             .flatten()
             .and_then(|p| p.transfer_syntax)
             .unwrap_or_else(|| super::dataset::IMPLICIT_VR_LE.to_owned());
-        let mut obs = DataSetObserver::new(&ts);
+        // The file is hashed whole here; the data set needs no hash of its own.
+        let mut obs = DataSetObserver::without_hash(&ts);
         obs.feed(&head[end..]);
         self.ts = Some(ts);
         self.state = State::Body(Box::new(obs));
