@@ -211,6 +211,24 @@ async fn stow_rs_through_a_ledger_outage() {
         hits[0].entry.record.source.as_str(),
         "spiffe://medmesh.local/unauthenticated"
     );
+    // Orthanc closes idle keep-alive connections after 1 s; a client reusing its connection to
+    // the mesh after that still gets answers (the sidecar reconnects to the application).
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{enforce_port}/dicom-web/studies");
+    for _ in 0..3 {
+        let r = http
+            .get(&url)
+            .basic_auth("test", Some("test"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+        r.bytes().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     // Delivery is idempotent: a while later, still one record each.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for h in &sha {

@@ -287,73 +287,123 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The upstream connection, whichever HTTP version the client spoke.
-#[derive(Clone)]
-enum Upstream {
-    H1(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<ProxyBody>>>),
+/// A connection to the application in the client's HTTP version.
+enum Conn {
+    H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
     H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
 }
 
-impl Upstream {
-    async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, hyper::Error> {
-        match self {
-            Self::H1(s) => {
-                let mut s = s.lock().await;
-                s.ready().await?;
-                s.send_request(req).await
-            }
-            Self::H2(s) => {
-                let mut s = s.clone();
-                s.ready().await?;
-                s.send_request(req).await
-            }
-        }
+/// Connects to the application (again, after it closed an idle connection).
+pub type Reconnect<A> =
+    Arc<dyn Fn() -> Pin<Box<dyn std::future::Future<Output = Option<A>> + Send>> + Send + Sync>;
+
+/// The application side of one client connection. Applications close idle keep-alive
+/// connections on their own schedule (Orthanc after 1 s); a request that finds the connection
+/// closed, before any of it was sent, goes over a new one.
+struct Upstream<A> {
+    h2: bool,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    reconnect: Reconnect<A>,
+}
+
+async fn handshake<A>(app: A, h2: bool) -> Result<Conn, hyper::Error>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if h2 {
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn::H2(send))
+    } else {
+        // Header names keep their case both ways, as an unproxied exchange would.
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .title_case_headers(false)
+            .handshake(TokioIo::new(app))
+            .await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Conn::H1(send))
     }
 }
 
-/// Serves one HTTP connection from the mTLS peer `client` to `app`. `h2` when the client's
-/// first bytes were the HTTP/2 preface. Returns when both connections ended.
-pub async fn serve<C, A>(client: C, app: A, h2: bool, ctx: AuditCtx)
+impl<A> Upstream<A>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn connect(&self) -> Result<Conn, String> {
+        let app = (self.reconnect)()
+            .await
+            .ok_or_else(|| "cannot reach the application".to_owned())?;
+        handshake(app, self.h2).await.map_err(|e| e.to_string())
+    }
+
+    async fn send(&self, mut req: Request<ProxyBody>) -> Result<Response<Incoming>, String> {
+        // HTTP/1 requests on one connection are sequential: the lock is held until the
+        // response head. HTTP/2 streams share the connection: it is held only to clone it.
+        let mut slot = self.conn.lock().await;
+        for attempt in 0..2 {
+            let ready = match slot.as_mut() {
+                Some(Conn::H1(s)) => s.ready().await.is_ok(),
+                Some(Conn::H2(s)) => s.ready().await.is_ok(),
+                None => false,
+            };
+            if !ready {
+                *slot = Some(self.connect().await?);
+            }
+            let sent = match slot.as_mut() {
+                Some(Conn::H1(s)) => s.try_send_request(req).await,
+                Some(Conn::H2(s)) => {
+                    let mut s = s.clone();
+                    drop(slot);
+                    return s.send_request(req).await.map_err(|e| e.to_string());
+                }
+                None => return Err("no application connection".into()),
+            };
+            match sent {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    // Not sent: the connection closed under it; once more on a new one.
+                    Some(back) if attempt == 0 => {
+                        req = back;
+                        *slot = None;
+                    }
+                    _ => return Err(e.into_error().to_string()),
+                },
+            }
+        }
+        Err("the application closed the connection twice".into())
+    }
+}
+
+/// Serves one HTTP connection from the mTLS peer `client` to the application: `app` is a
+/// connection already open, `reconnect` opens another. `h2` when the client's first bytes were
+/// the HTTP/2 preface. Returns when the client connection ended.
+pub async fn serve<C, A>(client: C, app: A, reconnect: Reconnect<A>, h2: bool, ctx: AuditCtx)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ctx = Arc::new(ctx);
-    let upstream = if h2 {
-        match hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(app)).await {
-            Ok((send, conn)) => {
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Upstream::H2(send)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP/2 handshake with the application failed");
-                return;
-            }
-        }
-    } else {
-        // Header names keep their case both ways, as an unproxied exchange would.
-        let handshake = hyper::client::conn::http1::Builder::new()
-            .preserve_header_case(true)
-            .title_case_headers(false)
-            .handshake(TokioIo::new(app));
-        match handshake.await {
-            Ok((send, conn)) => {
-                tokio::spawn(async move {
-                    let _ = conn.with_upgrades().await;
-                });
-                Upstream::H1(Arc::new(tokio::sync::Mutex::new(send)))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "HTTP/1 handshake with the application failed");
-                return;
-            }
+    let first = match handshake(app, h2).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "handshake with the application failed");
+            return;
         }
     };
+    let upstream = Arc::new(Upstream {
+        h2,
+        conn: tokio::sync::Mutex::new(Some(first)),
+        reconnect,
+    });
     let svc = hyper::service::service_fn(move |req| {
         let (up, ctx) = (upstream.clone(), ctx.clone());
-        async move { Ok::<_, Infallible>(handle(req, up, ctx).await) }
+        async move { Ok::<_, Infallible>(handle(req, &*up, ctx).await) }
     });
     let io = TokioIo::new(client);
     let r = if h2 {
@@ -372,11 +422,14 @@ where
     }
 }
 
-async fn handle(
+async fn handle<A>(
     mut req: Request<Incoming>,
-    up: Upstream,
+    up: &Upstream<A>,
     ctx: Arc<AuditCtx>,
-) -> Response<ProxyBody> {
+) -> Response<ProxyBody>
+where
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let ct = req
         .headers()
         .get(header::CONTENT_TYPE)

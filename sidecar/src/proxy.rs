@@ -357,7 +357,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                         acceptor: creds.identity.id().clone(),
                         metrics: sh.metrics.clone(),
                     };
-                    audited(tls, upstream, sh, hint, "mtls", ctx).await;
+                    audited(tls, upstream, app, sh, hint, "mtls", ctx).await;
                 }
                 _ => proxy(Sniff::new(tls), upstream, sh, "inbound", hint, "mtls", true).await,
             }
@@ -400,6 +400,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                 audited(
                     Prefixed::new(buf, tcp),
                     upstream,
+                    app,
                     sh,
                     hint,
                     "plaintext",
@@ -426,6 +427,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
 async fn audited<C>(
     mut tls: C,
     upstream: TcpStream,
+    app: SocketAddr,
     sh: &Shared,
     hint: ProtocolHint,
     tls_label: &'static str,
@@ -462,7 +464,15 @@ async fn audited<C>(
         }
         ProtocolHint::Http => {
             rec.protocol = if label == "http2" { "http2" } else { "http1" };
-            crate::dicomweb::serve(client, counted, label == "http2", ctx).await;
+            let (sh2, r, w) = (sh.clone(), from_app.clone(), to_app.clone());
+            let reconnect: crate::dicomweb::Reconnect<Counted<TcpStream>> = Arc::new(move || {
+                let (sh, r, w) = (sh2.clone(), r.clone(), w.clone());
+                Box::pin(async move {
+                    let s = connect(app, &sh, "inbound").await.ok()?;
+                    Some(Counted::with(s, r, w))
+                })
+            });
+            crate::dicomweb::serve(client, counted, reconnect, label == "http2", ctx).await;
         }
         _ => {
             let _ = tokio::io::copy_bidirectional_with_sizes(
@@ -491,10 +501,19 @@ struct Counted<S> {
 
 impl<S> Counted<S> {
     fn new(inner: S) -> Self {
+        Self::with(inner, Arc::default(), Arc::default())
+    }
+
+    /// Counts into existing counters (a reconnection of the same client connection).
+    fn with(
+        inner: S,
+        read: Arc<std::sync::atomic::AtomicU64>,
+        written: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
         Self {
             inner,
-            read: Arc::default(),
-            written: Arc::default(),
+            read,
+            written,
         }
     }
 }
