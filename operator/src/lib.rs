@@ -6,9 +6,11 @@
 //! - [`webhook`]: the mutating admission webhook that injects the sidecar (`POST /mutate`).
 //! - [`identity`]: the CA that issues X.509-SVIDs for projected service-account tokens
 //!   (`POST /v1/certificate`, `GET /v1/bundle`).
+//! - [`controller`]: the leader-only `AuditLedger` and `MeshPolicy` controllers.
 //! - [`metrics`]: admission and certificate counters (bounded labels).
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
+pub mod controller;
 pub mod crd;
 pub mod identity;
 pub mod metrics;
