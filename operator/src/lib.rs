@@ -7,12 +7,14 @@
 //! - [`identity`]: the CA that issues X.509-SVIDs for projected service-account tokens
 //!   (`POST /v1/certificate`, `GET /v1/bundle`).
 //! - [`controller`]: the leader-only `AuditLedger` and `MeshPolicy` controllers.
+//! - [`leader`]: leader election on a Lease (only the leader runs the controllers).
 //! - [`metrics`]: admission and certificate counters (bounded labels).
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod controller;
 pub mod crd;
 pub mod identity;
+pub mod leader;
 pub mod metrics;
 pub mod policy;
 pub mod run;
