@@ -173,6 +173,37 @@ impl CheckpointReader for ClientCheckpointReader {
     }
 }
 
+/// A [`CheckpointReader`] that issues the operator a fresh short-lived SVID from its own
+/// identity CA for each read (so it never holds an expired one), then reads with
+/// [`ClientCheckpointReader`].
+pub struct SelfIssuedReader {
+    /// The identity CA.
+    pub ca: Arc<IssuerCa>,
+    /// The operator's SPIFFE ID (added to every ledger's readers).
+    pub id: SpiffeId,
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+}
+
+impl CheckpointReader for SelfIssuedReader {
+    fn read<'a>(
+        &'a self,
+        target: &'a LedgerTarget,
+    ) -> Pin<Box<dyn Future<Output = Result<LedgerCheckpoint, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let reader = ClientCheckpointReader::from_ca(
+                &self.ca,
+                &self.id,
+                &self.trust_domain,
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
+            .map_err(|e| e.to_string())?;
+            reader.read(target).await
+        })
+    }
+}
+
 fn root_b64(root: &medmesh_core::Hash) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(root.0)
