@@ -139,3 +139,135 @@ impl Metrics {
         self.certificates.with_label_values(&[r.as_str()]).get()
     }
 }
+
+/// Which controller reconciled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControllerKind {
+    /// The `AuditLedger` controller.
+    AuditLedger,
+    /// The `MeshPolicy` (per namespace) controller.
+    MeshPolicy,
+}
+
+impl ControllerKind {
+    const ALL: [Self; 2] = [Self::AuditLedger, Self::MeshPolicy];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AuditLedger => "audit_ledger",
+            Self::MeshPolicy => "mesh_policy",
+        }
+    }
+}
+
+/// How a reconcile ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconcileResult {
+    /// It wrote what it had to (or nothing was needed).
+    Success,
+    /// It failed and will be retried.
+    Error,
+}
+
+impl ReconcileResult {
+    const ALL: [Self; 2] = [Self::Success, Self::Error];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Reconcile counts and durations per controller.
+#[derive(Debug, Clone)]
+pub struct ReconcileMetrics {
+    reconciles: IntCounterVec,
+    duration: prometheus::HistogramVec,
+}
+
+impl ReconcileMetrics {
+    /// Creates the metrics and registers them.
+    ///
+    /// # Errors
+    /// When a metric of the same name is already registered.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let reconciles = IntCounterVec::new(
+            Opts::new("reconciles_total", "Reconciles by controller and result"),
+            &["controller", "result"],
+        )?;
+        let duration = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "reconcile_duration_seconds",
+                "Duration of reconciles by controller",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["controller"],
+        )?;
+        for c in ControllerKind::ALL {
+            for r in ReconcileResult::ALL {
+                reconciles.with_label_values(&[c.as_str(), r.as_str()]);
+            }
+            duration.with_label_values(&[c.as_str()]);
+        }
+        registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Self {
+            reconciles,
+            duration,
+        })
+    }
+
+    /// Metrics that go nowhere (tests).
+    pub fn unregistered() -> Self {
+        // Registering into a throwaway registry cannot collide.
+        match Self::register(&Registry::new()) {
+            Ok(m) => m,
+            Err(e) => unreachable!("fresh registry: {e}"),
+        }
+    }
+
+    /// Starts timing one reconcile.
+    pub fn start(&self, controller: ControllerKind) -> ReconcileTimer {
+        ReconcileTimer {
+            metrics: self.clone(),
+            controller,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Current count (tests).
+    pub fn reconciles(&self, c: ControllerKind, r: ReconcileResult) -> u64 {
+        self.reconciles
+            .with_label_values(&[c.as_str(), r.as_str()])
+            .get()
+    }
+}
+
+/// One reconcile being timed.
+#[derive(Debug)]
+pub struct ReconcileTimer {
+    metrics: ReconcileMetrics,
+    controller: ControllerKind,
+    start: std::time::Instant,
+}
+
+impl ReconcileTimer {
+    /// Records its result and duration.
+    pub fn finish(self, result: ReconcileResult) {
+        let c = self.controller.as_str();
+        self.metrics
+            .reconciles
+            .with_label_values(&[c, result.as_str()])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[c])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -6,9 +6,14 @@
 //! 2. the admin listener, so that `/live` answers while the rest starts (`/ready` stays false);
 //! 3. the Kubernetes client, the issuer CA (read or bootstrapped) and the serving certificate;
 //! 4. the HTTPS listener; `/ready` turns true once it accepts;
-//! 5. *(planned)* leader election on the Lease, and under it the `AuditLedger` and `MeshPolicy`
-//!    controllers and serving-certificate rotation (published through the `watch` channel that
-//!    the HTTPS listener already reads its TLS configuration from).
+//! 5. the serving-certificate loop (every replica: rotation through the `watch` channel the
+//!    HTTPS listener reads its TLS configuration from, `caBundle` of the webhook);
+//! 6. leader election on the Lease, and under it the `AuditLedger` and `MeshPolicy`
+//!    controllers, started when this replica becomes leader and stopped when it stops being
+//!    one.
+//!
+//! `--otlp-endpoint` is accepted but traces are not exported yet: the operator logs a warning
+//! saying so (the OpenTelemetry crates of `DEPENDENCIES.md` are not wired in).
 //!
 //! SIGTERM or Ctrl-C stops accepting, drains open connections for at most [`DRAIN`], then
 //! closes what is left.
@@ -34,9 +39,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
+use crate::controller::{self, Context};
+use crate::events::KubeEvents;
 use crate::identity::{self, IdentityService, IssuerCa, KubeTokenReviewer};
-use crate::metrics::Metrics;
-use crate::webhook::{self, InjectConfig, NoEvents, WebhookState};
+use crate::leader::{self, LeaseLock};
+use crate::metrics::{Metrics, ReconcileMetrics};
+use crate::serving::{self, ServingLoop, Source};
+use crate::webhook::{self, EventSink, InjectConfig, WebhookState};
 
 pub mod config;
 
@@ -73,6 +82,9 @@ pub enum RunError {
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The serving certificate could not be created or loaded.
+    #[error("serving certificate: {0}")]
+    ServingMaterial(#[from] serving::ServingError),
 }
 
 /// A TLS 1.3-only server configuration (aws-lc-rs, post-quantum hybrid key exchange first)
@@ -233,10 +245,25 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, RunError> {
 /// # Errors
 /// When a listener cannot be bound, or the client, CA or serving certificate cannot be loaded.
 pub async fn run(cfg: Config) -> Result<(), RunError> {
+    run_until(cfg, shutdown_signal()).await
+}
+
+/// Runs the operator until `shutdown` resolves (the cluster e2e tests run it in process).
+///
+/// # Errors
+/// When a listener cannot be bound, or the client, CA or serving certificate cannot be loaded.
+pub async fn run_until(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
     let registry = Registry::new_custom(Some("medmesh_operator".into()), None)?;
     let metrics = Metrics::register(&registry)?;
+    let reconcile_metrics = ReconcileMetrics::register(&registry)?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(endpoint) = &cfg.otlp_endpoint {
+        tracing::warn!(%endpoint, "OTLP trace export is not implemented yet; traces go to the log only");
+    }
 
     let admin = bind(cfg.admin_addr).await?;
     let admin_app = admin_router(Admin {
@@ -254,28 +281,52 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     });
 
     let client = kube::Client::try_default().await?;
+    // The pod name (HOSTNAME in a pod) tells replicas apart in the Lease and in Events.
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("medmesh-operator-{}", std::process::id()));
     let secrets = kube::Api::namespaced(client.clone(), &cfg.namespace);
-    let ca =
+    let ca = Arc::new(
         IssuerCa::load_or_bootstrap(&secrets, &cfg.namespace, &cfg.ca_secret, &cfg.trust_domain)
-            .await?;
-    let tls = match &cfg.serving {
-        ServingCert::Files { cert, key } => {
-            let read = |p: &std::path::Path| {
-                std::fs::read(p).map_err(|e| RunError::Serving(format!("{}: {e}", p.display())))
-            };
-            server_tls(&read(cert)?, &read(key)?)?
-        }
-        // Issuing and rotating the serving certificate in this Secret belongs to the
-        // serving-certificate controller, which is not written yet.
+            .await?,
+    );
+    let source = match &cfg.serving {
+        ServingCert::Files { cert, key } => Source::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
         ServingCert::Secret(name) => {
-            return Err(RunError::Serving(format!(
-                "the operator cannot manage Secret {}/{name} yet; pass --serving-cert-file and --serving-key-file",
-                cfg.namespace
-            )));
+            let urls: Vec<&str> = cfg
+                .webhook_url
+                .iter()
+                .chain(std::iter::once(&cfg.identity_url))
+                .map(String::as_str)
+                .collect();
+            Source::Secret {
+                api: secrets.clone(),
+                namespace: cfg.namespace.clone(),
+                name: name.clone(),
+                sans: serving::sans(&cfg.webhook_service, &cfg.namespace, &urls),
+                webhooks: kube::Api::all(client.clone()),
+                webhook_config: cfg.webhook_config.clone(),
+                webhook_url: cfg.webhook_url.clone(),
+            }
         }
     };
-    let (_tls_tx, tls_rx) = watch::channel(tls);
+    let (tls, serving_ca) = ServingLoop::initial(&source).await?;
+    let (tls_tx, tls_rx) = watch::channel(tls);
+    let (ca_tx, ca_rx) = watch::channel(serving_ca);
+    let serving_task = tokio::spawn(
+        ServingLoop {
+            source,
+            tls: tls_tx,
+            ca: ca_tx,
+        }
+        .run(stop_rx.clone()),
+    );
 
+    let events: Arc<dyn EventSink> =
+        Arc::new(KubeEvents::start(client.clone(), Some(identity.clone())));
     let webhook_state = WebhookState {
         config: Arc::new(InjectConfig {
             sidecar_image: cfg.sidecar_image.clone(),
@@ -285,13 +336,12 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
             version: VERSION.to_owned(),
             native_sidecar: cfg.native_sidecar,
         }),
-        // Events need the kube recorder, which comes with the controllers.
-        events: Arc::new(NoEvents),
+        events: events.clone(),
         metrics: metrics.clone(),
     };
-    let identity = Arc::new(IdentityService {
-        ca: Arc::new(ca),
-        reviewer: KubeTokenReviewer::new(client),
+    let identity_service = Arc::new(IdentityService {
+        ca: ca.clone(),
+        reviewer: KubeTokenReviewer::new(client.clone()),
         trust_domain: cfg.trust_domain.clone(),
         ttl: cfg.cert_ttl,
         metrics,
@@ -300,20 +350,81 @@ pub async fn run(cfg: Config) -> Result<(), RunError> {
     let https_task = tokio::spawn(serve_https(
         https,
         tls_rx,
-        https_router(webhook_state, identity),
+        https_router(webhook_state, identity_service),
         stop_rx.clone(),
         DRAIN,
     ));
     ready.store(true, Ordering::Release);
-    tracing::info!(https = %cfg.https_addr, admin = %cfg.admin_addr, "serving");
+    tracing::info!(https = %cfg.https_addr, admin = %cfg.admin_addr, %identity, "serving");
 
-    shutdown_signal().await;
+    // The operator reads ledger checkpoints as spiffe://<td>/ns/<ns>/sa/<service>, an SVID
+    // it issues itself from the identity CA.
+    let reader_id = cfg
+        .trust_domain
+        .workload(&cfg.namespace, &cfg.webhook_service)
+        .ok();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        ledger_image: cfg.ledger_image.clone(),
+        ca: ca.clone(),
+        checkpoints: reader_id.clone().map(|id| {
+            Arc::new(controller::audit_ledger::SelfIssuedReader {
+                ca: ca.clone(),
+                id,
+                trust_domain: cfg.trust_domain.clone(),
+            }) as Arc<dyn controller::CheckpointReader>
+        }),
+        reader_id,
+        serving_ca: ca_rx,
+        events,
+        metrics: reconcile_metrics,
+        clock: controller::system_clock(),
+    });
+    let lock = LeaseLock::new(
+        kube::Api::namespaced(client.clone(), &cfg.namespace),
+        &cfg.lease_name,
+        &identity,
+    );
+    let (lead_tx, lead_rx) = watch::channel(false);
+    let elector = tokio::spawn(leader::run(lock, lead_tx, stop_rx.clone()));
+    let controllers = tokio::spawn(lead(ctx, lead_rx, stop_rx.clone()));
+
+    shutdown.await;
     tracing::info!("shutting down");
     ready.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
+    let _ = controllers.await;
+    let _ = elector.await;
     let _ = https_task.await;
+    let _ = serving_task.await;
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Runs the controllers while `leading` is true, until `stop`.
+async fn lead(
+    ctx: Arc<Context>,
+    mut leading: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = leading.wait_for(|l| *l) => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::info!("starting controllers");
+        let mut lost = leading.clone();
+        let mut stopped = stop.clone();
+        controller::run(ctx.clone(), async move {
+            tokio::select! {
+                _ = lost.wait_for(|l| !*l) => {}
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+        })
+        .await;
+        tracing::info!("controllers stopped");
+    }
 }
 
 async fn shutdown_signal() {

@@ -12,8 +12,9 @@
 //!   `restartPolicy: Always` and a startup probe on `/ready`) right after it, before the app's
 //!   init containers, or as a plain container when [`InjectConfig::native_sidecar`] is off
 //!   (clusters without native sidecars);
-//! - a projected service-account token for audience `medmesh-identity` and the optional policy
-//!   ConfigMap `medmesh-policy`, mounted into the sidecar;
+//! - a projected service-account token for audience `medmesh-identity`, the policy ConfigMap
+//!   `medmesh-policy` and the identity service's CA (`medmesh-identity-ca`, at
+//!   `/etc/medmesh/identity/ca.crt`), mounted into the sidecar;
 //! - the annotation `medmesh.io/injected-version`.
 //!
 //! Decisions are pure and return the Event to emit as data; the handler hands it to an
@@ -42,8 +43,8 @@ mod pod_spec;
 mod tests;
 
 pub use pod_spec::{
-    ADMIN_PORT, IDENTITY_AUDIENCE, INIT_NAME, POLICY_MOUNT, POLICY_VOLUME, PROXY_UID, SIDECAR_NAME,
-    TOKEN_MOUNT, TOKEN_VOLUME,
+    ADMIN_PORT, IDENTITY_AUDIENCE, IDENTITY_CA_MOUNT, IDENTITY_CA_VOLUME, INIT_NAME, POLICY_MOUNT,
+    POLICY_VOLUME, PROXY_UID, SIDECAR_NAME, TOKEN_MOUNT, TOKEN_VOLUME,
 };
 
 /// Pod label that opts a Pod out (`disabled`) or explicitly in (`enabled`).
@@ -406,7 +407,7 @@ fn build_patch(pod: &Pod, cfg: &InjectConfig, display: &str) -> Result<Patch, In
     let skip_out = ports(&annotations, SKIP_OUTBOUND_ANNOTATION, display)?;
     let spec = pod.spec.clone().unwrap_or_default();
     for v in spec.volumes.iter().flatten() {
-        for name in [TOKEN_VOLUME, POLICY_VOLUME] {
+        for name in [TOKEN_VOLUME, POLICY_VOLUME, IDENTITY_CA_VOLUME] {
             if v.name == name {
                 return Err(InjectError::NameTaken {
                     pod: display.to_owned(),

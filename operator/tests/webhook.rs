@@ -175,10 +175,11 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
                 Some(true)
             ),
             ("medmesh-policy", "/etc/medmesh/policy", Some(true)),
+            ("medmesh-identity-ca", "/etc/medmesh/identity", Some(true)),
         ]
     );
 
-    // Volumes: the Pod's own, then the token and the optional policy ConfigMap.
+    // Volumes: the Pod's own, then the token, the policy and the identity CA ConfigMaps.
     let vols = spec.volumes.as_deref().unwrap();
     let old_vols = old.volumes.as_deref().unwrap_or_default();
     assert_eq!(&vols[..old_vols.len()], old_vols);
@@ -199,7 +200,16 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
     let policy = vols.iter().find(|v| v.name == "medmesh-policy").unwrap();
     let cm = policy.config_map.as_ref().unwrap();
     assert_eq!(cm.name, "medmesh-policy");
-    assert_eq!(cm.optional, Some(true));
+    assert_eq!(cm.optional, Some(false));
+    let ca = vols
+        .iter()
+        .find(|v| v.name == "medmesh-identity-ca")
+        .unwrap();
+    assert_eq!(ca.config_map.as_ref().unwrap().name, "medmesh-identity-ca");
+    assert_eq!(
+        env(sidecar, "MEDMESH_IDENTITY_CA"),
+        "/etc/medmesh/identity/ca.crt"
+    );
 
     // The version annotation, next to the Pod's own annotations.
     let ann = after.metadata.annotations.as_ref().unwrap();

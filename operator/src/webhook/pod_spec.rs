@@ -32,6 +32,11 @@ pub const TOKEN_MOUNT: &str = "/var/run/secrets/medmesh/identity";
 pub const POLICY_VOLUME: &str = "medmesh-policy";
 /// Where the policy is mounted in the sidecar.
 pub const POLICY_MOUNT: &str = "/etc/medmesh/policy";
+/// Volume of the identity service's CA (ConfigMap `medmesh-identity-ca`, published by the
+/// policy controller into every meshed namespace).
+pub const IDENTITY_CA_VOLUME: &str = "medmesh-identity-ca";
+/// Where it is mounted: the sidecar's default `MEDMESH_IDENTITY_CA` directory.
+pub const IDENTITY_CA_MOUNT: &str = "/etc/medmesh/identity";
 /// Lifetime of the projected token; the kubelet refreshes it at 80 %.
 const TOKEN_SECONDS: i64 = 3600;
 
@@ -177,6 +182,7 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
             ),
             env("MEDMESH_IDENTITY_URL", cfg.identity_url.clone()),
             env("MEDMESH_IDENTITY_TOKEN", format!("{TOKEN_MOUNT}/token")),
+            env("MEDMESH_IDENTITY_CA", format!("{IDENTITY_CA_MOUNT}/ca.crt")),
             // The kubelet probes the admin port on the Pod's address, not on loopback.
             env("MEDMESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
         ]),
@@ -190,6 +196,12 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
             VolumeMount {
                 name: POLICY_VOLUME.into(),
                 mount_path: POLICY_MOUNT.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: IDENTITY_CA_VOLUME.into(),
+                mount_path: IDENTITY_CA_MOUNT.into(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
@@ -219,8 +231,11 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
     }
 }
 
-/// The projected identity token and the policy ConfigMap (optional: a namespace without
-/// policies has none, and the sidecar then denies every inbound connection).
+/// The projected identity token, the policy ConfigMap and the identity CA ConfigMap. Both
+/// ConfigMaps are required (`optional: false`): the operator publishes them in every
+/// namespace labelled for injection (a deny-all policy when there is no MeshPolicy), and a
+/// Pod created before that waits in ContainerCreating instead of starting a sidecar that
+/// cannot load its policy or trust the identity service.
 pub(super) fn volumes() -> Vec<Volume> {
     vec![
         Volume {
@@ -242,7 +257,16 @@ pub(super) fn volumes() -> Vec<Volume> {
             name: POLICY_VOLUME.into(),
             config_map: Some(ConfigMapVolumeSource {
                 name: crate::policy::CONFIGMAP.into(),
-                optional: Some(true),
+                optional: Some(false),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: IDENTITY_CA_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: crate::controller::mesh_policy::IDENTITY_CA_CONFIGMAP.into(),
+                optional: Some(false),
                 ..ConfigMapVolumeSource::default()
             }),
             ..Volume::default()

@@ -67,7 +67,14 @@ fn creates_missing_maps_and_lists() {
         .collect();
     assert_eq!(inits, ["medmesh-init", "medmesh-sidecar"]);
     let vols: Vec<_> = spec.volumes.unwrap().into_iter().map(|v| v.name).collect();
-    assert_eq!(vols, ["medmesh-identity-token", "medmesh-policy"]);
+    assert_eq!(
+        vols,
+        [
+            "medmesh-identity-token",
+            "medmesh-policy",
+            "medmesh-identity-ca"
+        ]
+    );
     assert_eq!(
         pod.metadata.annotations.unwrap()["medmesh.io/injected-version"],
         "1.2.3"
@@ -89,7 +96,7 @@ fn appends_to_existing_empty_lists() {
     assert!(patch.contains("/spec/volumes/-"), "{patch}");
     let spec = patched(&a, &obj).spec.unwrap();
     assert_eq!(spec.init_containers.unwrap().len(), 2);
-    assert_eq!(spec.volumes.unwrap().len(), 2);
+    assert_eq!(spec.volumes.unwrap().len(), 3);
 }
 
 #[test]

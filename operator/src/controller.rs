@@ -1,0 +1,250 @@
+//! The leader-only controllers: [`audit_ledger`] (one `AuditLedger` → its Secret, ConfigMap,
+//! Services, StatefulSet and PodDisruptionBudget) and [`mesh_policy`] (one namespace → its
+//! policy and identity-CA ConfigMaps and the conditions of its `MeshPolicy` objects).
+//!
+//! Both follow kube-rs/controller-rs: children are written with server-side apply under one
+//! field manager ([`FIELD_MANAGER`]), status goes to `/status`, and every decision is a pure
+//! function of gathered input and an injected clock (tested without an API server), while the
+//! `reconcile` functions only gather, call those and write (tested against a mocked API
+//! server, see `mock`).
+//!
+//! Status is written only when it differs from what is stored, so the watch event our own
+//! status write causes ends in a reconcile that writes nothing (this stands in for the
+//! generation predicate, which would also hide the StatefulSet status changes we want).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use medmesh_core::TrustDomain;
+use tokio::sync::watch;
+
+use crate::crd::{AuditLedger, MeshPolicy};
+use crate::identity::IssuerCa;
+use crate::metrics::{ControllerKind, ReconcileMetrics, ReconcileResult};
+use crate::webhook::EventSink;
+
+pub mod audit_ledger;
+pub mod mesh_policy;
+#[cfg(test)]
+pub(crate) mod mock;
+
+pub use audit_ledger::{CheckpointReader, LedgerCheckpoint, LedgerTarget};
+
+/// The one field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "medmesh-operator";
+/// `app.kubernetes.io/managed-by` value on every object the operator creates.
+pub const MANAGED_BY: &str = "medmesh-operator";
+
+/// Why a reconcile failed (it is retried after [`RETRY`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An API request failed.
+    #[error("{what}: {source}")]
+    Kube {
+        /// Which object and operation.
+        what: String,
+        /// The error.
+        source: kube::Error,
+    },
+    /// The object lacks a namespace or uid (not expected from the API server).
+    #[error("{0}")]
+    Object(String),
+    /// Generating or signing key material failed.
+    #[error("{what}: {reason}")]
+    Crypto {
+        /// What was generated.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// Serialization of a child failed (not expected).
+    #[error("serializing {what}: {reason}")]
+    Serialize {
+        /// Which child.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+pub(crate) fn kube_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Kube { what, source }
+}
+
+/// Delay before a failed reconcile is retried.
+pub const RETRY: Duration = Duration::from_secs(30);
+
+/// The time source of decisions (tests fix it).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(SystemTime::now)
+}
+
+/// `SystemTime` as a Kubernetes `Time`, whole seconds (what the API server stores, so that a
+/// status read back compares equal).
+pub fn k8s_time(t: SystemTime) -> Time {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    Time(
+        k8s_openapi::jiff::Timestamp::from_second(secs)
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
+}
+
+/// Server-side apply with our field manager; `force` takes over fields another manager set
+/// (the operator owns these objects).
+pub fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// What the controllers share.
+#[derive(Clone)]
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Mesh trust domain.
+    pub trust_domain: TrustDomain,
+    /// Default ledger image.
+    pub ledger_image: String,
+    /// The workload-identity issuer (signs the ledgers' server certificates).
+    pub ca: Arc<IssuerCa>,
+    /// Reads ledgers' checkpoints; `None` when no reader credentials are configured.
+    pub checkpoints: Option<Arc<dyn CheckpointReader>>,
+    /// The operator's own SPIFFE ID, added to every ledger's readers when it reads checkpoints.
+    pub reader_id: Option<medmesh_core::SpiffeId>,
+    /// PEM of the CA that signs the operator's HTTPS certificate (published as
+    /// `medmesh-identity-ca`); `None` until known.
+    pub serving_ca: watch::Receiver<Option<String>>,
+    /// Events about resources.
+    pub events: Arc<dyn EventSink>,
+    /// Reconcile counters.
+    pub metrics: ReconcileMetrics,
+    /// Time source.
+    pub clock: Clock,
+}
+
+impl Context {
+    fn now(&self) -> SystemTime {
+        (self.clock)()
+    }
+}
+
+fn error_policy<K>(kind: ControllerKind) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |_obj, err, ctx| {
+        tracing::warn!(controller = kind.as_str(), error = %err, "reconcile failed");
+        drop(ctx);
+        Action::requeue(RETRY)
+    }
+}
+
+/// Runs both controllers until `shutdown` resolves (then they finish the reconciles in flight).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let ledgers = Controller::new(
+        Api::<AuditLedger>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+    )
+    .graceful_shutdown_on(stopped(stop_rx.clone()))
+    .run(
+        |obj, ctx| async move {
+            let m = ctx.metrics.start(ControllerKind::AuditLedger);
+            let r = audit_ledger::reconcile(obj, ctx.clone()).await;
+            m.finish(if r.is_ok() {
+                ReconcileResult::Success
+            } else {
+                ReconcileResult::Error
+            });
+            r
+        },
+        error_policy(ControllerKind::AuditLedger),
+        ctx.clone(),
+    )
+    .for_each(|_| async {});
+
+    // The policy controller is keyed by namespace: every change to a namespace's labels,
+    // policies, ledgers or our ConfigMaps recompiles that namespace; a new serving CA
+    // recompiles all (it is published into each).
+    let mut ca_rx = ctx.serving_ca.clone();
+    let ca_changes = async_stream_from_watch(&mut ca_rx);
+    let policies = Controller::new(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches(
+        Api::<MeshPolicy>::all(client.clone()),
+        watcher::Config::default(),
+        |p| p.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    .watches(
+        Api::<AuditLedger>::all(client.clone()),
+        watcher::Config::default(),
+        |l| l.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    .watches(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+        |c| c.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    .reconcile_all_on(ca_changes)
+    .graceful_shutdown_on(stopped(stop_rx))
+    .run(
+        |obj, ctx| async move {
+            let m = ctx.metrics.start(ControllerKind::MeshPolicy);
+            let r = mesh_policy::reconcile(obj, ctx.clone()).await;
+            m.finish(if r.is_ok() {
+                ReconcileResult::Success
+            } else {
+                ReconcileResult::Error
+            });
+            r
+        },
+        error_policy(ControllerKind::MeshPolicy),
+        ctx,
+    )
+    .for_each(|_| async {});
+
+    let both = futures::future::join(ledgers, policies);
+    tokio::pin!(both);
+    tokio::select! {
+        _ = &mut both => {}
+        () = shutdown => {
+            let _ = stop_tx.send(true);
+            both.await;
+        }
+    }
+}
+
+/// A stream that yields once per change of `rx` (the first value is not a change).
+fn async_stream_from_watch(
+    rx: &mut watch::Receiver<Option<String>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    let rx = rx.clone();
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok().map(|()| ((), rx))
+    })
+}

@@ -1,0 +1,300 @@
+//! The per-namespace `MeshPolicy` reconciler against a mocked API server (`mock_api_*`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::controller::mock::{self, ApiServer};
+use crate::identity::IssuerCa;
+use crate::metrics::ReconcileMetrics;
+use crate::webhook::NoEvents;
+
+const POLICIES: &str = "/apis/medmesh.io/v1alpha1/namespaces/radiology/meshpolicies";
+const CM: &str = "/api/v1/namespaces/radiology/configmaps/medmesh-policy";
+const CA_CM: &str = "/api/v1/namespaces/radiology/configmaps/medmesh-identity-ca";
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000)
+}
+
+fn context(serving_ca: Option<&str>) -> (Arc<Context>, ApiServer) {
+    let (client, api) = mock::pair();
+    let td = medmesh_core::TrustDomain::new("cluster.local").unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(serving_ca.map(str::to_owned));
+    let ctx = Arc::new(Context {
+        client,
+        ca: Arc::new(IssuerCa::generate(&td, t0()).unwrap()),
+        trust_domain: td,
+        ledger_image: "ledger".into(),
+        checkpoints: None,
+        reader_id: None,
+        serving_ca: rx,
+        events: Arc::new(NoEvents),
+        metrics: ReconcileMetrics::unregistered(),
+        clock: Arc::new(t0),
+    });
+    (ctx, api)
+}
+
+fn namespace(labelled: bool) -> Arc<Namespace> {
+    let labels = if labelled {
+        json!({"medmesh.io/inject": "enabled"})
+    } else {
+        json!({})
+    };
+    Arc::new(
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "radiology", "labels": labels},
+        }))
+        .unwrap(),
+    )
+}
+
+fn policy(name: &str, uid: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "medmesh.io/v1alpha1", "kind": "MeshPolicy",
+        "metadata": {"name": name, "namespace": "radiology", "uid": uid, "generation": 3},
+        "spec": spec,
+    })
+}
+
+fn good() -> Value {
+    policy(
+        "pacs",
+        "u-pacs",
+        json!({
+            "podSelector": {"matchLabels": {"app": "orthanc"}},
+            "ports": [{"port": 4242, "protocol": "dicom", "allow": [{"serviceAccount": {"name": "modality"}}]}],
+        }),
+    )
+}
+
+fn bad() -> Value {
+    policy(
+        "viewer",
+        "u-viewer",
+        json!({
+            "podSelector": {},
+            "ports": [{"port": 8042, "allow": [{"spiffeId": "spiffe://elsewhere.example/ns/a/sa/b"}]}],
+        }),
+    )
+}
+
+fn list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "MeshPolicyList", "metadata": {}, "items": items})
+}
+
+/// The status patches of a pass, by policy name.
+async fn status_patch(api: &mut ApiServer, stored: &Value) -> Value {
+    let name = stored["metadata"]["name"].as_str().unwrap().to_owned();
+    let mut stored = stored.clone();
+    let seen = api
+        .expect("PATCH", &format!("{POLICIES}/{name}/status"), 200, |s| {
+            let mut v = stored.clone();
+            mock::merge(&mut v, &s.body);
+            v
+        })
+        .await;
+    // What the API server now stores.
+    mock::merge(&mut stored, &seen.body);
+    stored
+}
+
+fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
+    status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn mock_api_policy_namespace_is_compiled_published_and_statuses_written() {
+    let (ctx, mut api) = context(Some(CA_PEM));
+    let (r, (cm, ca, pacs, viewer)) = mock::run(
+        reconcile(namespace(true), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, |_| list(vec![good(), bad()]))
+                .await;
+            let cm = api.apply(CM, json!({})).await.body;
+            let ca = api.apply(CA_CM, json!({})).await.body;
+            let pacs = status_patch(&mut api, &good()).await;
+            let viewer = status_patch(&mut api, &bad()).await;
+            api.quiet(Duration::from_millis(100)).await;
+            (cm, ca, pacs, viewer)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(r.unwrap(), Action::requeue(RESYNC));
+
+    // The document holds the valid policy only; the ConfigMap is owned by both policies
+    // (without a controller), so it goes away with the last of them.
+    let doc: Value = serde_json::from_str(cm["data"]["policy.json"].as_str().unwrap()).unwrap();
+    assert_eq!(doc["mode"], "enforce");
+    assert_eq!(doc["inbound"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["inbound"][0]["port"], 4242);
+    let owners: Vec<&str> = cm["metadata"]["ownerReferences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            assert!(o.get("controller").is_none());
+            assert_eq!(o["kind"], "MeshPolicy");
+            o["uid"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(owners, ["u-pacs", "u-viewer"]);
+    assert_eq!(ca["data"]["ca.crt"], CA_PEM);
+    assert_eq!(
+        ca["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "medmesh-operator"
+    );
+
+    assert_eq!(pacs["status"]["observedGeneration"], 3);
+    assert_eq!(condition(&pacs, "Ready")["status"], "True");
+    assert_eq!(condition(&viewer, "Ready")["status"], "False");
+    assert_eq!(condition(&viewer, "Ready")["reason"], "InvalidReference");
+    assert!(
+        condition(&viewer, "Ready")["message"]
+            .as_str()
+            .unwrap()
+            .contains("outside trust domain cluster.local"),
+        "{viewer}"
+    );
+    assert_eq!(condition(&viewer, "Degraded")["status"], "True");
+}
+
+#[tokio::test]
+async fn mock_api_policy_second_pass_writes_no_status() {
+    let (ctx, mut api) = context(Some(CA_PEM));
+    let (r, first) = mock::run(
+        reconcile(namespace(true), ctx.clone()),
+        async {
+            api.expect("GET", POLICIES, 200, |_| list(vec![good(), bad()]))
+                .await;
+            let cm = api.apply(CM, json!({})).await.body;
+            api.apply(CA_CM, json!({})).await;
+            let a = status_patch(&mut api, &good()).await;
+            let b = status_patch(&mut api, &bad()).await;
+            (cm, a, b)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+    let (cm1, stored_a, stored_b) = first;
+    let (r, cm2) = mock::run(
+        reconcile(namespace(true), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, move |_| {
+                list(vec![stored_a, stored_b])
+            })
+            .await;
+            let cm = api.apply(CM, json!({})).await.body;
+            api.apply(CA_CM, json!({})).await;
+            api.quiet(Duration::from_millis(200)).await;
+            cm
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+    assert_eq!(cm1, cm2);
+}
+
+#[tokio::test]
+async fn mock_api_policy_labelled_namespace_without_policies_gets_deny_all() {
+    let (ctx, mut api) = context(Some(CA_PEM));
+    let (r, cm) = mock::run(
+        reconcile(namespace(true), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, |_| list(vec![])).await;
+            let cm = api.apply(CM, json!({})).await.body;
+            api.apply(CA_CM, json!({})).await;
+            api.quiet(Duration::from_millis(100)).await;
+            cm
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+    let doc: PolicyDoc = serde_json::from_str(cm["data"]["policy.json"].as_str().unwrap()).unwrap();
+    assert_eq!(doc, PolicyDoc::default());
+    assert!(doc.inbound.is_empty(), "deny-all: no inbound port");
+    // No owner: the garbage collector must not remove what the sidecars need.
+    assert_eq!(cm["metadata"]["ownerReferences"], json!([]));
+}
+
+#[tokio::test]
+async fn mock_api_policy_unmeshed_namespace_gets_nothing() {
+    let (ctx, mut api) = context(Some(CA_PEM));
+    let (r, ()) = mock::run(
+        reconcile(namespace(false), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, |_| list(vec![])).await;
+            api.not_found(CM).await;
+            api.quiet(Duration::from_millis(100)).await;
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+}
+
+#[tokio::test]
+async fn mock_api_policy_audit_references_are_checked_against_ledgers_and_secrets() {
+    let (ctx, mut api) = context(None);
+    let audited = policy(
+        "pacs",
+        "u-pacs",
+        json!({
+            "podSelector": {},
+            "ports": [{"port": 4242, "protocol": "dicom"}],
+            "audit": {"ledgerRef": {"name": "missing"}, "keySecretRef": {"name": "k", "key": "hmac"}},
+        }),
+    );
+    let stored = audited.clone();
+    let (r, status) = mock::run(
+        reconcile(namespace(false), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, move |_| list(vec![audited])).await;
+            api.expect("GET", "/apis/medmesh.io/v1alpha1/namespaces/radiology/auditledgers", 200, |_| {
+                json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedgerList", "metadata": {}, "items": []})
+            })
+            .await;
+            api.expect("GET", "/api/v1/namespaces/radiology/secrets", 200, |_| {
+                json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": [
+                    {"metadata": {"name": "k", "namespace": "radiology"}, "data": {"other": "eA=="}}
+                ]})
+            })
+            .await;
+            api.apply(CM, json!({})).await;
+            // No serving CA known yet: no identity-CA ConfigMap.
+            let s = status_patch(&mut api, &stored).await;
+            api.quiet(Duration::from_millis(100)).await;
+            s
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+    let msg = condition(&status, "Ready")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("AuditLedger radiology/missing not found"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("Secret radiology/k has no key \"hmac\""),
+        "{msg}"
+    );
+}
