@@ -205,14 +205,18 @@ impl Delivery {
             }
             Mode::Enforce => {
                 let client = self.client()?;
+                // A conflict is a record id the ledger holds with other content: not this
+                // record, so not safe.
                 let all = async {
+                    let mut conflicts = 0;
                     for chunk in recs.chunks(1000) {
-                        client.append_batch(chunk.to_vec(), false).await?;
+                        let r = client.append_batch(chunk.to_vec(), false).await?;
+                        conflicts += r.results.iter().filter(|r| r.conflict).count();
                     }
-                    Ok::<_, medmesh_ledger_client::ClientError>(())
+                    Ok::<_, medmesh_ledger_client::ClientError>(conflicts)
                 };
                 match tokio::time::timeout(self.deadline, all).await {
-                    Ok(Ok(())) => {
+                    Ok(Ok(0)) => {
                         self.metrics
                             .records
                             .with_label_values(&["acknowledged"])
@@ -227,6 +231,30 @@ impl Delivery {
                         Err(DeliveryError::NotAcknowledged(self.deadline))
                     }
                 }
+            }
+        }
+    }
+
+    /// Several records that need no gate, with one spool fsync.
+    pub async fn later_all(&self, recs: Vec<AuditRecord>) {
+        if recs.is_empty() {
+            return;
+        }
+        let n = recs.len() as u64;
+        let r = tokio::task::block_in_place(|| {
+            let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+            s.append_all(&recs)?;
+            self.metrics.spool_depth.set(s.depth() as i64);
+            Ok::<_, DeliveryError>(())
+        });
+        match r {
+            Ok(()) => self.wake.notify_one(),
+            Err(e) => {
+                self.metrics
+                    .records
+                    .with_label_values(&["dropped"])
+                    .inc_by(n);
+                tracing::error!(error = %e, records = n, "audit records could not be spooled");
             }
         }
     }

@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use medmesh_core::record::{EventKind, Outcome};
+use medmesh_core::record::{AuditRecord, EventKind, Outcome, RecordId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::audit;
@@ -38,7 +38,7 @@ type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Largest STOW-RS response read to learn per-instance outcomes (larger ones stream, and the
 /// HTTP status alone gives the outcome).
-const MAX_STOW_RESPONSE: usize = 16 << 20;
+const MAX_STOW_RESPONSE: usize = 4 << 20;
 
 /// The DICOMweb transaction a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,31 +49,108 @@ pub enum Transaction {
     Wado,
 }
 
-/// Which transaction `method path` with `content_type` is, if any.
-pub fn classify(method: &Method, path: &str, content_type: Option<&str>) -> Option<Transaction> {
-    let segs: Vec<&str> = path
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
-    let at = segs.iter().rposition(|s| *s == "studies")?;
-    let rest = &segs[at + 1..];
+/// The path's segments as the application routes them: percent-decoded, matrix parameters
+/// (`;…`) removed, `.` and `..` resolved, empty segments dropped. `None` when a segment does
+/// not decode to UTF-8 (refused for a store: the application might read it otherwise).
+pub fn segments(path: &str) -> Option<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for raw in path.split('?').next().unwrap_or("").split('/') {
+        let raw = raw.split(';').next().unwrap_or("");
+        let mut bytes = Vec::with_capacity(raw.len());
+        let b = raw.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if b[i] == b'%'
+                && let (Some(h), Some(l)) = (
+                    b.get(i + 1).copied().and_then(hex),
+                    b.get(i + 2).copied().and_then(hex),
+                )
+            {
+                bytes.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+            bytes.push(b[i]);
+            i += 1;
+        }
+        let seg = String::from_utf8(bytes).ok()?;
+        match seg.as_str() {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(seg),
+        }
+    }
+    Some(out)
+}
+
+/// Which transaction `method path` is, if any. Every POST to `…/studies[/{study}]` is a store,
+/// whatever its content type: one the sidecar cannot follow is refused, never let through.
+pub fn classify(method: &Method, path: &str) -> Option<Transaction> {
+    let Some(segs) = segments(path) else {
+        // Undecodable: a store is refused, anything else passes unobserved.
+        return (method == Method::POST).then_some(Transaction::Stow);
+    };
+    let at = segs
+        .iter()
+        .rposition(|s| s.eq_ignore_ascii_case("studies"))?;
+    let rest: Vec<&str> = segs[at + 1..].iter().map(String::as_str).collect();
     if method == Method::POST {
-        let stow_path = rest.len() <= 1;
-        let ct = content_type?;
-        return (stow_path && is_multipart_dicom(ct)).then_some(Transaction::Stow);
+        return (rest.len() <= 1).then_some(Transaction::Stow);
     }
     if method == Method::GET {
         // studies/{s}, studies/{s}/series/{r}, studies/{s}/series/{r}/instances/{i}.
         let shape = matches!(
-            rest,
+            rest.as_slice(),
             [_] | [_, "series", _] | [_, "series", _, "instances", _]
         );
         return shape.then_some(Transaction::Wado);
     }
     None
+}
+
+/// The one content type of a store request the sidecar can follow: `multipart/related` with a
+/// single `type="application/dicom"` and a single boundary. Anything else (missing, repeated,
+/// not UTF-8, duplicate parameters, other part types) is refused with the reason.
+pub fn stow_content_type(values: &[&HeaderValue]) -> Result<String, String> {
+    let [v] = values else {
+        return Err(format!(
+            "a store needs exactly one Content-Type header, got {}",
+            values.len()
+        ));
+    };
+    let ct = v
+        .to_str()
+        .map_err(|_| "the Content-Type header is not ASCII".to_owned())?;
+    if media_type(ct) != "multipart/related" {
+        return Err(format!(
+            "only multipart/related stores of application/dicom parts are audited, not {}",
+            media_type(ct)
+        ));
+    }
+    for name in ["type", "boundary"] {
+        let n = ct
+            .split(';')
+            .skip(1)
+            .filter(|p| {
+                p.split_once('=')
+                    .is_some_and(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            })
+            .count();
+        if n != 1 {
+            return Err(format!(
+                "the Content-Type needs exactly one {name} parameter"
+            ));
+        }
+    }
+    if !is_multipart_dicom(ct) {
+        return Err(
+            "only multipart/related stores of application/dicom parts are audited".to_owned(),
+        );
+    }
+    Ok(ct.to_owned())
 }
 
 fn media_type(ct: &str) -> String {
@@ -103,6 +180,8 @@ fn is_multipart_dicom(ct: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Parts {
     reader: Option<MultipartReader>,
+    /// Observe every part, whatever its declared type (a store: the application decides).
+    every_part: bool,
     current: Option<Part10Observer>,
     /// Completed instances, in order.
     pub done: Vec<Part10Observed>,
@@ -115,7 +194,8 @@ pub struct Parts {
 }
 
 impl Parts {
-    /// The parts of a `multipart/related` body with content type `ct`.
+    /// The parts of a `multipart/related` body with content type `ct` (a response: parts
+    /// declared `application/dicom` are instances).
     ///
     /// # Errors
     /// When `ct` has no valid boundary.
@@ -124,6 +204,21 @@ impl Parts {
         let reader = MultipartReader::new(&b).map_err(|e| e.to_string())?;
         Ok(Self {
             reader: Some(reader),
+            ..Self::default()
+        })
+    }
+
+    /// The parts of a store request: no preamble, one Content-Type per part at most, and every
+    /// part observed as an instance whatever it declares.
+    ///
+    /// # Errors
+    /// When `ct` has no valid boundary.
+    pub fn store(ct: &str) -> Result<Self, String> {
+        let b = boundary_of(ct).ok_or_else(|| "multipart body without a boundary".to_owned())?;
+        let reader = MultipartReader::strict(&b).map_err(|e| e.to_string())?;
+        Ok(Self {
+            reader: Some(reader),
+            every_part: true,
             ..Self::default()
         })
     }
@@ -148,12 +243,15 @@ impl Parts {
             return;
         };
         let (current, done, complete) = (&mut self.current, &mut self.done, &mut self.complete);
+        let every_part = self.every_part;
+        let mut dup = false;
         let r = reader.feed(b, |p| match p {
             Part::Start(headers) => {
-                let dicom = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-type")
-                    .is_none_or(|(_, v)| media_type(v) == "application/dicom");
+                let mut types = headers.iter().filter(|(k, _)| k == "content-type");
+                let first = types.next();
+                dup |= types.next().is_some();
+                let dicom =
+                    every_part || first.is_none_or(|(_, v)| media_type(v) == "application/dicom");
                 *current = dicom.then(Part10Observer::new);
             }
             Part::Data(d) => {
@@ -170,16 +268,22 @@ impl Parts {
         });
         if let Err(e) = r {
             self.error = Some(e.to_string());
+        } else if dup && every_part {
+            self.error = Some("a part has more than one Content-Type header".into());
         }
     }
 
-    /// The body ended.
-    pub fn end(&mut self) {
+    /// The body ended: `clean` when its stream said so, not when it was dropped or failed.
+    pub fn end(&mut self, clean: bool) {
         if self.reader.is_none() {
             if let Some(c) = self.current.take() {
-                self.done.push(c.finish());
+                if clean {
+                    self.done.push(c.finish());
+                    self.complete = true;
+                } else {
+                    self.cut = Some(c.finish());
+                }
             }
-            self.complete = true;
         } else if !self.complete {
             self.cut = self.current.take().map(Part10Observer::finish);
         }
@@ -201,9 +305,9 @@ struct Tap<B> {
 }
 
 impl<B> Tap<B> {
-    fn finish(&mut self) {
+    fn finish(&mut self, clean: bool) {
         if let Some(p) = &self.parts {
-            lock(p).end();
+            lock(p).end(clean);
         }
         if let Some(f) = self.on_end.take() {
             f();
@@ -214,7 +318,7 @@ impl<B> Tap<B> {
 impl<B> Drop for Tap<B> {
     fn drop(&mut self) {
         if self.on_end.is_some() {
-            self.finish();
+            self.finish(false);
         }
     }
 }
@@ -238,7 +342,7 @@ where
                     lock(p).feed(d);
                 }
             }
-            Poll::Ready(None) => self.finish(),
+            Poll::Ready(None) => self.finish(true),
             _ => {}
         }
         r.map(|o| o.map(|r| r.map_err(Into::into)))
@@ -430,21 +534,38 @@ async fn handle<A>(
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ct = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let tx = classify(req.method(), req.uri().path(), ct.as_deref());
+    let tx = classify(req.method(), req.uri().path());
+    // Only WebSocket upgrades pass: after any other (h2c…) the exchange could not be followed.
+    if let Some(u) = req.headers().get(header::UPGRADE) {
+        let websocket = u
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket"));
+        if !websocket || tx.is_some() {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "medmesh: this upgrade cannot be audited and is refused",
+            );
+        }
+    }
     let upgrade = req
         .headers()
         .contains_key(header::UPGRADE)
         .then(|| hyper::upgrade::on(&mut req));
-    let stow = match (tx, ct.as_deref()) {
-        (Some(Transaction::Stow), Some(ct)) => match Parts::multipart(ct) {
-            Ok(p) => Some(Arc::new(Mutex::new(p))),
-            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("STOW-RS request: {e}")),
-        },
+    let stow = match tx {
+        Some(Transaction::Stow) => {
+            let values: Vec<&HeaderValue> =
+                req.headers().get_all(header::CONTENT_TYPE).iter().collect();
+            let parts = stow_content_type(&values).and_then(|ct| Parts::store(&ct));
+            match parts {
+                Ok(p) => Some(Arc::new(Mutex::new(p))),
+                Err(e) => {
+                    return text(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        &format!("medmesh: this store cannot be audited: {e}"),
+                    );
+                }
+            }
+        }
         _ => None,
     };
     let req = req.map(|b| tap(b, stow.clone(), None));
@@ -452,6 +573,10 @@ where
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "application request failed");
+            if let Some(parts) = &stow {
+                // Whatever reached the application may be stored: recorded as not confirmed.
+                record_unconfirmed(parts, &ctx).await;
+            }
             return text(StatusCode::BAD_GATEWAY, "the application did not answer");
         }
     };
@@ -468,7 +593,8 @@ where
     }
     match (tx, stow) {
         (Some(Transaction::Stow), Some(parts)) => stow_response(resp, parts, &ctx).await,
-        (Some(Transaction::Wado), _) if resp.status().is_success() => wado_response(resp, ctx),
+        // 200 only: a 206 carries part of an instance.
+        (Some(Transaction::Wado), _) if resp.status() == StatusCode::OK => wado_response(resp, ctx),
         _ => resp.map(|b| tap(b, None, None)),
     }
 }
@@ -520,17 +646,55 @@ pub fn stow_outcomes(body: &[u8]) -> Option<StowOutcomes> {
 
 /// The outcome of one stored part given the response.
 fn part_outcome(status: StatusCode, uid: Option<&str>, named: Option<&StowOutcomes>) -> Outcome {
-    if !status.is_success() {
-        return Outcome::Failure;
-    }
+    // The response names what happened to each instance, whatever its status (an application
+    // may store part of a batch and answer 409).
     match (named, uid) {
         (Some(n), Some(u)) if n.failed.iter().any(|f| f == u) => Outcome::Failure,
         (Some(n), Some(u)) if n.warned.iter().any(|f| f == u) => Outcome::Warning,
         (Some(n), Some(u)) if n.stored.iter().any(|f| f == u) => Outcome::Success,
+        _ if !status.is_success() => Outcome::Failure,
         // Not named: 200 means all stored; 202 means some were not, so not this one for sure.
         _ if status == StatusCode::OK => Outcome::Success,
         _ => Outcome::Warning,
     }
+}
+
+/// `rec` as the client saw it: a failure with `status`, under a new record id (the original
+/// may already be in the ledger if only its acknowledgement was lost; both then stand).
+fn as_failure(mut rec: AuditRecord, status: Option<u16>, outcome: Outcome) -> AuditRecord {
+    if let Ok(id) = RecordId::new() {
+        rec.record_id = id;
+    }
+    rec.status = status;
+    rec.outcome = outcome;
+    rec
+}
+
+/// Records the parts of a store whose answer never came (or broke): they may be stored.
+async fn record_unconfirmed(parts: &Shared, ctx: &AuditCtx) {
+    let seen: Vec<Part10Observed> = {
+        let mut p = lock(parts);
+        let mut v = std::mem::take(&mut p.done);
+        v.extend(p.cut.take());
+        v
+    };
+    let recs: Vec<AuditRecord> = seen
+        .iter()
+        .filter_map(|part| {
+            audit::dicomweb_record(
+                part,
+                EventKind::InstanceStored,
+                &ctx.requestor,
+                &ctx.acceptor,
+                &ctx.key,
+                None,
+                Outcome::Aborted,
+                now_us(),
+            )
+            .ok()
+        })
+        .collect();
+    ctx.delivery.later_all(recs).await;
 }
 
 async fn stow_response(
@@ -557,6 +721,7 @@ async fn stow_response(
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "STOW-RS response failed mid-body");
+                record_unconfirmed(&parts, ctx).await;
                 return text(StatusCode::BAD_GATEWAY, "the application's response failed");
             }
             None => break,
@@ -581,6 +746,7 @@ async fn stow_response(
     let acceptor = &ctx.acceptor;
     let mut gated = Vec::new();
     let mut later = Vec::new();
+    let mut no_id = false;
     for part in &done {
         let uid = part
             .dataset
@@ -600,25 +766,45 @@ async fn stow_response(
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "cannot make a record id");
+                no_id = true;
                 continue;
             }
         };
-        if matches!(outcome, Outcome::Success | Outcome::Warning) {
+        // Only what the client takes as stored waits for its record.
+        if status.is_success() && matches!(outcome, Outcome::Success | Outcome::Warning) {
             gated.push(rec);
         } else {
             later.push(rec);
         }
     }
+    // Every instance the application says it stored must be one the sidecar saw.
+    let unseen = named.as_ref().and_then(|n| {
+        n.stored.iter().find(|u| {
+            !done.iter().any(|p| {
+                p.dataset
+                    .as_ref()
+                    .and_then(|d| d.sop_instance_uid.as_deref())
+                    == Some(u.as_str())
+            })
+        })
+    });
     // A success that cannot be matched to every instance sent must not reach the client.
-    let unfollowable = status.is_success() && (error.is_some() || !complete);
-    let mut failed = unfollowable;
-    if unfollowable {
-        tracing::warn!(
-            error = error
-                .as_deref()
-                .unwrap_or("body ended before its closing delimiter"),
-            "STOW-RS request could not be followed: the success is withheld"
-        );
+    let why = if !status.is_success() {
+        None
+    } else if let Some(e) = &error {
+        Some(e.clone())
+    } else if !complete {
+        Some("body ended before its closing delimiter".to_owned())
+    } else if unseen.is_some() {
+        Some("the application stored an instance the sidecar did not see".to_owned())
+    } else if no_id {
+        Some("a record id could not be made".to_owned())
+    } else {
+        None
+    };
+    let mut failed = why.is_some();
+    if let Some(why) = why {
+        tracing::warn!(reason = %why, "STOW-RS request could not be followed: the success is withheld");
     }
     if !failed && let Err(e) = ctx.delivery.commit_all(gated.clone()).await {
         tracing::warn!(error = %e, "STOW-RS records not safe: the success is withheld");
@@ -629,22 +815,19 @@ async fn stow_response(
             .failed_responses
             .inc_by(gated.len().max(1) as u64);
         // Keep what the client is told: a failure.
-        for mut rec in gated {
-            rec.status = Some(StatusCode::SERVICE_UNAVAILABLE.as_u16());
-            rec.outcome = Outcome::Failure;
-            ctx.delivery.later(rec).await;
-        }
-        for rec in later {
-            ctx.delivery.later(rec).await;
-        }
+        let status = Some(StatusCode::SERVICE_UNAVAILABLE.as_u16());
+        later.extend(
+            gated
+                .into_iter()
+                .map(|r| as_failure(r, status, Outcome::Failure)),
+        );
+        ctx.delivery.later_all(later).await;
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "medmesh: the stored instances could not be recorded in the audit ledger; retry",
         );
     }
-    for rec in later {
-        ctx.delivery.later(rec).await;
-    }
+    ctx.delivery.later_all(later).await;
     let body = http_body_util::Full::new(Bytes::from(held));
     let body: ProxyBody = match rest {
         None => BoxBody::new(body.map_err(|e| match e {})),

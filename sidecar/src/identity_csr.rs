@@ -140,8 +140,11 @@ fn http_client(cfg: &CsrConfig) -> Result<reqwest::Client, CsrError> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // The request carries a credential: never follow a redirect, never leave HTTPS.
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(true)
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| CsrError::Service {

@@ -7,6 +7,8 @@
 pub const MAX_PART_HEADERS: usize = 8 * 1024;
 /// Longest boundary RFC 2046 allows.
 pub const MAX_BOUNDARY: usize = 70;
+/// Longest transport padding (spaces, tabs) accepted after a delimiter.
+pub const MAX_PADDING: usize = 1024;
 
 /// What the reader found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,9 +33,20 @@ pub enum MultipartError {
     /// A part's headers exceed the limit.
     #[error("part headers exceed {MAX_PART_HEADERS} bytes")]
     HeadersTooLarge,
-    /// A header line is not `name: value`.
-    #[error("malformed part header line {0:?}")]
-    Header(String),
+    /// A header line is not `name: value` (its content is not repeated: it may be data).
+    #[error("malformed part header line {line} ({len} bytes)")]
+    Header {
+        /// Line number in the part's header block, from 1.
+        line: usize,
+        /// Its length.
+        len: usize,
+    },
+    /// Bytes before the first delimiter where none are allowed.
+    #[error("bytes before the first boundary delimiter")]
+    Preamble,
+    /// Transport padding after a delimiter exceeds the limit.
+    #[error("transport padding after a delimiter exceeds {MAX_PADDING} bytes")]
+    Padding,
     /// Something other than CRLF or `--` follows a delimiter.
     #[error("unexpected bytes after a boundary delimiter")]
     AfterDelimiter,
@@ -58,6 +71,8 @@ enum State {
 pub struct MultipartReader {
     /// `\r\n--boundary`.
     delimiter: Vec<u8>,
+    /// Refuse a preamble (a body whose parts some other parser could see differently).
+    strict: bool,
     state: State,
     buf: Vec<u8>,
 }
@@ -92,8 +107,20 @@ impl MultipartReader {
         // The first delimiter may open the body without the leading CRLF: pretend one came.
         Ok(Self {
             delimiter,
+            strict: false,
             state: State::Preamble,
             buf: b"\r\n".to_vec(),
+        })
+    }
+
+    /// A reader that refuses any preamble: the body must open with its first delimiter.
+    ///
+    /// # Errors
+    /// When the boundary is not valid.
+    pub fn strict(boundary: &str) -> Result<Self, MultipartError> {
+        Ok(Self {
+            strict: true,
+            ..Self::new(boundary)?
         })
     }
 
@@ -110,6 +137,12 @@ impl MultipartReader {
         loop {
             let progressed = match self.state {
                 State::Preamble => {
+                    if self.strict {
+                        let n = self.buf.len().min(self.delimiter.len());
+                        if self.buf[..n] != self.delimiter[..n] {
+                            return Err(MultipartError::Preamble);
+                        }
+                    }
                     match find(&self.buf, &self.delimiter) {
                         Some(at) => {
                             self.buf.drain(..at + self.delimiter.len());
@@ -140,6 +173,9 @@ impl MultipartReader {
                             .iter()
                             .take_while(|b| **b == b' ' || **b == b'\t')
                             .count();
+                        if pad > MAX_PADDING {
+                            return Err(MultipartError::Padding);
+                        }
                         if self.buf.len() < pad + 2 {
                             false
                         } else if &self.buf[pad..pad + 2] == b"\r\n" {
@@ -225,10 +261,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn parse_headers(block: &[u8]) -> Result<Vec<(String, String)>, MultipartError> {
     let text = String::from_utf8_lossy(block);
     let mut out = Vec::new();
-    for line in text.split("\r\n") {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| MultipartError::Header(line.chars().take(80).collect()))?;
+    for (i, line) in text.split("\r\n").enumerate() {
+        let (k, v) = line.split_once(':').ok_or(MultipartError::Header {
+            line: i + 1,
+            len: line.len(),
+        })?;
         out.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
     }
     Ok(out)
@@ -328,7 +365,7 @@ mod tests {
         );
         assert!(matches!(
             parts(b"--b\r\nno colon here\r\n\r\nx", "b", &[]),
-            Err(MultipartError::Header(_))
+            Err(MultipartError::Header { .. })
         ));
         assert_eq!(
             parts(b"--bXX", "b", &[]).unwrap_err(),

@@ -383,6 +383,16 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
             };
             // Permissive plaintext is still audited: the sender is recorded as unauthenticated.
             let creds = sh.creds.borrow().clone();
+            if sh.audit.is_some()
+                && matches!(hint, ProtocolHint::Dicom | ProtocolHint::Http)
+                && creds.is_none()
+            {
+                // Auditing needs this workload's identity: nothing passes unrecorded meanwhile.
+                return Err(refused(
+                    "no_credentials",
+                    "no workload certificate loaded yet: audited plaintext refused",
+                ));
+            }
             if let (Some(audit), ProtocolHint::Dicom | ProtocolHint::Http, Some(creds)) =
                 (&sh.audit, hint, creds)
             {
@@ -442,8 +452,11 @@ async fn audited<C>(
         let label = d.as_ref().map_or("opaque", Detected::label);
         (b, label)
     };
+    // A port the policy names is always followed as such (HTTP that detection would miss,
+    // after a pause or a leading CRLF, is still HTTP to the application). `detect` is best
+    // effort: imaging ports should name their protocol.
     let proto = match hint {
-        ProtocolHint::Dicom => ProtocolHint::Dicom,
+        ProtocolHint::Dicom | ProtocolHint::Http => hint,
         _ => label_hint(label),
     };
     let client = Prefixed::new(first, tls);

@@ -264,9 +264,10 @@ impl Spool {
     }
 
     fn rotate(&mut self) -> Result<(), SpoolError> {
-        self.segment += 1;
-        let path = Self::segment_path(&self.dir, self.segment);
-        self.file = OpenOptions::new()
+        // The next segment becomes current only once it exists and its name is durable.
+        let next = self.segment + 1;
+        let path = Self::segment_path(&self.dir, next);
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
@@ -274,6 +275,8 @@ impl Spool {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io(&self.dir, e))?;
+        self.file = file;
+        self.segment = next;
         self.len = 0;
         Ok(())
     }

@@ -85,7 +85,12 @@ impl Part10Observer {
             self.state = State::Opaque;
             return;
         }
-        // (0002,0000) UL group length gives the meta group's end.
+        // (0002,0000) UL group length gives the meta group's end; without it, the file is only
+        // hashed (no UIDs).
+        if head[132..138] != [0x02, 0x00, 0x00, 0x00, b'U', b'L'] {
+            self.state = State::Opaque;
+            return;
+        }
         let group_len = u32::from_le_bytes([head[140], head[141], head[142], head[143]]) as usize;
         let end = 144 + group_len;
         if end > MAX_META + 144 {

@@ -29,87 +29,168 @@ fn multipart(boundary: &str, files: &[Vec<u8>]) -> Vec<u8> {
 }
 
 #[test]
-fn classifies_stow_and_wado_paths() {
-    let mp = "multipart/related; type=\"application/dicom\"; boundary=x";
+fn classifies_stow_and_wado_paths_as_the_application_routes_them() {
     let cases = [
-        (
-            Method::POST,
-            "/dicom-web/studies",
-            Some(mp),
-            Some(Transaction::Stow),
-        ),
+        (Method::POST, "/dicom-web/studies", Some(Transaction::Stow)),
         (
             Method::POST,
             "/dicom-web/studies/1.2.3",
-            Some(mp),
+            Some(Transaction::Stow),
+        ),
+        (Method::POST, "/studies?x=1", Some(Transaction::Stow)),
+        // Encodings and dot segments an application decodes before routing.
+        (
+            Method::POST,
+            "/dicom-web/%73tudies",
             Some(Transaction::Stow),
         ),
         (
             Method::POST,
-            "/studies?x=1",
-            Some("Multipart/Related; Type=application/dicom; boundary=y"),
+            "/dicom-web/studies/x/..",
             Some(Transaction::Stow),
         ),
-        // Not DICOM parts, or not a store path.
         (
             Method::POST,
-            "/dicom-web/studies",
-            Some("multipart/related; type=\"application/dicom+json\"; boundary=x"),
-            None,
+            "/dicom-web/studies;a=b/",
+            Some(Transaction::Stow),
         ),
-        (
-            Method::POST,
-            "/dicom-web/studies",
-            Some("application/json"),
-            None,
-        ),
-        (Method::POST, "/dicom-web/studies", None, None),
-        (Method::POST, "/dicom-web/studies/1/series", Some(mp), None),
+        (Method::POST, "/dicom-web/STUDIES", Some(Transaction::Stow)),
+        (Method::POST, "/dicom-web/%ff%fe", Some(Transaction::Stow)),
+        (Method::POST, "/dicom-web/studies/1/series", None),
         (
             Method::GET,
             "/dicom-web/studies/1.2",
-            None,
             Some(Transaction::Wado),
         ),
         (
             Method::GET,
             "/dicom-web/studies/1.2/series/3",
-            None,
             Some(Transaction::Wado),
         ),
         (
             Method::GET,
             "/dicom-web/studies/1.2/series/3/instances/4",
-            None,
             Some(Transaction::Wado),
         ),
         (
             Method::GET,
             "/dicom-web/studies/1.2/series/3/instances/4?accept=x",
-            None,
             Some(Transaction::Wado),
         ),
         // Queries, metadata, rendered, frames: not instance transfers.
-        (Method::GET, "/dicom-web/studies", None, None),
-        (Method::GET, "/dicom-web/studies/1.2/metadata", None, None),
+        (Method::GET, "/dicom-web/studies", None),
+        (Method::GET, "/dicom-web/studies/1.2/metadata", None),
         (
             Method::GET,
             "/dicom-web/studies/1.2/series/3/rendered",
-            None,
             None,
         ),
         (
             Method::GET,
             "/dicom-web/studies/1.2/series/3/instances/4/frames/1",
             None,
-            None,
         ),
-        (Method::GET, "/app/index.html", None, None),
-        (Method::DELETE, "/dicom-web/studies/1.2", None, None),
+        (Method::GET, "/app/index.html", None),
+        (Method::DELETE, "/dicom-web/studies/1.2", None),
     ];
-    for (m, p, ct, want) in cases {
-        assert_eq!(classify(&m, p, ct), want, "{m} {p} {ct:?}");
+    for (m, p, want) in cases {
+        assert_eq!(classify(&m, p), want, "{m} {p}");
     }
+}
+
+#[test]
+fn only_one_store_content_type_is_followed() {
+    let hv = |v: &[u8]| HeaderValue::from_bytes(v).unwrap();
+    let ok = hv(b"multipart/related; type=\"application/dicom\"; boundary=x");
+    assert!(stow_content_type(&[&ok]).is_ok());
+    let refused = [
+        (vec![], "exactly one Content-Type"),
+        (vec![ok.clone(), ok.clone()], "exactly one Content-Type"),
+        (
+            vec![hv(
+                b"multipart/related; type=text/plain; type=\"application/dicom\"; boundary=x",
+            )],
+            "exactly one type",
+        ),
+        (
+            vec![hv(
+                b"multipart/related; type=application/dicom; boundary=A; boundary=B",
+            )],
+            "exactly one boundary",
+        ),
+        (
+            vec![hv(
+                b"multipart/related; type=\"application/dicom+json\"; boundary=x",
+            )],
+            "application/dicom parts",
+        ),
+        (vec![hv(b"application/dicom")], "not application/dicom"),
+        (
+            vec![hv(
+                b"multipart/related; type=application/dicom; boundary=\xff",
+            )],
+            "not ASCII",
+        ),
+    ];
+    for (values, want) in refused {
+        let refs: Vec<&HeaderValue> = values.iter().collect();
+        let e = stow_content_type(&refs).unwrap_err();
+        assert!(e.contains(want), "{values:?}: {e}");
+    }
+}
+
+#[test]
+fn a_store_body_other_parsers_could_read_differently_is_an_error() {
+    let ct = "multipart/related; type=application/dicom; boundary=b";
+    let file = instance(1);
+    // A preamble (Orthanc finds the delimiter anywhere in it).
+    let mut body = b"X--b\r\nContent-Type: application/dicom\r\n\r\n".to_vec();
+    body.extend_from_slice(&file);
+    body.extend_from_slice(b"\r\n--b--\r\n");
+    let mut p = Parts::store(ct).unwrap();
+    p.feed(&body);
+    assert!(
+        p.error
+            .as_deref()
+            .is_some_and(|e| e.contains("before the first")),
+        "{:?}",
+        p.error
+    );
+    // Two Content-Type headers in a part.
+    let mut p = Parts::store(ct).unwrap();
+    p.feed(b"--b\r\nContent-Type: text/plain\r\nContent-Type: application/dicom\r\n\r\n");
+    assert!(
+        p.error
+            .as_deref()
+            .is_some_and(|e| e.contains("more than one"))
+    );
+    // A part declared as something else is still observed as an instance in a store.
+    let mut p = Parts::store(ct).unwrap();
+    let mut body = b"--b\r\nContent-Type: text/plain\r\n\r\n".to_vec();
+    body.extend_from_slice(&file);
+    body.extend_from_slice(b"\r\n--b--\r\n");
+    p.feed(&body);
+    p.end(true);
+    assert_eq!(p.done.len(), 1);
+    // Endless transport padding is refused, not buffered.
+    let mut p = Parts::store(ct).unwrap();
+    p.feed(b"--b");
+    p.feed(&[b' '; 2000]);
+    assert!(p.error.as_deref().is_some_and(|e| e.contains("padding")));
+}
+
+#[test]
+fn a_single_instance_cut_short_is_not_complete() {
+    let file = instance(3);
+    let mut p = Parts::single();
+    p.feed(&file[..file.len() / 2]);
+    p.end(false);
+    assert!(p.done.is_empty() && !p.complete);
+    assert_eq!(p.cut.unwrap().bytes, (file.len() / 2) as u64);
+    let mut p = Parts::single();
+    p.feed(&file);
+    p.end(true);
+    assert!(p.complete && p.done.len() == 1);
 }
 
 #[test]
@@ -121,7 +202,7 @@ fn parts_hash_whole_files_at_every_split() {
         let mut p = Parts::multipart(ct).unwrap();
         p.feed(&body[..s]);
         p.feed(&body[s..]);
-        p.end();
+        p.end(true);
         assert!(
             p.complete && p.error.is_none() && p.cut.is_none(),
             "split {s}"
@@ -147,7 +228,7 @@ fn a_body_cut_inside_a_part_reports_it_cut() {
     let ct = "multipart/related; type=application/dicom; boundary=b";
     let mut p = Parts::multipart(ct).unwrap();
     p.feed(&body[..body.len() - 400]);
-    p.end();
+    p.end(true);
     assert!(!p.complete);
     assert_eq!(p.done.len(), 1);
     assert!(p.cut.is_some_and(|c| c.bytes < files[1].len() as u64));
@@ -164,7 +245,7 @@ fn non_dicom_parts_are_not_instances() {
     let body = b"--q\r\nContent-Type: application/json\r\n\r\n{}\r\n--q--\r\n";
     let mut p = Parts::multipart(ct).unwrap();
     p.feed(body);
-    p.end();
+    p.end(true);
     assert!(p.complete && p.done.is_empty());
 }
 
@@ -202,10 +283,17 @@ fn stow_response_names_failed_and_warned_instances() {
     );
     assert_eq!(part_outcome(ok, None, None), Outcome::Success);
     assert_eq!(part_outcome(partial, None, None), Outcome::Warning);
+    // A 409 for a mixed batch still names what was stored.
+    let conflict = StatusCode::CONFLICT;
     assert_eq!(
-        part_outcome(StatusCode::CONFLICT, Some("2.25.70.1.1"), Some(&o)),
+        part_outcome(conflict, Some("2.25.70.1.1"), Some(&o)),
+        Outcome::Success
+    );
+    assert_eq!(
+        part_outcome(conflict, Some("2.25.70.1.2"), Some(&o)),
         Outcome::Failure
     );
+    assert_eq!(part_outcome(conflict, None, None), Outcome::Failure);
     assert!(stow_outcomes(b"<NativeDicomModel/>").is_none());
 }
 
