@@ -168,3 +168,23 @@ pub struct CertificateResponse {
     /// End of the leaf's validity (RFC 3339, UTC).
     pub not_after: String,
 }
+
+/// The audit settings a sidecar reads from a file (`MEDMESH_AUDIT_CONFIG`), written by the
+/// operator from a namespace's MeshPolicies into the policy ConfigMap (`audit.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarAudit {
+    /// The ledger's client endpoint (`https://…`).
+    pub ledger_url: String,
+    /// The ledger's server SPIFFE ID, pinned when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger_id: Option<String>,
+    /// The ledger's checkpoint verifier key (Go `sumdb/note` format).
+    pub ledger_verifier: String,
+    /// The log origin.
+    pub ledger_origin: String,
+    /// `enforce` or `spool`.
+    pub delivery: String,
+    /// File holding the keyed-hash (HMAC) key.
+    pub key_file: String,
+}

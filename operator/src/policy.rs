@@ -40,6 +40,13 @@ mod tests;
 pub const CONFIGMAP: &str = "medmesh-policy";
 /// The key of the document in that ConfigMap (the file name sidecars read).
 pub const CONFIGMAP_KEY: &str = "policy.json";
+/// Key of the sidecar audit settings in that ConfigMap (absent when no policy audits).
+pub const AUDIT_CONFIG_KEY: &str = "audit.json";
+/// The Secret holding the keyed-hash key the namespace's sidecars use (a copy of the one the
+/// policies reference), key [`AUDIT_KEY_NAME`].
+pub const AUDIT_KEY_SECRET: &str = "medmesh-audit-key";
+/// Key of the key in that Secret.
+pub const AUDIT_KEY_NAME: &str = "key";
 
 /// What [`compile`] reads: everything it needs, gathered by the caller.
 #[derive(Debug, Clone)]

@@ -176,6 +176,8 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
             ),
             ("medmesh-policy", "/etc/medmesh/policy", Some(true)),
             ("medmesh-identity-ca", "/etc/medmesh/identity", Some(true)),
+            ("medmesh-spool", "/var/run/medmesh/spool", None),
+            ("medmesh-audit-key", "/etc/medmesh/audit", Some(true)),
         ]
     );
 
@@ -209,6 +211,21 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
     assert_eq!(
         env(sidecar, "MEDMESH_IDENTITY_CA"),
         "/etc/medmesh/identity/ca.crt"
+    );
+    // Auditing: settings from the policy ConfigMap when the namespace audits, a spool that
+    // survives sidecar restarts, the namespace's key Secret (optional: absent without audit).
+    assert_eq!(
+        env(sidecar, "MEDMESH_AUDIT_CONFIG"),
+        "/etc/medmesh/policy/audit.json"
+    );
+    assert_eq!(env(sidecar, "MEDMESH_SPOOL_DIR"), "/var/run/medmesh/spool");
+    let spool = vols.iter().find(|v| v.name == "medmesh-spool").unwrap();
+    assert!(spool.empty_dir.is_some());
+    let key = vols.iter().find(|v| v.name == "medmesh-audit-key").unwrap();
+    let secret = key.secret.as_ref().unwrap();
+    assert_eq!(
+        (secret.secret_name.as_deref(), secret.optional),
+        (Some("medmesh-audit-key"), Some(true))
     );
 
     // The version annotation, next to the Pod's own annotations.

@@ -19,6 +19,10 @@ pub struct RawConfig {
     /// Admin listener: /live, /ready, /metrics, POST /shutdown.
     #[arg(long, env = "MEDMESH_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: String,
+    /// Audit settings in one JSON file (as the operator publishes them); flags given
+    /// explicitly win. A path that does not exist means no auditing.
+    #[arg(long, env = "MEDMESH_AUDIT_CONFIG")]
+    pub audit_config: Option<PathBuf>,
     /// Workload certificate chain (PEM X.509-SVID).
     #[arg(long, env = "MEDMESH_CERT")]
     pub cert: Option<PathBuf>,
@@ -200,8 +204,9 @@ impl Config {
     ///
     /// # Errors
     /// Every problem found.
-    pub fn check(raw: RawConfig) -> Result<Self, Vec<String>> {
+    pub fn check(mut raw: RawConfig) -> Result<Self, Vec<String>> {
         let mut errs = Vec::new();
+        merge_audit_file(&mut raw, &mut errs);
         let mut addr = |field: &str, v: &str| -> SocketAddr {
             v.parse().unwrap_or_else(|e| {
                 errs.push(format!("{field} {v:?}: {e} (expected ip:port)"));
@@ -330,6 +335,40 @@ impl Config {
     }
 }
 
+/// Fills the audit settings not given as flags from the `--audit-config` file, if it exists.
+fn merge_audit_file(raw: &mut RawConfig, errs: &mut Vec<String>) {
+    let Some(path) = raw.audit_config.clone() else {
+        return;
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            errs.push(format!("audit-config {}: {e}", path.display()));
+            return;
+        }
+    };
+    let a: medmesh_core::wire::SidecarAudit = match serde_json::from_str(&text) {
+        Ok(a) => a,
+        Err(e) => {
+            errs.push(format!("audit-config {}: {e}", path.display()));
+            return;
+        }
+    };
+    raw.ledger_url.get_or_insert(a.ledger_url);
+    if let Some(id) = a.ledger_id {
+        raw.ledger_id.get_or_insert(id);
+    }
+    raw.ledger_key.get_or_insert(a.ledger_verifier);
+    raw.ledger_origin.get_or_insert(a.ledger_origin);
+    raw.audit_key.get_or_insert(PathBuf::from(a.key_file));
+    // The delivery flag has a default: the file's value applies unless it was set explicitly
+    // (an explicit flag equal to the default is indistinguishable, and harmless).
+    if raw.audit_delivery == "spool" {
+        raw.audit_delivery = a.delivery;
+    }
+}
+
 fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
     let url = raw.ledger_url.clone()?;
     let before = errs.len();
@@ -438,6 +477,63 @@ fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Args {
+        #[command(flatten)]
+        raw: RawConfig,
+    }
+
+    #[test]
+    fn audit_settings_come_from_the_operators_file() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["cert.pem", "key.pem", "ca.pem"] {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        std::fs::write(d.join("hmac"), [7u8; 32]).unwrap();
+        let verifier = medmesh_core::checkpoint::NoteSigner::from_seed("td/ns/l", [1; 32])
+            .unwrap()
+            .verifier_key();
+        let audit = medmesh_core::wire::SidecarAudit {
+            ledger_url: "https://l.ns.svc:8443".into(),
+            ledger_id: Some("spiffe://td/ns/ns/ledger/l".into()),
+            ledger_verifier: verifier,
+            ledger_origin: "td/ns/l".into(),
+            delivery: "enforce".into(),
+            key_file: d.join("hmac").display().to_string(),
+        };
+        std::fs::write(d.join("audit.json"), serde_json::to_string(&audit).unwrap()).unwrap();
+        let args = |file: &str| {
+            let mut a = Args::try_parse_from([
+                "sidecar",
+                "--cert",
+                d.join("cert.pem").to_str().unwrap(),
+                "--key",
+                d.join("key.pem").to_str().unwrap(),
+                "--ca",
+                d.join("ca.pem").to_str().unwrap(),
+                "--spool-dir",
+                d.to_str().unwrap(),
+            ])
+            .unwrap()
+            .raw;
+            a.audit_config = Some(d.join(file));
+            a
+        };
+        let cfg = Config::check(args("audit.json")).unwrap();
+        let a = cfg.audit.unwrap();
+        assert_eq!(a.ledger_url, "https://l.ns.svc:8443");
+        assert_eq!(a.mode, crate::deliver::Mode::Enforce);
+        assert_eq!(a.origin, "td/ns/l");
+        // No file (the namespace does not audit): no auditing.
+        assert!(Config::check(args("absent.json")).unwrap().audit.is_none());
+        // A bad file is refused with its path.
+        std::fs::write(d.join("bad.json"), "{\"ledgerUrl\": 1}").unwrap();
+        let errs = Config::check(args("bad.json")).unwrap_err().join("\n");
+        assert!(errs.contains("bad.json"), "{errs}");
+    }
+
     #[test]
     fn lists_every_problem() {
         let raw = RawConfig {
@@ -448,6 +544,7 @@ mod tests {
             key: Some("/nonexistent/key.pem".into()),
             ca: None,
             identity_url: None,
+            audit_config: None,
             identity_token: "/nonexistent/token".into(),
             identity_ca: "/nonexistent/ca.crt".into(),
             trust_domain: "Bad Domain".into(),

@@ -8,7 +8,11 @@
 //!   the next reconcile publishes it again without owners;
 //! - ConfigMap [`IDENTITY_CA_CONFIGMAP`] with `ca.crt`, the CA of the operator's HTTPS
 //!   certificate, which injected sidecars mount to trust the identity service;
-//! - each policy's `status` (its outcome from [`policy::compile`], invalid references listed).
+//! - each policy's `status` (its outcome from [`policy::compile`], invalid references listed);
+//! - when the policies audit and their ledger is up: `audit.json` in the policy ConfigMap (the
+//!   ledger's endpoint, server identity, origin and verifier key, the delivery mode) and the
+//!   Secret [`policy::AUDIT_KEY_SECRET`] with a copy of the keyed-hash key, which injected
+//!   sidecars read (`MEDMESH_AUDIT_CONFIG`).
 //!
 //! A namespace with neither keeps nothing of ours except a stale policy ConfigMap, which is
 //! reduced to deny-all (there is no delete verb).
@@ -23,6 +27,7 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use medmesh_core::policy::PolicyDoc;
+use medmesh_core::wire::SidecarAudit;
 
 use super::{Context, Error, MANAGED_BY, apply_params, k8s_time, kube_err};
 use crate::crd::{AuditLedger, MeshPolicy, MeshPolicyStatus};
@@ -53,6 +58,7 @@ fn labels() -> BTreeMap<String, String> {
 pub fn policy_config_map(
     namespace: &str,
     compiled: Option<&Compiled>,
+    audit: Option<&SidecarAudit>,
     owners: Vec<OwnerReference>,
 ) -> Result<ConfigMap, Error> {
     let json = match compiled {
@@ -71,9 +77,70 @@ pub fn policy_config_map(
             owner_references: Some(owners),
             ..ObjectMeta::default()
         },
-        data: Some(BTreeMap::from([(policy::CONFIGMAP_KEY.to_owned(), json)])),
+        data: Some(
+            std::iter::once((policy::CONFIGMAP_KEY.to_owned(), json))
+                .chain(audit.map(|a| {
+                    (
+                        policy::AUDIT_CONFIG_KEY.to_owned(),
+                        serde_json::to_string_pretty(a).unwrap_or_default(),
+                    )
+                }))
+                .collect(),
+        ),
         ..ConfigMap::default()
     })
+}
+
+/// What the sidecars of a namespace need to audit into `binding`'s ledger, once that ledger
+/// reports an endpoint and published its origin and verifier key; `None` until then.
+pub fn sidecar_audit(
+    binding: &policy::AuditBinding,
+    namespace: &str,
+    td: &medmesh_core::TrustDomain,
+    ledger_config: Option<&ConfigMap>,
+) -> Option<SidecarAudit> {
+    let endpoint = binding.endpoint.clone()?;
+    let data = ledger_config?.data.as_ref()?;
+    Some(SidecarAudit {
+        ledger_url: endpoint,
+        ledger_id: Some(format!(
+            "spiffe://{td}/ns/{namespace}/ledger/{}",
+            binding.ledger
+        )),
+        ledger_verifier: data
+            .get(super::audit_ledger::VERIFIER_KEY)?
+            .trim()
+            .to_owned(),
+        ledger_origin: data.get("origin")?.trim().to_owned(),
+        delivery: match binding.delivery {
+            crate::crd::AuditDelivery::Enforce => "enforce".into(),
+            crate::crd::AuditDelivery::Spool => "spool".into(),
+        },
+        key_file: format!(
+            "{}/{}",
+            crate::webhook::AUDIT_KEY_MOUNT,
+            policy::AUDIT_KEY_NAME
+        ),
+    })
+}
+
+/// The Secret with the namespace's copy of the keyed-hash key.
+pub fn audit_key_secret(
+    namespace: &str,
+    key: k8s_openapi::ByteString,
+    owners: Vec<OwnerReference>,
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(policy::AUDIT_KEY_SECRET.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(labels()),
+            owner_references: Some(owners),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(policy::AUDIT_KEY_NAME.to_owned(), key)])),
+        ..Secret::default()
+    }
 }
 
 /// The identity-CA ConfigMap.
@@ -161,7 +228,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
                     == Some(MANAGED_BY)
             });
         if stale {
-            let cm = policy_config_map(&namespace, None, Vec::new())?;
+            let cm = policy_config_map(&namespace, None, None, Vec::new())?;
             config_maps
                 .patch(policy::CONFIGMAP, &apply_params(), &Patch::Apply(&cm))
                 .await
@@ -176,6 +243,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
     // Ledgers and Secrets are only needed to check audit references.
     let mut ledgers = BTreeMap::new();
     let mut secrets = BTreeMap::new();
+    let mut secret_data = BTreeMap::new();
     if policies.iter().any(|p| p.spec.audit.is_some()) {
         for l in Api::<AuditLedger>::namespaced(client.clone(), &namespace)
             .list(&ListParams::default())
@@ -197,6 +265,7 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
                 .chain(s.string_data.iter().flatten().map(|(k, _)| k.clone()))
                 .collect();
             secrets.insert(s.name_any(), keys);
+            secret_data.insert(s.name_any(), s.data.clone().unwrap_or_default());
         }
     }
     let compiled = policy::compile(&Snapshot {
@@ -206,8 +275,40 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
         ledgers: &ledgers,
         secrets: &secrets,
     });
-    let owners = policies.iter().filter_map(policy_owner).collect();
-    let cm = policy_config_map(&namespace, Some(&compiled), owners)?;
+    let owners: Vec<OwnerReference> = policies.iter().filter_map(policy_owner).collect();
+    // Auditing: the ledger's published settings and the key, once both are there.
+    let mut audit = None;
+    if let Some(b) = &compiled.audit
+        && b.endpoint.is_some()
+        && let Some(key) = secret_data
+            .get(&b.key.name)
+            .and_then(|d| d.get(&b.key.key))
+            .cloned()
+    {
+        let ledger_config = config_maps
+            .get_opt(&format!("{}-config", b.ledger))
+            .await
+            .map_err(kube_err(format!(
+                "get ConfigMap {namespace}/{}-config",
+                b.ledger
+            )))?;
+        audit = sidecar_audit(b, &namespace, &ctx.trust_domain, ledger_config.as_ref());
+        if audit.is_some() {
+            let secret = audit_key_secret(&namespace, key, owners.clone());
+            Api::<Secret>::namespaced(client.clone(), &namespace)
+                .patch(
+                    policy::AUDIT_KEY_SECRET,
+                    &apply_params(),
+                    &Patch::Apply(&secret),
+                )
+                .await
+                .map_err(kube_err(format!(
+                    "apply Secret {namespace}/{}",
+                    policy::AUDIT_KEY_SECRET
+                )))?;
+        }
+    }
+    let cm = policy_config_map(&namespace, Some(&compiled), audit.as_ref(), owners)?;
     config_maps
         .patch(policy::CONFIGMAP, &apply_params(), &Patch::Apply(&cm))
         .await

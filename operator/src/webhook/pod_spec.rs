@@ -3,9 +3,10 @@
 //! source's `MEDMESH_IDENTITY_URL` and `MEDMESH_IDENTITY_TOKEN`.
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction, Pod,
-    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecurityContext,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    HTTPGetAction, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -37,6 +38,16 @@ pub const POLICY_MOUNT: &str = "/etc/medmesh/policy";
 pub const IDENTITY_CA_VOLUME: &str = "medmesh-identity-ca";
 /// Where it is mounted: the sidecar's default `MEDMESH_IDENTITY_CA` directory.
 pub const IDENTITY_CA_MOUNT: &str = "/etc/medmesh/identity";
+/// Volume of the audit spool (an `emptyDir`: it survives sidecar restarts, and the sidecar
+/// delivers it before the Pod goes).
+pub const SPOOL_VOLUME: &str = "medmesh-spool";
+/// Where the spool is mounted.
+pub const SPOOL_MOUNT: &str = "/var/run/medmesh/spool";
+/// Volume of the keyed-hash key (the Secret the policy controller maintains; optional: a
+/// namespace without auditing has none).
+pub const AUDIT_KEY_VOLUME: &str = "medmesh-audit-key";
+/// Where it is mounted.
+pub const AUDIT_KEY_MOUNT: &str = "/etc/medmesh/audit";
 /// Lifetime of the projected token; the kubelet refreshes it at 80 %.
 const TOKEN_SECONDS: i64 = 3600;
 
@@ -183,6 +194,12 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
             env("MEDMESH_IDENTITY_URL", cfg.identity_url.clone()),
             env("MEDMESH_IDENTITY_TOKEN", format!("{TOKEN_MOUNT}/token")),
             env("MEDMESH_IDENTITY_CA", format!("{IDENTITY_CA_MOUNT}/ca.crt")),
+            // Auditing, when the namespace's policies ask for it (the file is absent otherwise).
+            env(
+                "MEDMESH_AUDIT_CONFIG",
+                format!("{POLICY_MOUNT}/{}", crate::policy::AUDIT_CONFIG_KEY),
+            ),
+            env("MEDMESH_SPOOL_DIR", SPOOL_MOUNT),
             // The kubelet probes the admin port on the Pod's address, not on loopback.
             env("MEDMESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
         ]),
@@ -202,6 +219,17 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
             VolumeMount {
                 name: IDENTITY_CA_VOLUME.into(),
                 mount_path: IDENTITY_CA_MOUNT.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: SPOOL_VOLUME.into(),
+                mount_path: SPOOL_MOUNT.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: AUDIT_KEY_VOLUME.into(),
+                mount_path: AUDIT_KEY_MOUNT.into(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
@@ -268,6 +296,23 @@ pub(super) fn volumes() -> Vec<Volume> {
                 name: crate::controller::mesh_policy::IDENTITY_CA_CONFIGMAP.into(),
                 optional: Some(false),
                 ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: SPOOL_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("300Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: AUDIT_KEY_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(crate::policy::AUDIT_KEY_SECRET.into()),
+                optional: Some(true),
+                ..SecretVolumeSource::default()
             }),
             ..Volume::default()
         },

@@ -72,7 +72,9 @@ fn creates_missing_maps_and_lists() {
         [
             "medmesh-identity-token",
             "medmesh-policy",
-            "medmesh-identity-ca"
+            "medmesh-identity-ca",
+            "medmesh-spool",
+            "medmesh-audit-key"
         ]
     );
     assert_eq!(
@@ -96,7 +98,7 @@ fn appends_to_existing_empty_lists() {
     assert!(patch.contains("/spec/volumes/-"), "{patch}");
     let spec = patched(&a, &obj).spec.unwrap();
     assert_eq!(spec.init_containers.unwrap().len(), 2);
-    assert_eq!(spec.volumes.unwrap().len(), 3);
+    assert_eq!(spec.volumes.unwrap().len(), 5);
 }
 
 #[test]

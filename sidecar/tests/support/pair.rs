@@ -68,6 +68,7 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         key: Some(key.into()),
         ca: Some(ca.into()),
         identity_url: None,
+        audit_config: None,
         identity_token: "/nonexistent/token".into(),
         identity_ca: "/nonexistent/ca.crt".into(),
         trust_domain: TD.into(),

@@ -298,3 +298,82 @@ async fn mock_api_policy_audit_references_are_checked_against_ledgers_and_secret
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn mock_api_policy_audit_settings_and_key_are_published_for_sidecars() {
+    let (ctx, mut api) = context(None);
+    let audited = policy(
+        "pacs",
+        "u-pacs",
+        json!({
+            "podSelector": {},
+            "ports": [{"port": 4242, "protocol": "dicom"}],
+            "audit": {"ledgerRef": {"name": "l"}, "delivery": "enforce",
+                      "keySecretRef": {"name": "k", "key": "hmac"}},
+        }),
+    );
+    let verifier =
+        medmesh_core::checkpoint::NoteSigner::from_seed("cluster.local/radiology/l", [3; 32])
+            .unwrap()
+            .verifier_key();
+    let stored = audited.clone();
+    let v2 = verifier.clone();
+    let (r, (secret, cm)) = mock::run(
+        reconcile(namespace(true), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, move |_| list(vec![audited])).await;
+            api.expect("GET", "/apis/medmesh.io/v1alpha1/namespaces/radiology/auditledgers", 200, |_| {
+                json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedgerList", "metadata": {}, "items": [
+                    {"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedger",
+                     "metadata": {"name": "l", "namespace": "radiology"},
+                     "spec": {"replicas": 1, "storage": {"size": "1Gi"}, "signingKey": {"generate": {}}},
+                     "status": {"endpoint": "https://l.radiology.svc:8443"}}
+                ]})
+            })
+            .await;
+            api.expect("GET", "/api/v1/namespaces/radiology/secrets", 200, |_| {
+                json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": [
+                    {"metadata": {"name": "k", "namespace": "radiology"},
+                     "data": {"hmac": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}}
+                ]})
+            })
+            .await;
+            api.expect("GET", "/api/v1/namespaces/radiology/configmaps/l-config", 200, move |_| {
+                json!({"apiVersion": "v1", "kind": "ConfigMap",
+                       "metadata": {"name": "l-config", "namespace": "radiology"},
+                       "data": {"origin": "cluster.local/radiology/l", "verifier.key": v2}})
+            })
+            .await;
+            let secret = api
+                .apply("/api/v1/namespaces/radiology/secrets/medmesh-audit-key", json!({}))
+                .await;
+            let cm = api.apply(CM, json!({})).await;
+            status_patch(&mut api, &stored).await;
+            api.quiet(Duration::from_millis(100)).await;
+            (secret, cm)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+    // The key, copied under the name every injected Pod mounts.
+    assert_eq!(
+        secret.body["data"]["key"],
+        "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="
+    );
+    // audit.json is what the sidecar's --audit-config reads.
+    let audit: medmesh_core::wire::SidecarAudit =
+        serde_json::from_str(cm.body["data"]["audit.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        audit,
+        medmesh_core::wire::SidecarAudit {
+            ledger_url: "https://l.radiology.svc:8443".into(),
+            ledger_id: Some("spiffe://cluster.local/ns/radiology/ledger/l".into()),
+            ledger_verifier: verifier,
+            ledger_origin: "cluster.local/radiology/l".into(),
+            delivery: "enforce".into(),
+            key_file: "/etc/medmesh/audit/key".into(),
+        }
+    );
+    assert!(cm.body["data"]["policy.json"].is_string());
+}
