@@ -210,7 +210,7 @@ fn root_b64(root: &medmesh_core::Hash) -> String {
 }
 
 /// A fresh key and a certificate for `id` signed by `ca` (chain PEM, key PEM).
-pub(crate) fn issue_svid(
+pub fn issue_svid(
     ca: &IssuerCa,
     id: &SpiffeId,
     ttl: Duration,
