@@ -26,10 +26,11 @@ use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use medmesh_core::TrustDomain;
 use tokio::sync::watch;
+use tracing::{Instrument as _, Span};
 
 use crate::crd::{AuditLedger, MeshPolicy};
 use crate::identity::IssuerCa;
-use crate::metrics::{ControllerKind, ReconcileMetrics, ReconcileResult};
+use crate::metrics::{ControllerKind, ReconcileMetrics, ReconcileResult, ReconcileTimer};
 use crate::webhook::EventSink;
 
 pub mod audit_ledger;
@@ -145,6 +146,34 @@ impl Context {
     }
 }
 
+/// The span of one reconcile: which controller, which object (names only), and the result.
+fn reconcile_span<K: kube::Resource<DynamicType = ()>>(kind: ControllerKind, obj: &K) -> Span {
+    tracing::info_span!(
+        "reconcile",
+        controller = kind.as_str(),
+        kind = %K::kind(&()),
+        namespace = obj.meta().namespace.as_deref().unwrap_or(""),
+        name = obj.meta().name.as_deref().unwrap_or(""),
+        result = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// Counts a finished reconcile and records its result on the current (reconcile) span.
+fn finish(timer: ReconcileTimer, r: &Result<Action, Error>) {
+    let result = if r.is_ok() {
+        ReconcileResult::Success
+    } else {
+        ReconcileResult::Error
+    };
+    timer.finish(result);
+    let span = Span::current();
+    span.record("result", result.as_str());
+    if r.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 fn error_policy<K>(kind: ControllerKind) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |_obj, err, ctx| {
         tracing::warn!(controller = kind.as_str(), error = %err, "reconcile failed");
@@ -171,15 +200,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     )
     .graceful_shutdown_on(stopped(stop_rx.clone()))
     .run(
-        |obj, ctx| async move {
-            let m = ctx.metrics.start(ControllerKind::AuditLedger);
-            let r = audit_ledger::reconcile(obj, ctx.clone()).await;
-            m.finish(if r.is_ok() {
-                ReconcileResult::Success
-            } else {
-                ReconcileResult::Error
-            });
-            r
+        |obj, ctx| {
+            let span = reconcile_span(ControllerKind::AuditLedger, obj.as_ref());
+            async move {
+                let m = ctx.metrics.start(ControllerKind::AuditLedger);
+                let r = audit_ledger::reconcile(obj, ctx.clone()).await;
+                finish(m, &r);
+                r
+            }
+            .instrument(span)
         },
         error_policy(ControllerKind::AuditLedger),
         ctx.clone(),
@@ -213,15 +242,15 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     .reconcile_all_on(ca_changes)
     .graceful_shutdown_on(stopped(stop_rx))
     .run(
-        |obj, ctx| async move {
-            let m = ctx.metrics.start(ControllerKind::MeshPolicy);
-            let r = mesh_policy::reconcile(obj, ctx.clone()).await;
-            m.finish(if r.is_ok() {
-                ReconcileResult::Success
-            } else {
-                ReconcileResult::Error
-            });
-            r
+        |obj, ctx| {
+            let span = reconcile_span(ControllerKind::MeshPolicy, obj.as_ref());
+            async move {
+                let m = ctx.metrics.start(ControllerKind::MeshPolicy);
+                let r = mesh_policy::reconcile(obj, ctx.clone()).await;
+                finish(m, &r);
+                r
+            }
+            .instrument(span)
         },
         error_policy(ControllerKind::MeshPolicy),
         ctx,
@@ -247,4 +276,108 @@ fn async_stream_from_watch(
     futures::stream::unfold(rx, |mut rx| async move {
         rx.changed().await.ok().map(|()| ((), rx))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+
+    use super::*;
+
+    type FieldMap = BTreeMap<String, String>;
+
+    /// Every span's name and the fields it ended with.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<(String, FieldMap)>>>);
+
+    struct Fields<'a>(&'a mut FieldMap);
+
+    impl Visit for Fields<'_> {
+        fn record_str(&mut self, field: &Field, value: &str) {
+            self.0.insert(field.name().into(), value.into());
+        }
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            self.0.insert(field.name().into(), format!("{value:?}"));
+        }
+    }
+
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Capture {
+        fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
+            let mut f = BTreeMap::new();
+            attrs.record(&mut Fields(&mut f));
+            if let Some(span) = ctx.span(id) {
+                span.extensions_mut().insert(f);
+            }
+        }
+        fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
+            if let Some(span) = ctx.span(id)
+                && let Some(f) = span.extensions_mut().get_mut::<FieldMap>()
+            {
+                values.record(&mut Fields(f));
+            }
+        }
+        fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
+            if let Some(span) = ctx.span(&id) {
+                let f = span
+                    .extensions()
+                    .get::<FieldMap>()
+                    .cloned()
+                    .unwrap_or_default();
+                self.0.lock().unwrap().push((span.name().into(), f));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reconciles_are_spans_with_names_and_results() {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let metrics = ReconcileMetrics::unregistered();
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some("radiology".into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        for ok in [true, false] {
+            let span = reconcile_span(ControllerKind::MeshPolicy, &ns);
+            async {
+                let timer = metrics.start(ControllerKind::MeshPolicy);
+                let r = if ok {
+                    Ok(Action::await_change())
+                } else {
+                    Err(Error::Object("no uid".into()))
+                };
+                finish(timer, &r);
+            }
+            .instrument(span)
+            .await;
+        }
+        let spans = capture.0.lock().unwrap().clone();
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        for (name, f) in &spans {
+            assert_eq!(name, "reconcile");
+            assert_eq!(f["controller"], ControllerKind::MeshPolicy.as_str());
+            assert_eq!(f["kind"], "Namespace");
+            assert_eq!(f["name"], "radiology");
+            assert_eq!(f["namespace"], "");
+        }
+        assert_eq!(spans[0].1["result"], "success");
+        assert!(!spans[0].1.contains_key("otel.status_code"));
+        assert_eq!(spans[1].1["result"], "error");
+        assert_eq!(spans[1].1["otel.status_code"], "ERROR");
+        assert_eq!(
+            metrics.reconciles(ControllerKind::MeshPolicy, ReconcileResult::Error),
+            1
+        );
+    }
 }

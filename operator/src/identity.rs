@@ -22,6 +22,7 @@ use axum::routing::{get, post};
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use medmesh_core::{SpiffeId, TrustDomain};
 use rcgen::{CertificateSigningRequestParams, SanType};
+use tracing::Instrument as _;
 
 use crate::metrics::{IssueResult, Metrics};
 
@@ -200,6 +201,31 @@ impl<R: TokenReviewer> IdentityService<R> {
         body: &[u8],
         now: SystemTime,
     ) -> Result<CertificateResponse, IssueError> {
+        // The span names the identity and the outcome; the token and the CSR stay out of it.
+        let span = tracing::info_span!(
+            "issue_certificate",
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            spiffe_id = tracing::field::Empty,
+            result = tracing::field::Empty,
+        );
+        let r = self.decide(body, now).instrument(span.clone()).await;
+        let result = match &r {
+            Ok(_) => IssueResult::Issued,
+            Err(e) => e.status().1,
+        };
+        span.record("result", result.as_str());
+        if result == IssueResult::Error {
+            span.record("otel.status_code", "ERROR");
+        }
+        r
+    }
+
+    async fn decide(
+        &self,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<CertificateResponse, IssueError> {
         let req: CertificateRequest =
             serde_json::from_slice(body).map_err(|e| IssueError::BadRequest(e.to_string()))?;
         if req.token.is_empty() {
@@ -209,6 +235,7 @@ impl<R: TokenReviewer> IdentityService<R> {
         let csr = parse_csr(&req.csr)?;
         let status = self.reviewer.review(&req.token).await?;
         let id = identity_of(&status, &self.trust_domain)?;
+        tracing::Span::current().record("spiffe_id", tracing::field::display(&id));
         check_csr(&csr, &id, &self.trust_domain)?;
         let signed = self.ca.sign(&csr, &id, self.ttl, now)?;
         let not_after = signed

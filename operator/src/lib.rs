@@ -11,6 +11,7 @@
 //! - [`leader`]: leader election on a Lease (only the leader runs the controllers).
 //! - [`metrics`]: admission and certificate counters (bounded labels).
 //! - [`serving`]: the operator's own serving CA and certificate, rotation, `caBundle`.
+//! - [`telemetry`]: the log subscriber and, with an OTLP endpoint, trace export.
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod controller;
@@ -22,4 +23,5 @@ pub mod metrics;
 pub mod policy;
 pub mod run;
 pub mod serving;
+pub mod telemetry;
 pub mod webhook;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use medmesh_operator::crd;
 use medmesh_operator::run::{self, Config, RawConfig};
+use medmesh_operator::{crd, telemetry};
 
 /// Exit status for unusable configuration.
 const EXIT_CONFIG: u8 = 64;
@@ -47,13 +47,7 @@ fn main() -> ExitCode {
 fn serve(raw: RawConfig) -> ExitCode {
     // One crypto provider for the whole process (aws-lc-rs: post-quantum hybrid key exchange).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Checked before logging starts: the OTLP layer depends on it, and problems go to stderr.
     let cfg = match Config::check(raw) {
         Ok(c) => c,
         Err(errs) => {
@@ -64,6 +58,22 @@ fn serve(raw: RawConfig) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let otlp = cfg.otlp_endpoint.as_ref().map(|endpoint| telemetry::Otlp {
+        endpoint: endpoint.clone(),
+        namespace: cfg.namespace.clone(),
+    });
+    let telemetry = match telemetry::init(filter, otlp.as_ref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(o) = &otlp {
+        tracing::info!(url = %o.traces_url(), "exporting traces over OTLP/HTTP");
+    }
     // The configuration holds paths and names, no secrets, so it is logged whole.
     tracing::info!(config = ?cfg, "effective configuration");
     let rt = match tokio::runtime::Runtime::new() {
@@ -73,13 +83,20 @@ fn serve(raw: RawConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run::run(cfg)) {
+    let status = match rt.block_on(run::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    };
+    // The runtime goes first, so that spans of the drain are closed and queued; then the export
+    // thread sends them (blocking, at most telemetry::FLUSH_TIMEOUT).
+    drop(rt);
+    if let Err(e) = telemetry.shutdown() {
+        eprintln!("warning: traces not flushed: {e}");
     }
+    status
 }
 
 fn crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {

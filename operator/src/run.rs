@@ -12,8 +12,8 @@
 //!    controllers, started when this replica becomes leader and stopped when it stops being
 //!    one.
 //!
-//! `--otlp-endpoint` is accepted but traces are not exported yet: the operator logs a warning
-//! saying so (the OpenTelemetry crates of `DEPENDENCIES.md` are not wired in).
+//! Traces (`--otlp-endpoint`) are set up before this, by `main` with
+//! [`crate::telemetry::init`], and flushed after it returns.
 //!
 //! SIGTERM or Ctrl-C stops accepting, drains open connections for at most [`DRAIN`], then
 //! closes what is left.
@@ -261,9 +261,6 @@ pub async fn run_until(
     let reconcile_metrics = ReconcileMetrics::register(&registry)?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(endpoint) = &cfg.otlp_endpoint {
-        tracing::warn!(%endpoint, "OTLP trace export is not implemented yet; traces go to the log only");
-    }
 
     let admin = bind(cfg.admin_addr).await?;
     let admin_app = admin_router(Admin {

@@ -513,9 +513,42 @@ pub fn router(state: WebhookState) -> Router {
 }
 
 async fn handle(State(state): State<WebhookState>, body: Bytes) -> Response {
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(&body) {
+    // Deciding never awaits, so the span is entered around a plain call. Its attributes are
+    // names and bounded results; the Pod itself is never recorded.
+    let span = tracing::info_span!(
+        "admission",
+        otel.kind = "server",
+        namespace = tracing::field::Empty,
+        pod = tracing::field::Empty,
+        dry_run = tracing::field::Empty,
+        result = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    span.in_scope(|| answer(&state, &body, &span))
+}
+
+/// What the API server sees of an outcome: passed unchanged, patched, or refused.
+fn verdict(result: AdmissionResult) -> &'static str {
+    match result {
+        AdmissionResult::Injected => "patched",
+        AdmissionResult::Denied | AdmissionResult::Malformed => "refused",
+        AdmissionResult::Disabled
+        | AdmissionResult::AlreadyInjected
+        | AdmissionResult::HostNetwork
+        | AdmissionResult::Ignored => "allowed",
+    }
+}
+
+fn record(span: &tracing::Span, result: AdmissionResult) {
+    span.record("result", verdict(result));
+    span.record("outcome", result.as_str());
+}
+
+fn answer(state: &WebhookState, body: &[u8], span: &tracing::Span) -> Response {
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
+            record(span, AdmissionResult::Malformed);
             state.metrics.admission(AdmissionResult::Malformed);
             return (
                 StatusCode::BAD_REQUEST,
@@ -527,6 +560,7 @@ async fn handle(State(state): State<WebhookState>, body: Bytes) -> Response {
     let req: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(_) => {
+            record(span, AdmissionResult::Malformed);
             state.metrics.admission(AdmissionResult::Malformed);
             return (
                 StatusCode::BAD_REQUEST,
@@ -535,7 +569,21 @@ async fn handle(State(state): State<WebhookState>, body: Bytes) -> Response {
                 .into_response();
         }
     };
+    if let Some(ns) = &req.namespace {
+        span.record("namespace", ns.as_str());
+    }
+    // A Pod made by a controller has only a generateName when it is admitted.
+    let generated = req
+        .object
+        .as_ref()
+        .and_then(|o| o.metadata.generate_name.as_deref());
+    match (req.name.as_str(), generated) {
+        ("", Some(g)) => span.record("pod", tracing::field::display(format_args!("{g}*"))),
+        (name, _) => span.record("pod", name),
+    };
+    span.record("dry_run", req.dry_run);
     let admission = mutate(&req, &state.config);
+    record(span, admission.result);
     state.metrics.admission(admission.result);
     if let Some(event) = admission.event {
         state.events.emit(event);

@@ -76,7 +76,7 @@ pub struct RawConfig {
     /// Lifetime of workload certificates, in hours.
     #[arg(long, env = "MEDMESH_CERT_TTL_HOURS", default_value = "24")]
     pub cert_ttl_hours: String,
-    /// OTLP endpoint for traces.
+    /// OTLP/HTTP base endpoint for traces (spans go to <endpoint>/v1/traces); none: no traces.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 }
@@ -128,7 +128,7 @@ pub struct Config {
     pub lease_name: String,
     /// Certificate lifetime.
     pub cert_ttl: Duration,
-    /// OTLP endpoint.
+    /// OTLP/HTTP base endpoint (`http://collector:4318`).
     pub otlp_endpoint: Option<String>,
 }
 
@@ -205,6 +205,16 @@ impl Config {
                 && !u.starts_with("https://")
             {
                 errs.push(format!("{field} {u:?}: must be an https:// URL"));
+            }
+        }
+        if let Some(e) = &raw.otlp_endpoint {
+            let uri = e.parse::<http::Uri>();
+            let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
+            match uri {
+                Ok(u) if scheme_ok && u.host().is_some() && u.query().is_none() => {}
+                _ => errs.push(format!(
+                    "otlp-endpoint {e:?}: must be an http:// or https:// URL without a query"
+                )),
             }
         }
         let native_sidecar = match raw.native_sidecar.as_str() {
@@ -307,6 +317,27 @@ mod tests {
         );
         assert_eq!(c.cert_ttl, Duration::from_secs(24 * 3600));
         assert!(c.native_sidecar);
+        assert_eq!(c.otlp_endpoint, None);
+    }
+
+    #[test]
+    fn otlp_endpoint_is_a_url() {
+        for ok in [
+            "http://otel-collector.observability:4318",
+            "https://otel.example/",
+        ] {
+            let c = parse(&["--otlp-endpoint", ok]).unwrap();
+            assert_eq!(c.otlp_endpoint.as_deref(), Some(ok));
+        }
+        for bad in [
+            "otel-collector:4318",
+            "grpc://c:4317",
+            "http://",
+            "http://c:4318/?x=1",
+        ] {
+            let errs = parse(&["--otlp-endpoint", bad]).unwrap_err();
+            assert!(errs[0].starts_with("otlp-endpoint"), "{bad}: {errs:?}");
+        }
     }
 
     #[test]
@@ -326,6 +357,8 @@ mod tests {
             "maybe",
             "--cert-ttl-hours",
             "0",
+            "--otlp-endpoint",
+            "collector:4318",
         ])
         .unwrap_err();
         let text = errs.join("\n");
@@ -337,9 +370,10 @@ mod tests {
             "webhook-url \"http://plain\": must be an https:// URL",
             "native-sidecar \"maybe\"",
             "cert-ttl-hours \"0\"",
+            "otlp-endpoint \"collector:4318\"",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }
-        assert_eq!(errs.len(), 7, "{text}");
+        assert_eq!(errs.len(), 8, "{text}");
     }
 }
