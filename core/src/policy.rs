@@ -382,6 +382,136 @@ impl Policy {
     }
 }
 
+/// An operator of a [`SelectorRequirement`] (Kubernetes label-selector semantics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SelectorOperator {
+    /// The label's value is one of the values.
+    In,
+    /// The label is absent or its value is none of the values.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+/// One requirement of a [`PodSelector`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SelectorRequirement {
+    /// Label key.
+    pub key: String,
+    /// How the label is compared.
+    pub operator: SelectorOperator,
+    /// Values, for `In` and `NotIn`.
+    #[serde(default)]
+    pub values: Vec<String>,
+}
+
+/// A Kubernetes label selector, without a Kubernetes dependency: every `matchLabels` entry and
+/// every requirement must hold; an empty selector selects every pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PodSelector {
+    /// Labels that must have these values.
+    #[serde(default)]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+    /// Further requirements.
+    #[serde(default)]
+    pub match_expressions: Vec<SelectorRequirement>,
+}
+
+impl PodSelector {
+    /// Whether a pod with `labels` is selected.
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| {
+                let have = labels.get(&r.key);
+                match r.operator {
+                    SelectorOperator::In => have.is_some_and(|v| r.values.contains(v)),
+                    SelectorOperator::NotIn => have.is_none_or(|v| !r.values.contains(v)),
+                    SelectorOperator::Exists => have.is_some(),
+                    SelectorOperator::DoesNotExist => have.is_none(),
+                }
+            })
+    }
+}
+
+/// One policy's document and the pods it applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectedDoc {
+    /// The pods it applies to.
+    pub selector: PodSelector,
+    /// What it allows.
+    pub document: PolicyDoc,
+}
+
+/// The policies of a namespace as the operator publishes them: each sidecar enforces the union
+/// of those that select its pod (none: default deny). The operator has already refused
+/// policies that contradict each other, so any union of these is consistent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySet {
+    /// The accepted policies, in name order.
+    pub selected: Vec<SelectedDoc>,
+}
+
+impl PolicySet {
+    /// The document for a pod with `labels`.
+    pub fn for_labels(&self, labels: &std::collections::BTreeMap<String, String>) -> PolicyDoc {
+        union(
+            self.selected
+                .iter()
+                .filter(|s| s.selector.matches(labels))
+                .map(|s| &s.document),
+        )
+    }
+}
+
+/// The union of documents: per port, the first protocol and every allowed principal (any
+/// permissive makes it permissive); external and pinned destinations of all; audit mode only
+/// when there is at least one document and all of them audit.
+pub fn union<'a>(docs: impl Iterator<Item = &'a PolicyDoc>) -> PolicyDoc {
+    let mut out = PolicyDoc::default();
+    let (mut any, mut all_audit) = (false, true);
+    for d in docs {
+        any = true;
+        all_audit &= d.mode == Mode::Audit;
+        for p in &d.inbound {
+            match out.inbound.iter_mut().find(|q| q.port == p.port) {
+                Some(q) => {
+                    for a in &p.allow {
+                        if !q.allow.contains(a) {
+                            q.allow.push(a.clone());
+                        }
+                    }
+                    q.permissive |= p.permissive;
+                }
+                None => out.inbound.push(p.clone()),
+            }
+        }
+        for e in &d.external {
+            if !out.external.contains(e) {
+                out.external.push(e.clone());
+            }
+        }
+        for p in &d.pinned {
+            if !out.pinned.contains(p) {
+                out.pinned.push(p.clone());
+            }
+        }
+    }
+    out.mode = if any && all_audit {
+        Mode::Audit
+    } else {
+        Mode::Enforce
+    };
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,5 +631,80 @@ mod tests {
                 .contains("fd12::1".parse().unwrap())
         );
         assert!(Cidr::parse("300.1.1.1").is_err());
+    }
+
+    #[test]
+    fn a_pod_gets_the_union_of_the_policies_that_select_it() {
+        let doc = |mode: Mode, port: u16, who: &str, permissive: bool| PolicyDoc {
+            mode,
+            inbound: vec![InboundPort {
+                port,
+                protocol: ProtocolHint::Dicom,
+                allow: vec![Principal::ServiceAccount(who.into())],
+                permissive,
+            }],
+            ..PolicyDoc::default()
+        };
+        let sel = |k: &str, v: &str| PodSelector {
+            match_labels: [(k.to_owned(), v.to_owned())].into(),
+            ..PodSelector::default()
+        };
+        let set = PolicySet {
+            selected: vec![
+                SelectedDoc {
+                    selector: sel("app", "orthanc"),
+                    document: doc(Mode::Enforce, 4242, "a/scanner", false),
+                },
+                SelectedDoc {
+                    selector: PodSelector {
+                        match_expressions: vec![SelectorRequirement {
+                            key: "tier".into(),
+                            operator: SelectorOperator::In,
+                            values: vec!["pacs".into()],
+                        }],
+                        ..PodSelector::default()
+                    },
+                    document: doc(Mode::Audit, 4242, "a/viewer", true),
+                },
+                SelectedDoc {
+                    selector: sel("app", "other"),
+                    document: doc(Mode::Enforce, 8080, "a/x", false),
+                },
+            ],
+        };
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let d = set.for_labels(&labels(&[("app", "orthanc"), ("tier", "pacs")]));
+        assert_eq!(d.mode, Mode::Enforce);
+        assert_eq!(d.inbound.len(), 1);
+        assert_eq!(d.inbound[0].allow.len(), 2);
+        assert!(d.inbound[0].permissive);
+        // Only the audit policy selects it: audit mode, its own rule only.
+        let d = set.for_labels(&labels(&[("tier", "pacs")]));
+        assert_eq!((d.mode, d.inbound[0].allow.len()), (Mode::Audit, 1));
+        // Nothing selects it: default deny.
+        let d = set.for_labels(&labels(&[("app", "viewer")]));
+        assert_eq!((d.mode, d.inbound.len()), (Mode::Enforce, 0));
+        // Operators.
+        let req = |operator, values: &[&str]| PodSelector {
+            match_expressions: vec![SelectorRequirement {
+                key: "k".into(),
+                operator,
+                values: values.iter().map(|v| (*v).to_owned()).collect(),
+            }],
+            ..PodSelector::default()
+        };
+        let with = labels(&[("k", "v")]);
+        let without = labels(&[]);
+        assert!(req(SelectorOperator::NotIn, &["w"]).matches(&with));
+        assert!(req(SelectorOperator::NotIn, &["v"]).matches(&without));
+        assert!(!req(SelectorOperator::NotIn, &["v"]).matches(&with));
+        assert!(req(SelectorOperator::Exists, &[]).matches(&with));
+        assert!(req(SelectorOperator::DoesNotExist, &[]).matches(&without));
+        assert!(PodSelector::default().matches(&without));
     }
 }

@@ -24,7 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
-use medmesh_core::policy::{InboundPort, Mode, Policy, PolicyDoc, Principal, ProtocolHint};
+use medmesh_core::policy::{
+    InboundPort, Mode, PodSelector, Policy, PolicyDoc, PolicySet, Principal, ProtocolHint,
+    SelectedDoc, SelectorOperator, SelectorRequirement,
+};
 use medmesh_core::{SpiffeId, TrustDomain};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -144,8 +147,11 @@ impl Outcome {
 /// The compiled namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compiled {
-    /// The document sidecars read.
+    /// The union of the (selected) accepted policies: what a pod selected by all of them gets.
     pub doc: PolicyDoc,
+    /// What sidecars read: each accepted policy with its selector; a sidecar enforces the union
+    /// of those selecting its pod.
+    pub set: PolicySet,
     /// Audit settings of the namespace, when a policy has them.
     pub audit: Option<AuditBinding>,
     /// Per policy name.
@@ -158,7 +164,7 @@ impl Compiled {
     /// # Errors
     /// When serialization fails (it does not for these types).
     pub fn json(&self) -> Result<String, serde_json::Error> {
-        serde_json::to_string_pretty(&self.doc)
+        serde_json::to_string_pretty(&self.set)
     }
 }
 
@@ -188,6 +194,7 @@ struct Checked {
     ports: Vec<InboundPort>,
     audit: Option<AuditBinding>,
     selector: Selector,
+    pod_selector: PodSelector,
 }
 
 fn compile_selected(snap: &Snapshot<'_>, labels: Option<&BTreeMap<String, String>>) -> Compiled {
@@ -215,6 +222,7 @@ fn compile_selected(snap: &Snapshot<'_>, labels: Option<&BTreeMap<String, String
     let mut ports: BTreeMap<u16, (InboundPort, String)> = BTreeMap::new();
     let mut audit: Option<(AuditBinding, String)> = None;
     let mut accepted = Vec::new();
+    let mut set = PolicySet::default();
     for (c, generation) in checked {
         let mut conflicts = Vec::new();
         for p in &c.ports {
@@ -274,6 +282,18 @@ fn compile_selected(snap: &Snapshot<'_>, labels: Option<&BTreeMap<String, String
                 }
             }
         }
+        set.selected.push(SelectedDoc {
+            selector: c.pod_selector.clone(),
+            document: PolicyDoc {
+                mode: match c.mode {
+                    PolicyMode::Audit => Mode::Audit,
+                    PolicyMode::Enforce => Mode::Enforce,
+                },
+                inbound: c.ports.clone(),
+                external: Vec::new(),
+                pinned: Vec::new(),
+            },
+        });
         accepted.push(Accepted {
             ports: c.ports.iter().map(|p| p.port).collect(),
             name: c.name,
@@ -336,6 +356,7 @@ fn compile_selected(snap: &Snapshot<'_>, labels: Option<&BTreeMap<String, String
     };
     Compiled {
         doc,
+        set,
         audit: audit.map(|(a, _)| a),
         outcomes,
     }
@@ -363,6 +384,33 @@ fn is_dns_label(s: &str) -> bool {
 /// A DNS-1123 subdomain (service account and Secret names).
 fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// The core form of a (checked) Kubernetes label selector.
+fn pod_selector(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> PodSelector {
+    PodSelector {
+        match_labels: s.match_labels.clone().unwrap_or_default(),
+        match_expressions: s
+            .match_expressions
+            .iter()
+            .flatten()
+            .filter_map(|r| {
+                let operator = match r.operator.as_str() {
+                    "In" => SelectorOperator::In,
+                    "NotIn" => SelectorOperator::NotIn,
+                    "Exists" => SelectorOperator::Exists,
+                    "DoesNotExist" => SelectorOperator::DoesNotExist,
+                    // Refused by the selector check before this is called.
+                    _ => return None,
+                };
+                Some(SelectorRequirement {
+                    key: r.key.clone(),
+                    operator,
+                    values: r.values.clone().unwrap_or_default(),
+                })
+            })
+            .collect(),
+    }
 }
 
 /// Checks one policy on its own, listing every problem.
@@ -457,6 +505,7 @@ fn check(snap: &Snapshot<'_>, p: &MeshPolicy) -> Result<Checked, Vec<String>> {
             ports,
             audit,
             selector,
+            pod_selector: pod_selector(&p.spec.pod_selector),
         }),
         _ => Err(errs),
     }

@@ -348,8 +348,8 @@ async fn cluster_mesh_policy_yields_the_policy_config_map() {
         .await
         .unwrap();
     let cm: ConfigMap = get(&ns.api(), "medmesh-policy").await;
-    let doc: Value = serde_json::from_str(&cm.data.unwrap()["policy.json"]).unwrap();
-    assert_eq!(doc["inbound"][0]["port"], 4242);
+    let set: Value = serde_json::from_str(&cm.data.unwrap()["policy.json"]).unwrap();
+    assert_eq!(set["selected"][0]["document"]["inbound"][0]["port"], 4242);
     let ca: ConfigMap = get(&ns.api(), "medmesh-identity-ca").await;
     assert_eq!(ca.data.unwrap()["ca.crt"], operator());
     let ready = eventually("policy status", || {

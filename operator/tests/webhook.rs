@@ -178,6 +178,7 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
             ("medmesh-identity-ca", "/etc/medmesh/identity", Some(true)),
             ("medmesh-spool", "/var/run/medmesh/spool", None),
             ("medmesh-audit-key", "/etc/medmesh/audit", Some(true)),
+            ("medmesh-podinfo", "/etc/medmesh/podinfo", Some(true)),
         ]
     );
 
@@ -219,6 +220,23 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
         "/etc/medmesh/policy/audit.json"
     );
     assert_eq!(env(sidecar, "MEDMESH_SPOOL_DIR"), "/var/run/medmesh/spool");
+    // The pod's labels, to pick the policies that select it.
+    assert_eq!(
+        env(sidecar, "MEDMESH_POD_LABELS"),
+        "/etc/medmesh/podinfo/labels"
+    );
+    let podinfo = vols.iter().find(|v| v.name == "medmesh-podinfo").unwrap();
+    let items = podinfo
+        .downward_api
+        .as_ref()
+        .unwrap()
+        .items
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        items[0].field_ref.as_ref().unwrap().field_path,
+        "metadata.labels"
+    );
     let spool = vols.iter().find(|v| v.name == "medmesh-spool").unwrap();
     assert!(spool.empty_dir.is_some());
     let key = vols.iter().find(|v| v.name == "medmesh-audit-key").unwrap();

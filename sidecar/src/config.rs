@@ -56,6 +56,9 @@ pub struct RawConfig {
     /// Policy document (JSON or YAML). Without one, every inbound connection is refused.
     #[arg(long, env = "MEDMESH_POLICY")]
     pub policy: Option<PathBuf>,
+    /// The pod's labels (downward API), to pick the policies of a policy set that select it.
+    #[arg(long, env = "MEDMESH_POD_LABELS")]
+    pub pod_labels: Option<PathBuf>,
     /// Host the inbound side forwards to (the application's address inside the pod).
     #[arg(long, env = "MEDMESH_APP_HOST", default_value = "127.0.0.1")]
     pub app_host: String,
@@ -169,6 +172,8 @@ pub struct Config {
     pub trust_domain: TrustDomain,
     /// Policy path.
     pub policy: Option<PathBuf>,
+    /// Pod labels file.
+    pub pod_labels: Option<PathBuf>,
     /// Application host.
     pub app_host: std::net::IpAddr,
     /// Detection timeout.
@@ -321,6 +326,7 @@ impl Config {
                 identity,
                 trust_domain,
                 policy: raw.policy,
+                pod_labels: raw.pod_labels,
                 app_host,
                 detect_timeout,
                 connect_timeout,
@@ -545,6 +551,7 @@ mod tests {
             ca: None,
             identity_url: None,
             audit_config: None,
+            pod_labels: None,
             identity_token: "/nonexistent/token".into(),
             identity_ca: "/nonexistent/ca.crt".into(),
             trust_domain: "Bad Domain".into(),

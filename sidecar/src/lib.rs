@@ -119,11 +119,13 @@ impl Sidecar {
                 tracing::warn!(path = %p.display(), "no policy file yet: every inbound connection is refused until it appears");
                 Policy::deny_all(cfg.trust_domain.clone())
             }
-            Some(p) => policy_file::load(p, &cfg.trust_domain).map_err(StartError::Policy)?,
+            Some(p) => policy_file::load(p, cfg.pod_labels.as_deref(), &cfg.trust_domain)
+                .map_err(StartError::Policy)?,
             None => Policy::deny_all(cfg.trust_domain.clone()),
         };
         let policy = policy_file::watch(
             cfg.policy.clone(),
+            cfg.pod_labels.clone(),
             initial,
             cfg.trust_domain.clone(),
             cfg.reload,

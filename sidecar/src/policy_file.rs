@@ -1,12 +1,18 @@
 //! The policy file: read whole, checked whole, reloaded when it changes. A bad new version is
 //! refused and the previous policy stays in force.
+//!
+//! The file is either one policy document, or the operator's [`PolicySet`] (a document per
+//! MeshPolicy, each with its pod selector), of which the sidecar enforces the union of those
+//! selecting its pod, whose labels it reads from a downward-API file (`key="value"` lines).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use medmesh_core::TrustDomain;
-use medmesh_core::policy::{Policy, PolicyDoc, PolicyError};
+use std::collections::BTreeMap;
+
+use medmesh_core::policy::{Policy, PolicyDoc, PolicyError, PolicySet};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
@@ -15,17 +21,55 @@ use crate::metrics::Metrics;
 ///
 /// # Errors
 /// When the file is unreadable or the policy invalid; the message lists every problem.
-pub fn load(path: &Path, td: &TrustDomain) -> Result<Policy, String> {
+pub fn load(path: &Path, labels: Option<&Path>, td: &TrustDomain) -> Result<Policy, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("policy {}: {e}", path.display()))?;
-    let doc: PolicyDoc = serde_saphyr::from_str(&text).map_err(|e| {
-        format!(
-            "policy {}: {}",
-            path.display(),
-            PolicyError::Parse(e.to_string())
-        )
-    })?;
+    let parse_err = |e: String| format!("policy {}: {}", path.display(), PolicyError::Parse(e));
+    // A policy set has a top-level `selected` list; a document never does.
+    let value: serde_json::Value =
+        serde_saphyr::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+    let doc: PolicyDoc = if value.get("selected").is_some() {
+        let set: PolicySet = serde_saphyr::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        let labels = match labels {
+            Some(l) => read_labels(l)?,
+            None => BTreeMap::new(),
+        };
+        set.for_labels(&labels)
+    } else {
+        serde_saphyr::from_str(&text).map_err(|e| parse_err(e.to_string()))?
+    };
     Policy::new(doc, td.clone()).map_err(|e| format!("policy {}: {e}", path.display()))
+}
+
+/// Reads a downward-API labels file: one `key="value"` per line, values quoted as Go does.
+/// A missing file means no labels.
+///
+/// # Errors
+/// When a line is malformed.
+pub fn read_labels(path: &Path) -> Result<BTreeMap<String, String>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(format!("pod labels {}: {e}", path.display())),
+    };
+    let mut out = BTreeMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = || {
+            format!(
+                "pod labels {} line {}: not key=\"value\"",
+                path.display(),
+                i + 1
+            )
+        };
+        let (k, v) = line.split_once('=').ok_or_else(bad)?;
+        let v: String = serde_json::from_str(v.trim()).map_err(|_| bad())?;
+        out.insert(k.trim().to_owned(), v);
+    }
+    Ok(out)
 }
 
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
@@ -36,6 +80,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// Publishes `initial`, then reloads `path` every `period` when it changes.
 pub fn watch(
     path: Option<PathBuf>,
+    labels: Option<PathBuf>,
     initial: Policy,
     td: TrustDomain,
     period: Duration,
@@ -44,19 +89,20 @@ pub fn watch(
     let (tx, rx) = watch::channel(Arc::new(initial));
     if let Some(path) = path {
         tokio::spawn(async move {
-            let mut last = stamp(&path);
+            let stamps = |p: &Path| (stamp(p), labels.as_deref().and_then(stamp));
+            let mut last = stamps(&path);
             loop {
                 tokio::time::sleep(period).await;
                 if tx.is_closed() {
                     return;
                 }
-                let now = stamp(&path);
+                let now = stamps(&path);
                 if now == last {
                     continue;
                 }
                 last = now;
-                let (p, td2) = (path.clone(), td.clone());
-                match tokio::task::spawn_blocking(move || load(&p, &td2)).await {
+                let (p, l, td2) = (path.clone(), labels.clone(), td.clone());
+                match tokio::task::spawn_blocking(move || load(&p, l.as_deref(), &td2)).await {
                     Ok(Ok(policy)) => {
                         metrics.policy_reloads.with_label_values(&["ok"]).inc();
                         tracing::info!(path = %path.display(), "policy reloaded");

@@ -223,11 +223,7 @@ async fn identity_not_in_policy_is_denied_and_policy_reloads() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let mut s = TcpStream::connect(p.client.outbound).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.unwrap();
+    let back = ping(&p).await;
     assert_eq!(back, b"ping");
     let m = metrics(p.server.admin).await;
     assert_eq!(
@@ -269,12 +265,34 @@ async fn a_policy_file_that_appears_later_takes_effect() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let mut s = TcpStream::connect(p.client.outbound).await.unwrap();
-    s.write_all(b"ping").await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.unwrap();
+    let back = ping(&p).await;
     assert_eq!(back, b"ping");
+}
+
+/// The operator's policy set: the sidecar enforces the policies whose selector matches its
+/// pod's labels, and follows label changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_set_applies_the_policies_that_select_the_pod() {
+    let port = echo_app().await;
+    let p = pair(port, "", ("radiology", "scanner"), LeafOptions::default()).await;
+    let labels = p.server_policy.parent().unwrap().join("labels");
+    std::fs::write(&labels, "app=\"orthanc\"\ntier=\"pacs\"\n").unwrap();
+    let set = format!(
+        r#"{{"selected": [
+          {{"selector": {{"matchLabels": {{"app": "orthanc"}}}},
+            "document": {{"inbound": [{{"port": {port}, "allow": [{{"service_account": "radiology/scanner"}}]}}]}}}},
+          {{"selector": {{"matchLabels": {{"app": "viewer"}}}},
+            "document": {{"inbound": [{{"port": {port}, "allow": [{{"service_account": "radiology/other"}}]}}]}}}}
+        ]}}"#
+    );
+    std::fs::write(&p.server_policy, set).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let back = ping(&p).await;
+    assert_eq!(back, b"ping", "the selecting policy allows the scanner");
+    // The pod is relabelled: no policy selects it any more, default deny.
+    std::fs::write(&labels, "app=\"viewer2\"\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    refused(&p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,4 +475,14 @@ async fn raw_tls(
         Ok(_) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Sends `ping` through the client sidecar to the echo app and returns what came back.
+async fn ping(p: &Pair) -> Vec<u8> {
+    let mut s = TcpStream::connect(p.client.outbound).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    back
 }

@@ -1,8 +1,8 @@
 //! The `MeshPolicy` controller, keyed by namespace.
 //!
 //! For a namespace that has `MeshPolicy` objects or the label `medmesh.io/inject=enabled`:
-//! - ConfigMap [`policy::CONFIGMAP`] with the compiled document (a deny-all document when there
-//!   are no policies: the sidecar refuses to start without a policy file). Its ownerReferences
+//! - ConfigMap [`policy::CONFIGMAP`] with the compiled policy set (each accepted policy's
+//!   document and pod selector; empty, so deny-all, when there are no policies). Its ownerReferences
 //!   are the namespace's policies (none of them the controller), so the garbage collector
 //!   removes it once every policy is gone, unless the namespace is labelled, in which case
 //!   the next reconcile publishes it again without owners;
@@ -26,7 +26,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, ListParams, ObjectMeta, Patch};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use medmesh_core::policy::PolicyDoc;
+use medmesh_core::policy::PolicySet;
 use medmesh_core::wire::SidecarAudit;
 
 use super::{Context, Error, MANAGED_BY, apply_params, k8s_time, kube_err};
@@ -63,7 +63,7 @@ pub fn policy_config_map(
 ) -> Result<ConfigMap, Error> {
     let json = match compiled {
         Some(c) => c.json(),
-        None => serde_json::to_string_pretty(&PolicyDoc::default()),
+        None => serde_json::to_string_pretty(&PolicySet::default()),
     }
     .map_err(|e| Error::Serialize {
         what: format!("ConfigMap {namespace}/{}", policy::CONFIGMAP),

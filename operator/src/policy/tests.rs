@@ -103,8 +103,13 @@ fn compiles_into_a_document_the_sidecar_accepts() {
             },
         })
     );
-    // What the sidecar reads back from the ConfigMap behaves as the policy says.
-    let p = Policy::from_json(&c.json().unwrap(), td()).unwrap();
+    // What the sidecar reads back from the ConfigMap behaves as the policy says, for a pod the
+    // policy selects; a pod it does not select gets nothing from it.
+    let set: medmesh_core::policy::PolicySet = serde_json::from_str(&c.json().unwrap()).unwrap();
+    let selected = set.for_labels(&[("app".to_owned(), "orthanc".to_owned())].into());
+    let other = set.for_labels(&[("app".to_owned(), "ohif".to_owned())].into());
+    assert!(other.inbound.is_empty(), "{other:?}");
+    let p = Policy::new(selected, td()).unwrap();
     let modality = id("spiffe://cluster.local/ns/radiology/sa/modality");
     assert_eq!(p.authorize(4242, &modality), Decision::Allow);
     assert_eq!(p.authorize(8042, &modality), Decision::Deny);

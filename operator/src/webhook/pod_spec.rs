@@ -3,10 +3,10 @@
 //! source's `MEDMESH_IDENTITY_URL` and `MEDMESH_IDENTITY_TOKEN`.
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    HTTPGetAction, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
+    DownwardAPIVolumeSource, EmptyDirVolumeSource, EnvVar, HTTPGetAction, ObjectFieldSelector, Pod,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -48,6 +48,10 @@ pub const SPOOL_MOUNT: &str = "/var/run/medmesh/spool";
 pub const AUDIT_KEY_VOLUME: &str = "medmesh-audit-key";
 /// Where it is mounted.
 pub const AUDIT_KEY_MOUNT: &str = "/etc/medmesh/audit";
+/// Volume of the pod's labels (downward API): the sidecar picks the policies selecting it.
+pub const PODINFO_VOLUME: &str = "medmesh-podinfo";
+/// Where it is mounted.
+pub const PODINFO_MOUNT: &str = "/etc/medmesh/podinfo";
 /// Lifetime of the projected token; the kubelet refreshes it at 80 %.
 const TOKEN_SECONDS: i64 = 3600;
 
@@ -200,6 +204,7 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
                 format!("{POLICY_MOUNT}/{}", crate::policy::AUDIT_CONFIG_KEY),
             ),
             env("MEDMESH_SPOOL_DIR", SPOOL_MOUNT),
+            env("MEDMESH_POD_LABELS", format!("{PODINFO_MOUNT}/labels")),
             // The kubelet probes the admin port on the Pod's address, not on loopback.
             env("MEDMESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
         ]),
@@ -230,6 +235,12 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
             VolumeMount {
                 name: AUDIT_KEY_VOLUME.into(),
                 mount_path: AUDIT_KEY_MOUNT.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: PODINFO_VOLUME.into(),
+                mount_path: PODINFO_MOUNT.into(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
@@ -313,6 +324,21 @@ pub(super) fn volumes() -> Vec<Volume> {
                 secret_name: Some(crate::policy::AUDIT_KEY_SECRET.into()),
                 optional: Some(true),
                 ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: PODINFO_VOLUME.into(),
+            downward_api: Some(DownwardAPIVolumeSource {
+                items: Some(vec![DownwardAPIVolumeFile {
+                    path: "labels".into(),
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.labels".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..DownwardAPIVolumeFile::default()
+                }]),
+                ..DownwardAPIVolumeSource::default()
             }),
             ..Volume::default()
         },

@@ -69,6 +69,7 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         ca: Some(ca.into()),
         identity_url: None,
         audit_config: None,
+        pod_labels: None,
         identity_token: "/nonexistent/token".into(),
         identity_ca: "/nonexistent/ca.crt".into(),
         trust_domain: TD.into(),
@@ -123,6 +124,8 @@ pub async fn pair(
     };
     let mut s = raw(&sc, &sk, &pki.ca_path());
     s.policy = Some(policy.clone());
+    // The pod's labels (downward API); absent until a test writes them.
+    s.pod_labels = Some(pki.dir.path().join("labels"));
     s.dev_inbound_port = Some(app_port.to_string());
     let server = Sidecar::start(Config::check(s).unwrap()).await.unwrap();
     let (cc, ck) = pki.issue("client", client.0, client.1, &client_opts);

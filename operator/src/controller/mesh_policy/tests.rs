@@ -136,7 +136,11 @@ async fn mock_api_policy_namespace_is_compiled_published_and_statuses_written() 
 
     // The document holds the valid policy only; the ConfigMap is owned by both policies
     // (without a controller), so it goes away with the last of them.
-    let doc: Value = serde_json::from_str(cm["data"]["policy.json"].as_str().unwrap()).unwrap();
+    let set: Value = serde_json::from_str(cm["data"]["policy.json"].as_str().unwrap()).unwrap();
+    let selected = set["selected"].as_array().unwrap();
+    assert_eq!(selected.len(), 1, "{set}");
+    assert_eq!(selected[0]["selector"]["matchLabels"]["app"], "orthanc");
+    let doc = &selected[0]["document"];
     assert_eq!(doc["mode"], "enforce");
     assert_eq!(doc["inbound"].as_array().unwrap().len(), 1);
     assert_eq!(doc["inbound"][0]["port"], 4242);
@@ -225,9 +229,12 @@ async fn mock_api_policy_labelled_namespace_without_policies_gets_deny_all() {
     )
     .await;
     r.unwrap();
-    let doc: PolicyDoc = serde_json::from_str(cm["data"]["policy.json"].as_str().unwrap()).unwrap();
-    assert_eq!(doc, PolicyDoc::default());
-    assert!(doc.inbound.is_empty(), "deny-all: no inbound port");
+    let set: PolicySet = serde_json::from_str(cm["data"]["policy.json"].as_str().unwrap()).unwrap();
+    assert_eq!(set, PolicySet::default());
+    assert!(
+        set.for_labels(&BTreeMap::new()).inbound.is_empty(),
+        "deny-all: no inbound port"
+    );
     // No owner: the garbage collector must not remove what the sidecars need.
     assert_eq!(cm["metadata"]["ownerReferences"], json!([]));
 }
