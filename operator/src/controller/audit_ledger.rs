@@ -562,11 +562,20 @@ pub fn headless_service(names: &Names, owner: &OwnerReference) -> Service {
 }
 
 /// The client Service: the endpoint in the status.
+///
+/// Until the ledger replicates (its `peers` must be empty today), every replica would keep a log
+/// of its own: the client Service selects replica 0 only, so that all appends and reads go to
+/// one log; the other replicas stand by.
 pub fn client_service(names: &Names, owner: &OwnerReference) -> Service {
+    let mut selector = selector_labels(names);
+    selector.insert(
+        "statefulset.kubernetes.io/pod-name".into(),
+        format!("{}-0", names.ledger),
+    );
     Service {
         metadata: meta(&names.ledger, names, owner),
         spec: Some(ServiceSpec {
-            selector: Some(selector_labels(names)),
+            selector: Some(selector),
             ports: Some(vec![port("api", API_PORT)]),
             ..ServiceSpec::default()
         }),

@@ -272,7 +272,9 @@ async fn mock_api_ledger_first_pass_creates_every_child_and_the_status() {
     assert_eq!(svc["spec"]["ports"][0]["port"], 8443);
     assert_eq!(
         svc["spec"]["selector"],
-        json!({"app.kubernetes.io/name": "medmesh-ledger", "app.kubernetes.io/instance": "ledger"})
+        json!({"app.kubernetes.io/name": "medmesh-ledger", "app.kubernetes.io/instance": "ledger",
+               "statefulset.kubernetes.io/pod-name": "ledger-0"}),
+        "one log until the ledger replicates: replica 0 serves clients"
     );
 
     let sts = by_path("statefulsets/ledger");
