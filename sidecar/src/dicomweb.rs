@@ -39,6 +39,10 @@ type ProxyBody = BoxBody<Bytes, BoxError>;
 /// Largest STOW-RS response read to learn per-instance outcomes (larger ones stream, and the
 /// HTTP status alone gives the outcome).
 const MAX_STOW_RESPONSE: usize = 4 << 20;
+/// Concurrent HTTP/2 streams per client connection (bounds the responses held at once).
+const MAX_H2_STREAMS: u32 = 32;
+/// How long an HTTP/1 client may take to send a request head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The DICOMweb transaction a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,12 +515,16 @@ where
     });
     let io = TokioIo::new(client);
     let r = if h2 {
+        // Each stream may hold a STOW-RS response (up to MAX_STOW_RESPONSE): bound them.
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
             .serve_connection(io, svc)
             .await
     } else {
         hyper::server::conn::http1::Builder::new()
             .preserve_header_case(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(io, svc)
             .with_upgrades()
             .await

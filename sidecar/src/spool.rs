@@ -140,7 +140,7 @@ impl Spool {
                         }
                         off += size;
                     }
-                    Err(reason) if Some(seq) == last => {
+                    Err(FrameError { torn: true, reason }) if Some(seq) == last => {
                         // A crash mid-append: the torn record was never acknowledged.
                         tracing::warn!(path = %path.display(), offset = off, %reason, "cutting a torn record off the spool");
                         let f = OpenOptions::new()
@@ -151,7 +151,7 @@ impl Spool {
                         f.sync_all().map_err(|e| io(&path, e))?;
                         break;
                     }
-                    Err(reason) => {
+                    Err(FrameError { reason, .. }) => {
                         return Err(SpoolError::Damaged {
                             path: path.display().to_string(),
                             offset: off as u64,
@@ -351,22 +351,34 @@ fn read_ack(dir: &Path) -> Result<Option<Position>, SpoolError> {
 }
 
 /// One frame at the start of `b`: the record and the frame's size.
-fn frame(b: &[u8]) -> Result<(AuditRecord, usize), String> {
+/// Why a frame could not be read: `torn` when its bytes are incomplete or fail their check (a
+/// crash mid-append), not when a whole, checked frame holds a record this version cannot
+/// decode (which must never be cut off).
+struct FrameError {
+    torn: bool,
+    reason: String,
+}
+
+fn frame(b: &[u8]) -> Result<(AuditRecord, usize), FrameError> {
+    let torn = |reason: String| FrameError { torn: true, reason };
     if b.len() < 4 {
-        return Err("frame header cut short".into());
+        return Err(torn("frame header cut short".into()));
     }
     let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
     if len > MAX_FRAME {
-        return Err(format!("frame of {len} bytes"));
+        return Err(torn(format!("frame of {len} bytes")));
     }
     if b.len() < 4 + len + 8 {
-        return Err("frame cut short".into());
+        return Err(torn("frame cut short".into()));
     }
     let payload = &b[4..4 + len];
     if b[4 + len..4 + len + 8] != check(payload) {
-        return Err("frame check does not match".into());
+        return Err(torn("frame check does not match".into()));
     }
-    let rec = AuditRecord::decode(payload).map_err(|e| e.to_string())?;
+    let rec = AuditRecord::decode(payload).map_err(|e| FrameError {
+        torn: false,
+        reason: format!("a checked record does not decode: {e}"),
+    })?;
     Ok((rec, 4 + len + 8))
 }
 
@@ -429,6 +441,32 @@ mod tests {
         let p = s.append(&rec(99)).unwrap();
         s.ack(p).unwrap();
         assert_eq!(s.depth(), 0);
+    }
+
+    #[test]
+    fn a_checked_record_that_does_not_decode_is_never_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append(&rec(1)).unwrap();
+        drop(s);
+        // A whole frame with a valid check but a payload this version cannot decode (as after
+        // a format change): refusing to start beats silently dropping what follows.
+        let seg = Spool::segment_path(dir.path(), 1);
+        let payload = b"not a record";
+        let mut frame = (payload.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(payload);
+        frame.extend_from_slice(&check(payload));
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&frame).unwrap();
+        drop(f);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let e = Spool::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("does not decode"), "{e}");
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            len,
+            "nothing cut off"
+        );
     }
 
     #[test]
