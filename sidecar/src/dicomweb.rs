@@ -932,12 +932,20 @@ fn wado_response(resp: Response<Incoming>, ctx: Arc<AuditCtx>) -> Response<Proxy
             return;
         }
         // Spooling is blocking work; the body may be dropped outside a task.
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move {
-                for r in recs {
-                    ctx.delivery.later(r).await;
-                }
-            });
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move { ctx.delivery.later_all(recs).await });
+            }
+            Err(_) => {
+                ctx.metrics
+                    .records
+                    .with_label_values(&["dropped"])
+                    .inc_by(recs.len() as u64);
+                tracing::error!(
+                    records = recs.len(),
+                    "retrieval records dropped: no runtime to spool them"
+                );
+            }
         }
     });
     resp.map(|b| tap(b, Some(parts), Some(on_end)))
