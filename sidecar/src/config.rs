@@ -94,9 +94,10 @@ pub struct RawConfig {
     /// The ledger's origin (default: the verifier key's name).
     #[arg(long, env = "MEDMESH_LEDGER_ORIGIN")]
     pub ledger_origin: Option<String>,
-    /// `enforce` (responses wait for the ledger) or `spool` (responses wait for the local spool).
-    #[arg(long, env = "MEDMESH_AUDIT_DELIVERY", default_value = "spool")]
-    pub audit_delivery: String,
+    /// `enforce` (responses wait for the ledger) or `spool` (responses wait for the local spool;
+    /// the default).
+    #[arg(long, env = "MEDMESH_AUDIT_DELIVERY")]
+    pub audit_delivery: Option<String>,
     /// File holding the tenant's UID hashing key (at least 32 bytes).
     #[arg(long, env = "MEDMESH_AUDIT_KEY")]
     pub audit_key: Option<PathBuf>,
@@ -368,11 +369,7 @@ fn merge_audit_file(raw: &mut RawConfig, errs: &mut Vec<String>) {
     raw.ledger_key.get_or_insert(a.ledger_verifier);
     raw.ledger_origin.get_or_insert(a.ledger_origin);
     raw.audit_key.get_or_insert(PathBuf::from(a.key_file));
-    // The delivery flag has a default: the file's value applies unless it was set explicitly
-    // (an explicit flag equal to the default is indistinguishable, and harmless).
-    if raw.audit_delivery == "spool" {
-        raw.audit_delivery = a.delivery;
-    }
+    raw.audit_delivery.get_or_insert(a.delivery);
 }
 
 fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
@@ -405,7 +402,7 @@ fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
             })
         }
     };
-    let mode = match raw.audit_delivery.as_str() {
+    let mode = match raw.audit_delivery.as_deref().unwrap_or("spool") {
         "enforce" => Some(crate::deliver::Mode::Enforce),
         "spool" => Some(crate::deliver::Mode::Spool),
         other => {
@@ -567,7 +564,7 @@ mod tests {
             ledger_id: None,
             ledger_key: None,
             ledger_origin: None,
-            audit_delivery: "sometimes".into(),
+            audit_delivery: Some("sometimes".into()),
             audit_key: None,
             spool_dir: None,
             spool_max_bytes: "1".into(),

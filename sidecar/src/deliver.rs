@@ -133,9 +133,10 @@ impl Delivery {
         Ok(c)
     }
 
-    fn spool_append(&self, rec: &AuditRecord) -> Result<(), DeliveryError> {
+    /// Appends `recs` to the spool with one fsync (blocking work) and wakes the drain.
+    fn spool_all(&self, recs: &[AuditRecord]) -> Result<(), DeliveryError> {
         let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-        s.append(rec)?;
+        s.append_all(recs)?;
         self.metrics.spool_depth.set(s.depth() as i64);
         drop(s);
         self.wake.notify_one();
@@ -147,35 +148,7 @@ impl Delivery {
     /// # Errors
     /// When the record could not be made safe; the response must then report a failure.
     pub async fn commit(&self, rec: AuditRecord) -> Result<(), DeliveryError> {
-        match self.mode {
-            Mode::Spool => {
-                // fsync is blocking work.
-                tokio::task::block_in_place(|| self.spool_append(&rec))?;
-                self.metrics.records.with_label_values(&["spooled"]).inc();
-                Ok(())
-            }
-            Mode::Enforce => {
-                // On failure nothing is spooled here: the caller keeps the record as the client
-                // sees it (a failure), so that the ledger never shows a success that was not.
-                let client = self.client()?;
-                match tokio::time::timeout(self.deadline, client.append(&rec, false)).await {
-                    Ok(Ok(_)) => {
-                        self.metrics
-                            .records
-                            .with_label_values(&["acknowledged"])
-                            .inc();
-                        Ok(())
-                    }
-                    _ => {
-                        self.metrics
-                            .records
-                            .with_label_values(&["not_acknowledged"])
-                            .inc();
-                        Err(DeliveryError::NotAcknowledged(self.deadline))
-                    }
-                }
-            }
-        }
+        self.commit_all(vec![rec]).await
     }
 
     /// Makes all of `recs` safe at once (one spool fsync, or one batch the ledger commits in
@@ -190,13 +163,8 @@ impl Delivery {
         let n = recs.len() as u64;
         match self.mode {
             Mode::Spool => {
-                tokio::task::block_in_place(|| {
-                    let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-                    s.append_all(&recs)?;
-                    self.metrics.spool_depth.set(s.depth() as i64);
-                    Ok::<_, DeliveryError>(())
-                })?;
-                self.wake.notify_one();
+                // fsync is blocking work.
+                tokio::task::block_in_place(|| self.spool_all(&recs))?;
                 self.metrics
                     .records
                     .with_label_values(&["spooled"])
@@ -204,6 +172,8 @@ impl Delivery {
                 Ok(())
             }
             Mode::Enforce => {
+                // On failure nothing is spooled here: the caller keeps the records as the client
+                // sees them (failures), so that the ledger never shows a success that was not.
                 let client = self.client()?;
                 // A conflict is a record id the ledger holds with other content: not this
                 // record, so not safe.
@@ -241,30 +211,18 @@ impl Delivery {
             return;
         }
         let n = recs.len() as u64;
-        let r = tokio::task::block_in_place(|| {
-            let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-            s.append_all(&recs)?;
-            self.metrics.spool_depth.set(s.depth() as i64);
-            Ok::<_, DeliveryError>(())
-        });
-        match r {
-            Ok(()) => self.wake.notify_one(),
-            Err(e) => {
-                self.metrics
-                    .records
-                    .with_label_values(&["dropped"])
-                    .inc_by(n);
-                tracing::error!(error = %e, records = n, "audit records could not be spooled");
-            }
+        if let Err(e) = tokio::task::block_in_place(|| self.spool_all(&recs)) {
+            self.metrics
+                .records
+                .with_label_values(&["dropped"])
+                .inc_by(n);
+            tracing::error!(error = %e, records = n, "audit records could not be spooled");
         }
     }
 
     /// Records that need no gate (associations, queries, retrievals): spooled, delivered later.
     pub async fn later(&self, rec: AuditRecord) {
-        if let Err(e) = tokio::task::block_in_place(|| self.spool_append(&rec)) {
-            self.metrics.records.with_label_values(&["dropped"]).inc();
-            tracing::error!(error = %e, "audit record could not be spooled");
-        }
+        self.later_all(vec![rec]).await;
     }
 
     /// Starts the background task that delivers the spool, oldest first, with backoff.

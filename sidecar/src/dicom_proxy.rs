@@ -38,7 +38,8 @@ pub struct AuditCtx {
     pub metrics: Metrics,
 }
 
-fn now_us() -> u64 {
+/// Microseconds since the Unix epoch (record times).
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
@@ -119,13 +120,16 @@ async fn gate(ctx: &AuditCtx, o: Observed) -> (Vec<u16>, Vec<Transfer>) {
     (failed, later)
 }
 
+/// Spools the records of `ts` with one fsync.
 async fn record_later(ctx: &AuditCtx, ts: Vec<Transfer>) {
+    let mut recs = Vec::with_capacity(ts.len());
     for t in ts {
         match audit::dimse_record(&t, &ctx.requestor, &ctx.acceptor, &ctx.key, now_us()) {
-            Ok(rec) => ctx.delivery.later(rec).await,
+            Ok(rec) => recs.push(rec),
             Err(e) => tracing::error!(error = %e, "cannot make a record id"),
         }
     }
+    ctx.delivery.later_all(recs).await;
 }
 
 /// Proxies one association between `client` (the requestor, after mTLS) and `app`. Returns the

@@ -30,8 +30,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::audit;
 use crate::dicom::part10::{Part10Observed, Part10Observer};
-use crate::dicom_proxy::AuditCtx;
-use crate::multipart::{MultipartReader, Part, boundary_of};
+use crate::dicom_proxy::{AuditCtx, now_us};
+use crate::multipart::{MultipartReader, Part, boundary_of, media_type, param};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -155,23 +155,6 @@ pub fn stow_content_type(values: &[&HeaderValue]) -> Result<String, String> {
         );
     }
     Ok(ct.to_owned())
-}
-
-fn media_type(ct: &str) -> String {
-    ct.split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-}
-
-fn param<'a>(ct: &'a str, name: &str) -> Option<&'a str> {
-    ct.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| v.trim().trim_matches('"'))
-    })
 }
 
 /// `multipart/related` whose root type is `application/dicom`.
@@ -387,12 +370,6 @@ fn text(status: StatusCode, msg: &str) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// A connection to the application in the client's HTTP version.

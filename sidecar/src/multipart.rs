@@ -77,14 +77,29 @@ pub struct MultipartReader {
     buf: Vec<u8>,
 }
 
-/// The `boundary` parameter of a `Content-Type` value, unquoted.
-pub fn boundary_of(content_type: &str) -> Option<String> {
+/// The media type of a `Content-Type` value, lowercased, without parameters.
+pub fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// The first parameter `name` of a `Content-Type` value, unquoted.
+pub fn param<'a>(content_type: &'a str, name: &str) -> Option<&'a str> {
     content_type.split(';').skip(1).find_map(|p| {
         let (k, v) = p.split_once('=')?;
         k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_owned())
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().trim_matches('"'))
     })
+}
+
+/// The `boundary` parameter of a `Content-Type` value, unquoted.
+pub fn boundary_of(content_type: &str) -> Option<String> {
+    param(content_type, "boundary").map(str::to_owned)
 }
 
 impl MultipartReader {
@@ -133,6 +148,7 @@ impl MultipartReader {
         input: &[u8],
         mut sink: impl FnMut(Part<'_>),
     ) -> Result<(), MultipartError> {
+        let input = self.body_in_place(input, &mut sink);
         self.buf.extend_from_slice(input);
         loop {
             let progressed = match self.state {
@@ -233,6 +249,45 @@ impl MultipartReader {
             };
             if !progressed {
                 return Ok(());
+            }
+        }
+    }
+}
+
+impl MultipartReader {
+    /// Inside a part's body, reports body bytes straight from `input` instead of copying them
+    /// through the buffer (the hot path: whole instances pass here). Returns what is left for
+    /// the general path: nothing, or what follows a delimiter found in `input`.
+    fn body_in_place<'i>(&mut self, input: &'i [u8], sink: &mut impl FnMut(Part<'_>)) -> &'i [u8] {
+        let need = self.delimiter.len();
+        if self.state != State::Body || input.len() < need {
+            return input;
+        }
+        // The held bytes are shorter than a delimiter: one starting among them ends within the
+        // first `need` bytes of `input`.
+        let mut window = self.buf.clone();
+        window.extend_from_slice(&input[..need]);
+        if find(&window, &self.delimiter).is_some_and(|at| at < self.buf.len()) {
+            return input;
+        }
+        if !self.buf.is_empty() {
+            sink(Part::Data(&self.buf));
+            self.buf.clear();
+        }
+        match find(input, &self.delimiter) {
+            None => {
+                let emit = input.len() - (need - 1);
+                sink(Part::Data(&input[..emit]));
+                self.buf.extend_from_slice(&input[emit..]);
+                &[]
+            }
+            Some(at) => {
+                if at > 0 {
+                    sink(Part::Data(&input[..at]));
+                }
+                sink(Part::End);
+                self.state = State::AfterDelimiter;
+                &input[at + need..]
             }
         }
     }

@@ -344,17 +344,9 @@ pub fn audit_server_args(
     app_port: u16,
     delivery: &str,
 ) -> Vec<String> {
-    let certs = dir.join("certs");
     let s = |p: PathBuf| p.display().to_string();
-    vec![
-        "--trust-domain".into(),
-        TD.into(),
-        "--cert".into(),
-        s(certs.join("pacs.writer.pem")),
-        "--key".into(),
-        s(certs.join("pacs.writer-key.pem")),
-        "--ca".into(),
-        s(certs.join("ca.pem")),
+    let mut args = identity_args(dir, "pacs.writer");
+    args.extend([
         "--policy".into(),
         s(policy.to_owned()),
         "--dev-inbound-port".into(),
@@ -369,25 +361,35 @@ pub fn audit_server_args(
         delivery.into(),
         "--spool-dir".into(),
         s(dir.join("spool")),
-    ]
+    ]);
+    args
 }
 
-/// Arguments of a client sidecar (identity radiology/scanner) sending everything to `server_inbound`.
-pub fn scanner_client_args(dir: &Path, server_inbound: u16) -> Vec<String> {
+/// Trust domain and the certificates of workload `who` (`<ns>.<sa>`) from `medmesh dev certs`
+/// in `<dir>/certs`.
+fn identity_args(dir: &Path, who: &str) -> Vec<String> {
     let certs = dir.join("certs");
     let s = |p: PathBuf| p.display().to_string();
     vec![
         "--trust-domain".into(),
         TD.into(),
         "--cert".into(),
-        s(certs.join("radiology.scanner.pem")),
+        s(certs.join(format!("{who}.pem"))),
         "--key".into(),
-        s(certs.join("radiology.scanner-key.pem")),
+        s(certs.join(format!("{who}-key.pem"))),
         "--ca".into(),
         s(certs.join("ca.pem")),
+    ]
+}
+
+/// Arguments of a client sidecar (identity radiology/scanner) sending everything to `server_inbound`.
+pub fn scanner_client_args(dir: &Path, server_inbound: u16) -> Vec<String> {
+    let mut args = identity_args(dir, "radiology.scanner");
+    args.extend([
         "--dev-outbound-dst".into(),
         format!("127.0.0.1:{server_inbound}"),
-    ]
+    ]);
+    args
 }
 
 /// The storescu option proposing `ts` (storescu proposes one transfer-syntax family per run).

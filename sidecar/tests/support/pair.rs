@@ -85,7 +85,7 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         ledger_id: None,
         ledger_key: None,
         ledger_origin: None,
-        audit_delivery: "spool".into(),
+        audit_delivery: Some("spool".into()),
         audit_key: None,
         spool_dir: None,
         spool_max_bytes: "268435456".into(),
