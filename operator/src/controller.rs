@@ -138,6 +138,8 @@ pub struct Context {
     pub metrics: ReconcileMetrics,
     /// Time source.
     pub clock: Clock,
+    /// Connect-address overrides for ledger URLs (out of cluster: `--resolve`).
+    pub resolve: crate::run::Resolve,
 }
 
 impl Context {

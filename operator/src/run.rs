@@ -49,7 +49,7 @@ use crate::webhook::{self, EventSink, InjectConfig, WebhookState};
 
 pub mod config;
 
-pub use config::{Config, RawConfig, ServingCert, VERSION};
+pub use config::{Config, RawConfig, Resolve, ServingCert, VERSION};
 
 /// Longest the drain of open connections may take at shutdown.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -377,6 +377,7 @@ pub async fn run_until(
         events,
         metrics: reconcile_metrics,
         clock: controller::system_clock(),
+        resolve: cfg.resolve.clone(),
     });
     let lock = LeaseLock::new(
         kube::Api::namespaced(client.clone(), &cfg.namespace),

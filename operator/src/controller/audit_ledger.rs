@@ -64,6 +64,8 @@ pub const VERIFIER_KEY: &str = "verifier.key";
 pub const TLS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How often a healthy ledger is looked at again (checkpoint refresh).
 pub const RESYNC: Duration = Duration::from_secs(60);
+/// How soon a ledger whose checkpoint could not be read is looked at again.
+pub const RECHECK: Duration = Duration::from_secs(5);
 
 const CONFIG_DIR: &str = "/etc/medmesh/ledger";
 const SIGNING_DIR: &str = "/etc/medmesh/signing";
@@ -1077,7 +1079,7 @@ pub async fn reconcile(ledger: Arc<AuditLedger>, ctx: Arc<Context>) -> Result<Ac
         (Some(_), 0) => Err("no replica is ready".to_owned()),
         (Some(reader), _) => {
             let target = LedgerTarget {
-                url: names.endpoint(),
+                url: ctx.resolve.apply(&names.endpoint()),
                 server_id,
                 origin: signer.name().to_owned(),
                 verifier_key: signer.verifier_key(),
@@ -1085,13 +1087,16 @@ pub async fn reconcile(ledger: Arc<AuditLedger>, ctx: Arc<Context>) -> Result<Ac
             reader.read(&target).await
         }
     };
+    // Until a checkpoint is read (replicas starting, the ledger not answering yet), look again
+    // soon rather than at the next resync: Ready should follow the ledger within seconds.
+    let next = if checkpoint.is_ok() { RESYNC } else { RECHECK };
     let obs = Observed {
         ready_replicas: ready,
         key_problem: None,
         checkpoint,
     };
     write_status(&ledgers, &ledger, &names, &obs, &now_k8s).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(next))
 }
 
 async fn write_status(

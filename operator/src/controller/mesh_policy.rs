@@ -186,6 +186,7 @@ pub fn status_updates(
         let new = MeshPolicyStatus {
             observed_generation: p.metadata.generation,
             conditions: outcome.conditions(&old.conditions, now),
+            ports: Some(p.spec.ports_summary()),
         };
         if p.status.as_ref() != Some(&new) {
             out.push((name, new));

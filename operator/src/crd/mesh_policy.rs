@@ -25,7 +25,9 @@ use super::{SecretKeyRef, ServiceAccountRef};
     derive = "PartialEq",
     doc = "Inbound policy of the selected pods: per port, the protocol and the identities allowed; default deny.",
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(name = "Ports", type_ = "string", json_path = ".spec.ports[*].port"),
+    // A printer column shows only the first value of a list, so the ports come from a summary
+    // the controller writes into the status.
+    printcolumn(name = "Ports", type_ = "string", json_path = ".status.ports"),
     printcolumn(
         name = "Ready",
         type_ = "string",
@@ -165,4 +167,28 @@ pub struct MeshPolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The ports, as `kubectl get` shows them: `104/dicom,8042/http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<String>,
+}
+
+impl MeshPolicySpec {
+    /// `port[/protocol]` of every port, comma-separated, in the order given.
+    pub fn ports_summary(&self) -> String {
+        let mut out = String::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&p.port.to_string());
+            let proto = match p.protocol {
+                Some(PortProtocol::Dicom) => "/dicom",
+                Some(PortProtocol::Http) => "/http",
+                Some(PortProtocol::Opaque) => "/opaque",
+                None => "",
+            };
+            out.push_str(proto);
+        }
+        out
+    }
 }

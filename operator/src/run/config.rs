@@ -79,6 +79,17 @@ pub struct RawConfig {
     /// OTLP/HTTP base endpoint for traces (spans go to <endpoint>/v1/traces); none: no traces.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Out of cluster, where Service names do not resolve: connect to HOST:PORT (a ledger's
+    /// `<name>.<namespace>.svc:8443`) at ADDR:PORT instead, as curl's `--resolve` does. The
+    /// ledger is still authenticated by its SPIFFE ID. Repeatable; comma-separated in the
+    /// environment.
+    #[arg(
+        long = "resolve",
+        env = "MEDMESH_RESOLVE",
+        value_delimiter = ',',
+        value_name = "HOST:PORT=ADDR:PORT"
+    )]
+    pub resolve: Vec<String>,
 }
 
 /// Where the serving certificate comes from.
@@ -130,6 +141,56 @@ pub struct Config {
     pub cert_ttl: Duration,
     /// OTLP/HTTP base endpoint (`http://collector:4318`).
     pub otlp_endpoint: Option<String>,
+    /// Connect-address overrides for ledgers (`host:port` → `addr:port`).
+    pub resolve: Resolve,
+}
+
+/// Connect-address overrides (`--resolve`): where to connect for a URL's `host:port`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolve(std::collections::BTreeMap<String, SocketAddr>);
+
+impl Resolve {
+    /// Parses `host:port=addr:port` entries.
+    ///
+    /// # Errors
+    /// One message per malformed entry.
+    pub fn parse(entries: &[String]) -> Result<Self, Vec<String>> {
+        let mut map = std::collections::BTreeMap::new();
+        let mut errs = Vec::new();
+        for e in entries {
+            let parsed = e.split_once('=').and_then(|(from, to)| {
+                let (host, port) = from.rsplit_once(':')?;
+                port.parse::<u16>().ok()?;
+                (!host.is_empty()).then_some(())?;
+                Some((from.to_ascii_lowercase(), to.parse::<SocketAddr>().ok()?))
+            });
+            match parsed {
+                Some((from, to)) => {
+                    map.insert(from, to);
+                }
+                None => errs.push(format!(
+                    "resolve {e:?}: expected HOST:PORT=ADDR:PORT (an IP address and port)"
+                )),
+            }
+        }
+        if errs.is_empty() {
+            Ok(Self(map))
+        } else {
+            Err(errs)
+        }
+    }
+
+    /// `url` with its `host:port` replaced by the override, if there is one.
+    pub fn apply(&self, url: &str) -> String {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.to_owned();
+        };
+        let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+        match self.0.get(&authority.to_ascii_lowercase()) {
+            Some(addr) => format!("{scheme}://{addr}{path}"),
+            None => url.to_owned(),
+        }
+    }
 }
 
 fn is_dns_label(s: &str) -> bool {
@@ -217,6 +278,10 @@ impl Config {
                 )),
             }
         }
+        let resolve = Resolve::parse(&raw.resolve).unwrap_or_else(|e| {
+            errs.extend(e);
+            Resolve::default()
+        });
         let native_sidecar = match raw.native_sidecar.as_str() {
             "true" => true,
             "false" => false,
@@ -271,6 +336,7 @@ impl Config {
                 lease_name: raw.lease_name,
                 cert_ttl,
                 otlp_endpoint: raw.otlp_endpoint,
+                resolve,
             }),
             _ => Err(errs),
         }
@@ -359,6 +425,8 @@ mod tests {
             "0",
             "--otlp-endpoint",
             "collector:4318",
+            "--resolve",
+            "ledger.pacs.svc:8443=nowhere",
         ])
         .unwrap_err();
         let text = errs.join("\n");
@@ -371,9 +439,48 @@ mod tests {
             "native-sidecar \"maybe\"",
             "cert-ttl-hours \"0\"",
             "otlp-endpoint \"collector:4318\"",
+            "resolve \"ledger.pacs.svc:8443=nowhere\"",
         ] {
             assert!(text.contains(want), "{want:?} not in:\n{text}");
         }
-        assert_eq!(errs.len(), 8, "{text}");
+        assert_eq!(errs.len(), 9, "{text}");
+    }
+
+    #[test]
+    fn resolve_replaces_exactly_the_named_authority() {
+        let c = parse(&[
+            "--resolve",
+            "ledger.pacs.svc:8443=127.0.0.1:28443",
+            "--resolve",
+            "a.b.svc:1=[::1]:2",
+        ])
+        .unwrap();
+        let r = &c.resolve;
+        assert_eq!(
+            r.apply("https://ledger.pacs.svc:8443"),
+            "https://127.0.0.1:28443"
+        );
+        assert_eq!(
+            r.apply("https://LEDGER.pacs.svc:8443/v1/checkpoint"),
+            "https://127.0.0.1:28443/v1/checkpoint"
+        );
+        assert_eq!(r.apply("https://a.b.svc:1"), "https://[::1]:2");
+        // Another port or host is left alone.
+        assert_eq!(
+            r.apply("https://ledger.pacs.svc:9443"),
+            "https://ledger.pacs.svc:9443"
+        );
+        assert_eq!(
+            r.apply("https://ledger.radiology.svc:8443"),
+            "https://ledger.radiology.svc:8443"
+        );
+        for bad in [
+            "ledger.pacs.svc=127.0.0.1:1",
+            ":8443=127.0.0.1:1",
+            "x:1=host:2",
+        ] {
+            let errs = parse(&["--resolve", bad]).unwrap_err();
+            assert!(errs[0].starts_with("resolve"), "{bad}: {errs:?}");
+        }
     }
 }
