@@ -1,0 +1,307 @@
+//! What the cluster tests share: the environment `scripts/cluster-e2e up` prints (a real API
+//! server, the chart installed, two operator replicas running as the chart's ServiceAccount),
+//! polling, and a namespace per test.
+//!
+//! Nothing here skips: without that environment every test fails with the command to run.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Client;
+use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+
+/// How long a test waits for the cluster to converge.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The environment of `scripts/cluster-e2e up`.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// The operators' HTTPS base URL (webhook and identity service), e.g. `https://127.0.0.1:18443`.
+    pub url: String,
+    /// The operators' namespace.
+    pub namespace: String,
+    /// The MutatingWebhookConfiguration the chart installed.
+    pub webhook: String,
+    /// The operators' ServiceAccount (the chart's).
+    pub service_account: String,
+    /// `name=admin address` of each operator replica.
+    pub operators: Vec<(String, String)>,
+    /// The harness directory (operator PIDs and logs).
+    pub dir: std::path::PathBuf,
+    /// The namespace and address of the one ledger a test runs (`<ns>/ledger=<addr>`; the
+    /// operators connect to `ledger.<ns>.svc:8443` there).
+    pub ledger: (String, String),
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests need a real API server with medmesh installed. Run\n  \
+             eval \"$(scripts/k8s up)\" && eval \"$(scripts/cluster-e2e up)\"\n\
+             (scripts/check does), or see README.md for any other cluster"
+        )
+    })
+}
+
+impl Env {
+    /// Reads the environment, panicking with the command to run when it is missing.
+    pub fn get() -> Self {
+        var("KUBECONFIG");
+        let operators = var("MEDMESH_E2E_OPERATORS")
+            .split(',')
+            .filter_map(|p| p.split_once('='))
+            .map(|(n, a)| (n.to_owned(), a.to_owned()))
+            .collect();
+        Self {
+            url: var("MEDMESH_E2E_URL"),
+            namespace: var("MEDMESH_E2E_NAMESPACE"),
+            webhook: var("MEDMESH_E2E_WEBHOOK"),
+            service_account: var("MEDMESH_E2E_SERVICE_ACCOUNT"),
+            operators,
+            dir: var("MEDMESH_E2E_DIR").into(),
+            ledger: var("MEDMESH_E2E_LEDGER")
+                .split_once("/ledger=")
+                .map(|(n, a)| (n.to_owned(), a.to_owned()))
+                .expect("MEDMESH_E2E_LEDGER: <namespace>/ledger=<addr>"),
+        }
+    }
+
+    /// The admin client (the tests' own actions; the operators use their ServiceAccount).
+    pub async fn client() -> Client {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        Client::try_default()
+            .await
+            .expect("a client from KUBECONFIG")
+    }
+
+    /// The operators' serving CA, as they wrote it into the webhook configuration.
+    pub async fn bundle(&self, client: &Client) -> String {
+        let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let name = self.webhook.clone();
+        eventually("caBundle", || {
+            let hooks = hooks.clone();
+            let name = name.clone();
+            async move {
+                let w = hooks.get(&name).await.ok()?;
+                let cc = w.webhooks?.into_iter().next()?.client_config;
+                cc.ca_bundle
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            }
+        })
+        .await
+    }
+
+    /// `system:serviceaccount:<ns>:<sa>`: the operators' user name.
+    pub fn operator_user(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.service_account
+        )
+    }
+}
+
+/// Polls `f` until it returns `Some`, for at most [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_for(what, WAIT, f).await
+}
+
+/// Polls `f` every 250 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Gets `name`, waiting for it to exist.
+pub async fn get<K>(api: &Api<K>, name: &str) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(name, || {
+        let api = api.clone();
+        let name = name.to_owned();
+        async move { api.get(&name).await.ok() }
+    })
+    .await
+}
+
+/// Waits for `name` to be gone (deleted and garbage-collected).
+pub async fn gone<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    eventually(&format!("{name} to be deleted"), || {
+        let api = api.clone();
+        let name = name.to_owned();
+        async move { matches!(api.get_opt(&name).await, Ok(None)).then_some(()) }
+    })
+    .await;
+}
+
+/// A fresh namespace for one test, deleted when dropped.
+pub struct TestNs {
+    /// Admin client.
+    pub client: Client,
+    /// The namespace.
+    pub name: String,
+}
+
+impl TestNs {
+    /// Creates `<prefix>-<random>`, labelled for injection when `inject`, and waits for its
+    /// default ServiceAccount (pods need it).
+    pub async fn new(prefix: &str, inject: bool) -> Self {
+        let mut rnd = [0u8; 4];
+        getrandom::fill(&mut rnd).expect("random bytes");
+        Self::named(&format!("{prefix}-{}", hex::encode(rnd)), inject).await
+    }
+
+    /// Creates namespace `name`, first waiting for a namespace of that name left by an earlier
+    /// run to be deleted.
+    pub async fn named(name: &str, inject: bool) -> Self {
+        let client = Env::client().await;
+        let name = name.to_owned();
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        if namespaces
+            .get_opt(&name)
+            .await
+            .expect("get namespace")
+            .is_some()
+        {
+            let _ = namespaces.delete(&name, &DeleteParams::default()).await;
+            gone(&namespaces, &name).await;
+        }
+        let mut labels = BTreeMap::new();
+        if inject {
+            labels.insert("medmesh.io/inject".to_owned(), "enabled".to_owned());
+        }
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        labels: Some(labels),
+                        ..ObjectMeta::default()
+                    },
+                    ..Namespace::default()
+                },
+            )
+            .await
+            .expect("create the test namespace");
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &name);
+        get(&sas, "default").await;
+        Self { client, name }
+    }
+
+    /// An API for `K` in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        // The runtime may be shutting down: delete through kubectl, not a spawned task.
+        let _ = std::process::Command::new("kubectl")
+            .args(["delete", "namespace", &self.name, "--wait=false"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Deletes `name` in the foreground (children first) and waits until it is gone.
+pub async fn delete_and_wait<K>(api: &Api<K>, name: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.delete(name, &DeleteParams::default())
+        .await
+        .expect("delete");
+    gone(api, name).await;
+}
+
+/// Runs kubectl (from PATH: `scripts/k8s env` puts the built one first) with the test's
+/// KUBECONFIG; returns (success, stdout, stderr).
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("kubectl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl on PATH (scripts/k8s env)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A PersistentVolume pre-bound to claim `claim` in `ns` (static provisioning: the control
+/// plane has no dynamic provisioner, so a StatefulSet's claims would stay Pending), for the
+/// real PV controller to bind. Deleted when the claim is (reclaim policy Delete is refused
+/// without a provisioner for hostPath, so Retain; the name is unique per namespace).
+pub async fn volume_for(client: &Client, ns: &str, claim: &str, size: &str) {
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    let pv = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": format!("{ns}-{claim}"), "labels": {"medmesh.io/e2e": "true"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": format!("/tmp/medmesh-e2e-pv/{ns}/{claim}")},
+            "claimRef": {"namespace": ns, "name": claim},
+        },
+    }))
+    .expect("PersistentVolume");
+    // One left by an earlier run in a namespace of the same name is released, not reused.
+    let name = format!("{ns}-{claim}");
+    if pvs
+        .get_opt(&name)
+        .await
+        .expect("get PersistentVolume")
+        .is_some()
+    {
+        delete_and_wait(&pvs, &name).await;
+    }
+    pvs.create(&PostParams::default(), &pv)
+        .await
+        .expect("create PersistentVolume");
+}
