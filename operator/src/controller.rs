@@ -29,9 +29,10 @@ use tokio::sync::watch;
 use tracing::{Instrument as _, Span};
 
 use crate::crd::{AuditLedger, MeshPolicy};
+use crate::events::EventSink;
 use crate::identity::IssuerCa;
 use crate::metrics::{ControllerKind, ReconcileMetrics, ReconcileResult, ReconcileTimer};
-use crate::webhook::EventSink;
+use crate::names::{FIELD_MANAGER, MANAGED_BY};
 
 pub mod audit_ledger;
 pub mod mesh_policy;
@@ -39,11 +40,6 @@ pub mod mesh_policy;
 pub(crate) mod mock;
 
 pub use audit_ledger::{CheckpointReader, LedgerCheckpoint, LedgerTarget};
-
-/// The one field manager of every server-side apply the operator makes.
-pub const FIELD_MANAGER: &str = "medmesh-operator";
-/// `app.kubernetes.io/managed-by` value on every object the operator creates.
-pub const MANAGED_BY: &str = "medmesh-operator";
 
 /// Why a reconcile failed (it is retried after [`RETRY`]).
 #[derive(Debug, thiserror::Error)]

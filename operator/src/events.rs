@@ -1,11 +1,59 @@
-//! Kubernetes Events through kube's `Recorder` (`events.k8s.io/v1`), behind the webhook's
-//! [`EventSink`]: emitting only queues, a background task publishes, and under load (a full
+//! Kubernetes Events through kube's `Recorder` (`events.k8s.io/v1`), behind the
+//! [`EventSink`] the webhook and the controllers emit through: emitting only queues, a background task publishes, and under load (a full
 //! queue) Events are dropped and counted rather than slowing admissions down.
 
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use tokio::sync::mpsc;
 
-use crate::webhook::{EventSink, EventType, InjectionEvent};
+use k8s_openapi::api::core::v1::ObjectReference;
+
+/// An Event about an admission, for an [`EventSink`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectionEvent {
+    /// The object the Event is about: the Pod's controller when it has one (a Pod being
+    /// created has no uid yet), else the Pod by name.
+    pub regarding: ObjectReference,
+    /// `Normal` or `Warning`.
+    pub type_: EventType,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What happened, for people.
+    pub note: String,
+}
+
+/// The type of an Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// Routine.
+    Normal,
+    /// Something to look at.
+    Warning,
+}
+
+impl EventType {
+    /// The API value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "Normal",
+            Self::Warning => "Warning",
+        }
+    }
+}
+
+/// Where the webhook's Events go. Emitting must not block the admission: implementations queue
+/// (the Kubernetes implementation publishes from a background task) and may drop under load.
+pub trait EventSink: Send + Sync {
+    /// Queues one Event.
+    fn emit(&self, event: InjectionEvent);
+}
+
+/// An [`EventSink`] that drops everything (tests and out-of-cluster runs without Events).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn emit(&self, _event: InjectionEvent) {}
+}
 
 /// Events waiting to be published at most.
 const QUEUE: usize = 1024;

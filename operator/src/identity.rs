@@ -33,7 +33,7 @@ pub use ca::{CaError, IssuerCa, Signed};
 pub use review::{KubeTokenReviewer, RecordedReviewer, ReviewError, TokenReviewer};
 
 /// The audience of the tokens the service accepts (projected by the injected volume).
-pub const AUDIENCE: &str = crate::webhook::IDENTITY_AUDIENCE;
+pub const AUDIENCE: &str = crate::names::IDENTITY_AUDIENCE;
 /// Default certificate lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 

@@ -10,6 +10,7 @@
 //! - [`controller`]: the leader-only `AuditLedger` and `MeshPolicy` controllers.
 //! - [`leader`]: leader election on a Lease (only the leader runs the controllers).
 //! - [`metrics`]: admission and certificate counters (bounded labels).
+//! - [`names`]: the labels, annotations, object names and paths the parts share.
 //! - [`serving`]: the operator's own serving CA and certificate, rotation, `caBundle`.
 //! - [`telemetry`]: the log subscriber and, with an OTLP endpoint, trace export.
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
@@ -20,6 +21,7 @@ pub mod events;
 pub mod identity;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod policy;
 pub mod run;
 pub mod serving;

@@ -35,21 +35,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::crd::{
     AuditDelivery, Condition, MeshPolicy, Peer, PolicyMode, PortProtocol, SecretKeyRef, condition,
 };
+use crate::names::POLICY_CONFIGMAP;
 
 #[cfg(test)]
 mod tests;
-
-/// The name of the ConfigMap (in each namespace) that holds the compiled document.
-pub const CONFIGMAP: &str = "medmesh-policy";
-/// The key of the document in that ConfigMap (the file name sidecars read).
-pub const CONFIGMAP_KEY: &str = "policy.json";
-/// Key of the sidecar audit settings in that ConfigMap (absent when no policy audits).
-pub const AUDIT_CONFIG_KEY: &str = "audit.json";
-/// The Secret holding the keyed-hash key the namespace's sidecars use (a copy of the one the
-/// policies reference), key [`AUDIT_KEY_NAME`].
-pub const AUDIT_KEY_SECRET: &str = "medmesh-audit-key";
-/// Key of the key in that Secret.
-pub const AUDIT_KEY_NAME: &str = "key";
 
 /// What [`compile`] reads: everything it needs, gathered by the caller.
 #[derive(Debug, Clone)]
@@ -326,7 +315,7 @@ fn compile_selected(snap: &Snapshot<'_>, labels: Option<&BTreeMap<String, String
         } else {
             (
                 Reason::Compiled,
-                format!("compiled into ConfigMap {CONFIGMAP}"),
+                format!("compiled into ConfigMap {POLICY_CONFIGMAP}"),
             )
         };
         outcomes.insert(

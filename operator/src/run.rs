@@ -40,12 +40,13 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use crate::controller::{self, Context};
+use crate::events::EventSink;
 use crate::events::KubeEvents;
 use crate::identity::{self, IdentityService, IssuerCa, KubeTokenReviewer};
 use crate::leader::{self, LeaseLock};
 use crate::metrics::{Metrics, ReconcileMetrics};
 use crate::serving::{self, ServingLoop, Source};
-use crate::webhook::{self, EventSink, InjectConfig, WebhookState};
+use crate::webhook::{self, InjectConfig, WebhookState};
 
 pub mod config;
 

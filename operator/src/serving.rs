@@ -35,7 +35,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 
-use crate::controller::FIELD_MANAGER;
+use crate::names::{FIELD_MANAGER, MANAGED_BY};
 
 #[cfg(test)]
 mod tests;
@@ -159,10 +159,7 @@ impl Material {
                 namespace: Some(namespace.to_owned()),
                 labels: Some(BTreeMap::from([
                     ("app.kubernetes.io/part-of".into(), "medmesh".into()),
-                    (
-                        "app.kubernetes.io/managed-by".into(),
-                        crate::controller::MANAGED_BY.into(),
-                    ),
+                    ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
                 ])),
                 ..ObjectMeta::default()
             },

@@ -36,26 +36,20 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::Value;
 
+use crate::events::{EventSink, EventType, InjectionEvent};
 use crate::metrics::{AdmissionResult, Metrics};
+use crate::names::{
+    INJECT_LABEL, INJECTED_ANNOTATION, SKIP_INBOUND_ANNOTATION, SKIP_OUTBOUND_ANNOTATION,
+};
 
 mod pod_spec;
 #[cfg(test)]
 mod tests;
 
 pub use pod_spec::{
-    ADMIN_PORT, AUDIT_KEY_MOUNT, AUDIT_KEY_VOLUME, IDENTITY_AUDIENCE, IDENTITY_CA_MOUNT,
-    IDENTITY_CA_VOLUME, INIT_NAME, POLICY_MOUNT, POLICY_VOLUME, PROXY_UID, SIDECAR_NAME,
-    SPOOL_MOUNT, SPOOL_VOLUME, TOKEN_MOUNT, TOKEN_VOLUME,
+    ADMIN_PORT, AUDIT_KEY_VOLUME, IDENTITY_CA_MOUNT, IDENTITY_CA_VOLUME, INIT_NAME, POLICY_MOUNT,
+    POLICY_VOLUME, PROXY_UID, SIDECAR_NAME, SPOOL_MOUNT, SPOOL_VOLUME, TOKEN_MOUNT, TOKEN_VOLUME,
 };
-
-/// Pod label that opts a Pod out (`disabled`) or explicitly in (`enabled`).
-pub const INJECT_LABEL: &str = "medmesh.io/inject";
-/// Annotation added to injected Pods, holding the injector's version.
-pub const INJECTED_ANNOTATION: &str = "medmesh.io/injected-version";
-/// Annotation: inbound ports not redirected to the sidecar (comma-separated).
-pub const SKIP_INBOUND_ANNOTATION: &str = "medmesh.io/skip-inbound-ports";
-/// Annotation: outbound ports not redirected to the sidecar (comma-separated).
-pub const SKIP_OUTBOUND_ANNOTATION: &str = "medmesh.io/skip-outbound-ports";
 
 /// What is injected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,54 +66,6 @@ pub struct InjectConfig {
     pub version: String,
     /// Inject the sidecar as a native sidecar (Kubernetes 1.29+); a plain container otherwise.
     pub native_sidecar: bool,
-}
-
-/// An Event about an admission, for an [`EventSink`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct InjectionEvent {
-    /// The object the Event is about: the Pod's controller when it has one (a Pod being
-    /// created has no uid yet), else the Pod by name.
-    pub regarding: ObjectReference,
-    /// `Normal` or `Warning`.
-    pub type_: EventType,
-    /// CamelCase reason.
-    pub reason: &'static str,
-    /// What happened, for people.
-    pub note: String,
-}
-
-/// The type of an Event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
-    /// Routine.
-    Normal,
-    /// Something to look at.
-    Warning,
-}
-
-impl EventType {
-    /// The API value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Normal => "Normal",
-            Self::Warning => "Warning",
-        }
-    }
-}
-
-/// Where the webhook's Events go. Emitting must not block the admission: implementations queue
-/// (the Kubernetes implementation publishes from a background task) and may drop under load.
-pub trait EventSink: Send + Sync {
-    /// Queues one Event.
-    fn emit(&self, event: InjectionEvent);
-}
-
-/// An [`EventSink`] that drops everything (tests and out-of-cluster runs without Events).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoEvents;
-
-impl EventSink for NoEvents {
-    fn emit(&self, _event: InjectionEvent) {}
 }
 
 /// The decision on one admission request.

@@ -8,10 +8,11 @@ use std::time::{Duration, SystemTime};
 
 use medmesh_core::TrustDomain;
 use medmesh_core::devca::{DevCa, LeafOptions};
+use medmesh_operator::events::NoEvents;
 use medmesh_operator::identity::{IdentityService, IssuerCa, RecordedReviewer};
 use medmesh_operator::metrics::Metrics;
 use medmesh_operator::run::{self, Admin};
-use medmesh_operator::webhook::{InjectConfig, NoEvents, WebhookState};
+use medmesh_operator::webhook::{InjectConfig, WebhookState};
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;

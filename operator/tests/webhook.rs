@@ -14,10 +14,9 @@ use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
+use medmesh_operator::events::{EventSink, EventType, InjectionEvent};
 use medmesh_operator::metrics::{AdmissionResult, Metrics};
-use medmesh_operator::webhook::{
-    self, Admission, EventSink, EventType, InjectConfig, InjectionEvent, WebhookState,
-};
+use medmesh_operator::webhook::{self, Admission, InjectConfig, WebhookState};
 use serde_json::Value;
 use tower::ServiceExt;
 

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use medmesh_operator::events::NoEvents;
 use medmesh_operator::identity::{IdentityService, IssuerCa, RecordedReviewer};
 use medmesh_operator::metrics::Metrics;
 use medmesh_operator::run::{https_router, serve_https};
 use medmesh_operator::serving::{self, Decision};
-use medmesh_operator::webhook::{InjectConfig, NoEvents, WebhookState};
+use medmesh_operator::webhook::{InjectConfig, WebhookState};
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)

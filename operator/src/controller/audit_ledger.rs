@@ -46,8 +46,8 @@ use super::{Context, Error, FIELD_MANAGER, MANAGED_BY, apply_params, k8s_time, k
 use crate::crd::{
     AuditLedger, AuditLedgerStatus, CheckpointStatus, Condition, WorkloadIdentity, condition,
 };
+use crate::events::{EventType, InjectionEvent};
 use crate::identity::IssuerCa;
-use crate::webhook::{EventType, InjectionEvent};
 
 #[cfg(test)]
 mod tests;

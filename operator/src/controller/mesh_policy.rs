@@ -1,7 +1,7 @@
 //! The `MeshPolicy` controller, keyed by namespace.
 //!
 //! For a namespace that has `MeshPolicy` objects or the label `medmesh.io/inject=enabled`:
-//! - ConfigMap [`policy::CONFIGMAP`] with the compiled policy set (each accepted policy's
+//! - ConfigMap [`POLICY_CONFIGMAP`] with the compiled policy set (each accepted policy's
 //!   document and pod selector; empty, so deny-all, when there are no policies). Its ownerReferences
 //!   are the namespace's policies (none of them the controller), so the garbage collector
 //!   removes it once every policy is gone, unless the namespace is labelled, in which case
@@ -11,7 +11,7 @@
 //! - each policy's `status` (its outcome from [`policy::compile`], invalid references listed);
 //! - when the policies audit and their ledger is up: `audit.json` in the policy ConfigMap (the
 //!   ledger's endpoint, server identity, origin and verifier key, the delivery mode) and the
-//!   Secret [`policy::AUDIT_KEY_SECRET`] with a copy of the keyed-hash key, which injected
+//!   Secret [`AUDIT_KEY_SECRET`] with a copy of the keyed-hash key, which injected
 //!   sidecars read (`MEDMESH_AUDIT_CONFIG`).
 //!
 //! A namespace with neither keeps nothing of ours except a stale policy ConfigMap, which is
@@ -31,16 +31,15 @@ use medmesh_core::wire::SidecarAudit;
 
 use super::{Context, Error, MANAGED_BY, apply_params, k8s_time, kube_err};
 use crate::crd::{AuditLedger, MeshPolicy, MeshPolicyStatus};
+use crate::names::{
+    AUDIT_CONFIG_KEY, AUDIT_KEY_MOUNT, AUDIT_KEY_NAME, AUDIT_KEY_SECRET, IDENTITY_CA_CONFIGMAP,
+    IDENTITY_CA_KEY, INJECT_LABEL, POLICY_CONFIGMAP, POLICY_KEY,
+};
 use crate::policy::{self, Compiled, Snapshot};
-use crate::webhook::INJECT_LABEL;
 
 #[cfg(test)]
 mod tests;
 
-/// ConfigMap (in each meshed namespace) holding the identity service's CA.
-pub const IDENTITY_CA_CONFIGMAP: &str = "medmesh-identity-ca";
-/// Its key.
-pub const IDENTITY_CA_KEY: &str = "ca.crt";
 /// How often a namespace is looked at again without a change.
 pub const RESYNC: Duration = Duration::from_secs(300);
 
@@ -66,22 +65,22 @@ pub fn policy_config_map(
         None => serde_json::to_string_pretty(&PolicySet::default()),
     }
     .map_err(|e| Error::Serialize {
-        what: format!("ConfigMap {namespace}/{}", policy::CONFIGMAP),
+        what: format!("ConfigMap {namespace}/{}", POLICY_CONFIGMAP),
         reason: e.to_string(),
     })?;
     Ok(ConfigMap {
         metadata: ObjectMeta {
-            name: Some(policy::CONFIGMAP.into()),
+            name: Some(POLICY_CONFIGMAP.into()),
             namespace: Some(namespace.into()),
             labels: Some(labels()),
             owner_references: Some(owners),
             ..ObjectMeta::default()
         },
         data: Some(
-            std::iter::once((policy::CONFIGMAP_KEY.to_owned(), json))
+            std::iter::once((POLICY_KEY.to_owned(), json))
                 .chain(audit.map(|a| {
                     (
-                        policy::AUDIT_CONFIG_KEY.to_owned(),
+                        AUDIT_CONFIG_KEY.to_owned(),
                         serde_json::to_string_pretty(a).unwrap_or_default(),
                     )
                 }))
@@ -116,11 +115,7 @@ pub fn sidecar_audit(
             crate::crd::AuditDelivery::Enforce => "enforce".into(),
             crate::crd::AuditDelivery::Spool => "spool".into(),
         },
-        key_file: format!(
-            "{}/{}",
-            crate::webhook::AUDIT_KEY_MOUNT,
-            policy::AUDIT_KEY_NAME
-        ),
+        key_file: format!("{}/{}", AUDIT_KEY_MOUNT, AUDIT_KEY_NAME),
     })
 }
 
@@ -132,13 +127,13 @@ pub fn audit_key_secret(
 ) -> Secret {
     Secret {
         metadata: ObjectMeta {
-            name: Some(policy::AUDIT_KEY_SECRET.into()),
+            name: Some(AUDIT_KEY_SECRET.into()),
             namespace: Some(namespace.into()),
             labels: Some(labels()),
             owner_references: Some(owners),
             ..ObjectMeta::default()
         },
-        data: Some(BTreeMap::from([(policy::AUDIT_KEY_NAME.to_owned(), key)])),
+        data: Some(BTreeMap::from([(AUDIT_KEY_NAME.to_owned(), key)])),
         ..Secret::default()
     }
 }
@@ -216,11 +211,11 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
 
     if policies.is_empty() && !labelled {
         let stale = config_maps
-            .get_opt(policy::CONFIGMAP)
+            .get_opt(POLICY_CONFIGMAP)
             .await
             .map_err(kube_err(format!(
                 "get ConfigMap {namespace}/{}",
-                policy::CONFIGMAP
+                POLICY_CONFIGMAP
             )))?
             .is_some_and(|c| {
                 c.labels()
@@ -231,11 +226,11 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
         if stale {
             let cm = policy_config_map(&namespace, None, None, Vec::new())?;
             config_maps
-                .patch(policy::CONFIGMAP, &apply_params(), &Patch::Apply(&cm))
+                .patch(POLICY_CONFIGMAP, &apply_params(), &Patch::Apply(&cm))
                 .await
                 .map_err(kube_err(format!(
                     "apply ConfigMap {namespace}/{}",
-                    policy::CONFIGMAP
+                    POLICY_CONFIGMAP
                 )))?;
         }
         return Ok(Action::requeue(RESYNC));
@@ -297,25 +292,21 @@ pub async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, 
         if audit.is_some() {
             let secret = audit_key_secret(&namespace, key, owners.clone());
             Api::<Secret>::namespaced(client.clone(), &namespace)
-                .patch(
-                    policy::AUDIT_KEY_SECRET,
-                    &apply_params(),
-                    &Patch::Apply(&secret),
-                )
+                .patch(AUDIT_KEY_SECRET, &apply_params(), &Patch::Apply(&secret))
                 .await
                 .map_err(kube_err(format!(
                     "apply Secret {namespace}/{}",
-                    policy::AUDIT_KEY_SECRET
+                    AUDIT_KEY_SECRET
                 )))?;
         }
     }
     let cm = policy_config_map(&namespace, Some(&compiled), audit.as_ref(), owners)?;
     config_maps
-        .patch(policy::CONFIGMAP, &apply_params(), &Patch::Apply(&cm))
+        .patch(POLICY_CONFIGMAP, &apply_params(), &Patch::Apply(&cm))
         .await
         .map_err(kube_err(format!(
             "apply ConfigMap {namespace}/{}",
-            policy::CONFIGMAP
+            POLICY_CONFIGMAP
         )))?;
     let ca = ctx.serving_ca.borrow().clone();
     if let Some(ca) = ca {

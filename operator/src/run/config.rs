@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use medmesh_core::TrustDomain;
 
-/// The operator's version, used in default image tags and the injection annotation.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::names::VERSION;
 
 /// Settings as given (flags or environment).
 #[derive(Debug, Clone, clap::Args)]

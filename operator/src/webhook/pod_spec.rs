@@ -11,7 +11,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{INJECTED_ANNOTATION, InjectConfig};
+use super::InjectConfig;
+use crate::names::{
+    AUDIT_CONFIG_KEY, AUDIT_KEY_MOUNT, AUDIT_KEY_SECRET, IDENTITY_AUDIENCE, IDENTITY_CA_CONFIGMAP,
+    INJECTED_ANNOTATION, POLICY_CONFIGMAP, POLICY_KEY,
+};
 
 /// Name of the init container that programs iptables.
 pub const INIT_NAME: &str = "medmesh-init";
@@ -23,8 +27,6 @@ pub const PROXY_UID: i64 = 1337;
 pub const INBOUND_PORT: i32 = 15006;
 /// The sidecar's admin listener (`/live`, `/ready`, `/metrics`).
 pub const ADMIN_PORT: i32 = 15020;
-/// Audience of the projected token the identity service accepts.
-pub const IDENTITY_AUDIENCE: &str = "medmesh-identity";
 /// Volume of the projected identity token.
 pub const TOKEN_VOLUME: &str = "medmesh-identity-token";
 /// Where the token is mounted in the sidecar.
@@ -46,8 +48,6 @@ pub const SPOOL_MOUNT: &str = "/var/run/medmesh/spool";
 /// Volume of the keyed-hash key (the Secret the policy controller maintains; optional: a
 /// namespace without auditing has none).
 pub const AUDIT_KEY_VOLUME: &str = "medmesh-audit-key";
-/// Where it is mounted.
-pub const AUDIT_KEY_MOUNT: &str = "/etc/medmesh/audit";
 /// Volume of the pod's labels (downward API): the sidecar picks the policies selecting it.
 pub const PODINFO_VOLUME: &str = "medmesh-podinfo";
 /// Where it is mounted.
@@ -191,17 +191,14 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
         ]),
         env: Some(vec![
             env("MEDMESH_TRUST_DOMAIN", cfg.trust_domain.as_str()),
-            env(
-                "MEDMESH_POLICY",
-                format!("{POLICY_MOUNT}/{}", crate::policy::CONFIGMAP_KEY),
-            ),
+            env("MEDMESH_POLICY", format!("{POLICY_MOUNT}/{}", POLICY_KEY)),
             env("MEDMESH_IDENTITY_URL", cfg.identity_url.clone()),
             env("MEDMESH_IDENTITY_TOKEN", format!("{TOKEN_MOUNT}/token")),
             env("MEDMESH_IDENTITY_CA", format!("{IDENTITY_CA_MOUNT}/ca.crt")),
             // Auditing, when the namespace's policies ask for it (the file is absent otherwise).
             env(
                 "MEDMESH_AUDIT_CONFIG",
-                format!("{POLICY_MOUNT}/{}", crate::policy::AUDIT_CONFIG_KEY),
+                format!("{POLICY_MOUNT}/{}", AUDIT_CONFIG_KEY),
             ),
             env("MEDMESH_SPOOL_DIR", SPOOL_MOUNT),
             env("MEDMESH_POD_LABELS", format!("{PODINFO_MOUNT}/labels")),
@@ -295,7 +292,7 @@ pub(super) fn volumes() -> Vec<Volume> {
         Volume {
             name: POLICY_VOLUME.into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: crate::policy::CONFIGMAP.into(),
+                name: POLICY_CONFIGMAP.into(),
                 optional: Some(false),
                 ..ConfigMapVolumeSource::default()
             }),
@@ -304,7 +301,7 @@ pub(super) fn volumes() -> Vec<Volume> {
         Volume {
             name: IDENTITY_CA_VOLUME.into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: crate::controller::mesh_policy::IDENTITY_CA_CONFIGMAP.into(),
+                name: IDENTITY_CA_CONFIGMAP.into(),
                 optional: Some(false),
                 ..ConfigMapVolumeSource::default()
             }),
@@ -321,7 +318,7 @@ pub(super) fn volumes() -> Vec<Volume> {
         Volume {
             name: AUDIT_KEY_VOLUME.into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(crate::policy::AUDIT_KEY_SECRET.into()),
+                secret_name: Some(AUDIT_KEY_SECRET.into()),
                 optional: Some(true),
                 ..SecretVolumeSource::default()
             }),

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::controller::mock::{self, ApiServer};
+use crate::events::EventSink;
 use crate::metrics::ReconcileMetrics;
-use crate::webhook::EventSink;
 
 const NS: &str = "audit";
 const BASE: &str = "/api/v1/namespaces/audit";

@@ -8,9 +8,9 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::controller::mock::{self, ApiServer};
+use crate::events::NoEvents;
 use crate::identity::IssuerCa;
 use crate::metrics::ReconcileMetrics;
-use crate::webhook::NoEvents;
 
 const POLICIES: &str = "/apis/medmesh.io/v1alpha1/namespaces/radiology/meshpolicies";
 const CM: &str = "/api/v1/namespaces/radiology/configmaps/medmesh-policy";
