@@ -23,6 +23,19 @@ pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often the holder renews (and the others try).
 pub const RENEW: Duration = Duration::from_secs(5);
 
+/// The Lease's annotations with the holder's version (`medmesh check` compares injected
+/// sidecars with it).
+fn stamp(
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut a = annotations.unwrap_or_default();
+    a.insert(
+        crate::names::OPERATOR_VERSION_ANNOTATION.to_owned(),
+        crate::names::VERSION.to_owned(),
+    );
+    a
+}
+
 /// A Lease-based lock held by `identity`.
 #[derive(Clone)]
 pub struct LeaseLock {
@@ -113,6 +126,7 @@ impl LeaseLock {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
+                    annotations: Some(stamp(None)),
                     ..ObjectMeta::default()
                 },
                 spec: Some(self.spec(now, None, 0)),
@@ -134,9 +148,11 @@ impl LeaseLock {
         } else {
             self.spec(now, None, transitions.saturating_add(1))
         };
+        let mut metadata = lease.metadata.clone();
+        metadata.annotations = Some(stamp(metadata.annotations.take()));
         let new = Lease {
             // Keeps metadata.resourceVersion: the replace fails with 409 if anyone wrote since.
-            metadata: lease.metadata.clone(),
+            metadata,
             spec: Some(spec),
         };
         match self

@@ -63,6 +63,10 @@ async fn mock_api_lease_is_created_when_absent() {
     assert_eq!(created["spec"]["holderIdentity"], "op-a");
     assert_eq!(created["spec"]["leaseDurationSeconds"], 15);
     assert_eq!(created["spec"]["leaseTransitions"], 0);
+    assert_eq!(
+        created["metadata"]["annotations"]["medmesh.io/operator-version"],
+        crate::names::VERSION
+    );
 }
 
 #[tokio::test]
@@ -100,6 +104,11 @@ async fn mock_api_holder_renews_with_its_resource_version() {
     // Renewal keeps the acquire time and the transition count.
     assert_eq!(put["spec"]["acquireTime"], "2025-06-15T15:06:40.000000Z");
     assert_eq!(put["spec"]["leaseTransitions"], 2);
+    // The holder stamps its version (checked against injected sidecars).
+    assert_eq!(
+        put["metadata"]["annotations"]["medmesh.io/operator-version"],
+        crate::names::VERSION
+    );
 }
 
 #[tokio::test]
