@@ -1,5 +1,6 @@
 //! `medmesh`: verify the audit ledger, and set up local meshes.
 
+mod check;
 mod demo;
 mod demo_uid;
 mod devcerts;
@@ -27,6 +28,9 @@ enum Cmd {
     /// Run a local mesh on loopback: ledger, synthetic CT transfers, verified records, and a
     /// tampered instance caught.
     Demo(demo::DemoArgs),
+    /// Check medmesh in the cluster of the current kubeconfig (API, CRDs, operator, webhook,
+    /// identity CA, ledgers, policies, sidecar versions); exit status 1 if a check fails.
+    Check(Box<check::CheckArgs>),
     /// Development helpers.
     Dev {
         #[command(subcommand)]
@@ -62,6 +66,10 @@ fn main() -> ExitCode {
         } => devcerts::dicom(args).map(|()| ExitCode::SUCCESS),
         Cmd::Ledger(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(ledger::run(*args)),
+            Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
+        },
+        Cmd::Check(args) => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(check::run(*args)),
             Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
         },
         Cmd::Demo(args) => match tokio::runtime::Runtime::new() {
