@@ -6,7 +6,7 @@
 //!
 //! Each test works in its own namespace, deleted at the end. The tests fail, never skip, when
 //! that environment is missing. Leader hand-over kills an operator, so it lives in its own
-//! binary (`cluster_leader`), run after these.
+//! binary (`cluster_serial`), run after these.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -880,30 +880,6 @@ async fn the_operators_service_account_has_exactly_the_charts_permissions() {
     }
 }
 
-/// Kills the child when dropped.
-struct Kill(std::process::Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn target_bin(name: &str) -> std::path::PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        Into::into,
-    );
-    let p = dir.join("debug").join(name);
-    assert!(
-        p.exists(),
-        "{} not built: cargo build --workspace --bins",
-        p.display()
-    );
-    p
-}
-
 #[tokio::test]
 async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
     let env = Env::get();
@@ -918,49 +894,8 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
     l.spec.readers = serde_json::from_value(orthanc).unwrap();
     ledgers.create(&PostParams::default(), &l).await.unwrap();
 
-    // What the StatefulSet would mount, from the server, under a temporary root; the ledger
-    // listens where the operators were told (--resolve) that this ledger's Service is.
-    let key: Secret = get(&ns.api(), "ledger-signing-key").await;
-    let tls: Secret = get(&ns.api(), "ledger-tls").await;
-    let cm: ConfigMap = get(&ns.api(), "ledger-config").await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let write = |path: String, bytes: &[u8]| {
-        let p = root.join(path.trim_start_matches('/'));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, bytes).unwrap();
-    };
-    for (k, v) in key.data.unwrap() {
-        write(format!("/etc/medmesh/signing/{k}"), &v.0);
-    }
-    for (k, v) in tls.data.unwrap() {
-        write(format!("/etc/medmesh/tls/{k}"), &v.0);
-    }
-    let data = cm.data.unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let yaml = data["ledger-0.yaml"]
-        .replace("/etc/medmesh/", &format!("{}/etc/medmesh/", root.display()))
-        .replace(
-            "/var/lib/medmesh/",
-            &format!("{}/var/lib/medmesh/", root.display()),
-        )
-        .replace("0.0.0.0:8443", &addr)
-        .replace("0.0.0.0:9090", &admin.to_string());
-    let config = root.join("ledger-0.yaml");
-    std::fs::write(&config, &yaml).unwrap();
-    let log = std::fs::File::create(root.join("ledger.log")).unwrap();
-    let _ledger = Kill(
-        std::process::Command::new(target_bin("medmesh-ledger"))
-            .env("MEDMESH_LEDGER_CONFIG", &config)
-            .arg("run")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let running = support::run_ledger(&ns, "ledger", &addr).await;
+    let data = running.data.clone();
 
     // kwok makes the replica Ready; the operator reads and verifies the ledger's checkpoint
     // (as its own SVID, through --resolve) and the status turns Ready.

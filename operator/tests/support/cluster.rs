@@ -305,3 +305,92 @@ pub async fn volume_for(client: &Client, ns: &str, claim: &str, size: &str) {
         .await
         .expect("create PersistentVolume");
 }
+
+/// Kills the child when dropped.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A workspace binary, through `CARGO_TARGET_DIR` when it is set.
+pub fn target_bin(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        Into::into,
+    );
+    let p = dir.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} not built: cargo build --workspace --bins",
+        p.display()
+    );
+    p
+}
+
+/// Replica 0 of AuditLedger `name` in `ns`, run here as the real ledger binary on what the
+/// StatefulSet would mount (the operator's Secrets and ConfigMap, read from the server) under
+/// a temporary root, listening on `addr` (where the operators were told, with --resolve, that
+/// the ledger's Service is).
+pub struct RunningLedger {
+    /// The ConfigMap's data (origin, verifier key, per-replica configuration).
+    pub data: BTreeMap<String, String>,
+    /// The API address.
+    pub addr: String,
+    _process: Kill,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str) -> RunningLedger {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let key: Secret = get(&ns.api(), &format!("{name}-signing-key")).await;
+    let tls: Secret = get(&ns.api(), &format!("{name}-tls")).await;
+    let cm: ConfigMap = get(&ns.api(), &format!("{name}-config")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let write = |path: String, bytes: &[u8]| {
+        let p = root.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    };
+    for (k, v) in key.data.unwrap() {
+        write(format!("/etc/medmesh/signing/{k}"), &v.0);
+    }
+    for (k, v) in tls.data.unwrap() {
+        write(format!("/etc/medmesh/tls/{k}"), &v.0);
+    }
+    let data = cm.data.unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let yaml = data[&format!("{name}-0.yaml")]
+        .replace("/etc/medmesh/", &format!("{}/etc/medmesh/", root.display()))
+        .replace(
+            "/var/lib/medmesh/",
+            &format!("{}/var/lib/medmesh/", root.display()),
+        )
+        .replace("0.0.0.0:8443", addr)
+        .replace("0.0.0.0:9090", &admin.to_string());
+    let config = root.join("ledger-0.yaml");
+    std::fs::write(&config, &yaml).unwrap();
+    let log = std::fs::File::create(root.join("ledger.log")).unwrap();
+    let process = Kill(
+        std::process::Command::new(target_bin("medmesh-ledger"))
+            .env("MEDMESH_LEDGER_CONFIG", &config)
+            .arg("run")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    RunningLedger {
+        data,
+        addr: addr.to_owned(),
+        _process: process,
+        _dir: dir,
+    }
+}
