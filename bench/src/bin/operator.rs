@@ -8,7 +8,16 @@
 //!   `BENCH_CERT_SECONDS` (default 5), the TokenReview answered locally from the recorded
 //!   review (`RecordedReviewer`); certificates per second.
 //!
-//! Ends with: `operator-bench admission_p99_ms=<n> certs_per_s=<n>`.
+//! - Through a real API server (`bench/operator` brings up `scripts/k8s` and the operators of
+//!   `scripts/cluster-e2e`, release build): `BENCH_CREATES` (default 500) Pods created one at a
+//!   time in a namespace labelled for injection and as many in one that is not, interleaved; the
+//!   p99 of the create call with the webhook minus without (and, to tell the two apart, the
+//!   injected spec created where no webhook applies: the API server's own cost of the larger
+//!   Pod). Then `BENCH_LEDGERS` (default 5)
+//!   AuditLedgers applied one at a time: the median time until every child exists and the status
+//!   is written. Skipped (and the figures absent) when `BENCH_CLUSTER` is not 1.
+//!
+//! Ends with: `operator-bench admission_p99_ms=<n> certs_per_s=<n> apiserver_create_p99_added_ms=<n> ledger_ready_s=<n>`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -236,10 +245,229 @@ async fn main() -> anyhow::Result<()> {
     if failed > 0 || n == 0 || refused.load(Ordering::Relaxed) > 0 {
         anyhow::bail!("requests failed");
     }
+    let cluster = if std::env::var("BENCH_CLUSTER").as_deref() == Ok("1") {
+        let (added, ready) = cluster::run().await?;
+        format!(
+            " apiserver_create_p99_added_ms={:.2} ledger_ready_s={:.2}",
+            added * 1e3,
+            ready
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "operator-bench admission_p99_ms={:.2} certs_per_s={:.0}",
+        "operator-bench admission_p99_ms={:.2} certs_per_s={:.0}{cluster}",
         p99.as_secs_f64() * 1e3,
         certs_per_s
     );
     Ok(())
+}
+
+/// The figures measured through the API server of `KUBECONFIG`.
+mod cluster {
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::apps::v1::StatefulSet;
+    use k8s_openapi::api::core::v1::{
+        ConfigMap, Namespace, PersistentVolume, Pod, Secret, Service, ServiceAccount,
+    };
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::Client;
+    use kube::api::{Api, DeleteParams, PostParams};
+    use medmesh_operator::crd::AuditLedger;
+    use serde_json::json;
+
+    use super::{env_num, percentile};
+
+    async fn wait<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = f().await {
+                return Ok(v);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn namespace(client: &Client, name: &str, inject: bool) -> anyhow::Result<()> {
+        let nss: Api<Namespace> = Api::all(client.clone());
+        if nss.get_opt(name).await?.is_some() {
+            nss.delete(name, &DeleteParams::default()).await?;
+            wait(&format!("namespace {name} deleted"), || async {
+                matches!(nss.get_opt(name).await, Ok(None)).then_some(())
+            })
+            .await?;
+        }
+        let labels = if inject {
+            json!({"medmesh.io/inject": "enabled"})
+        } else {
+            json!({})
+        };
+        nss.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?,
+        )
+        .await?;
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+        wait("default ServiceAccount", || async {
+            sas.get_opt("default").await.ok().flatten()
+        })
+        .await?;
+        if inject {
+            // Injection needs the policy and CA ConfigMaps the operator publishes.
+            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), name);
+            for cm in ["medmesh-policy", "medmesh-identity-ca"] {
+                wait(cm, || async { cms.get_opt(cm).await.ok().flatten() }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pod(i: usize) -> anyhow::Result<Pod> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("p-{i}")},
+            // Unschedulable on purpose: the figure is the create call, not the node's work.
+            "spec": {"nodeSelector": {"medmesh.io/bench": "none"},
+                     "containers": [{"name": "app", "image": "registry.example/app:1"}]},
+        }))?)
+    }
+
+    async fn ledger_ready(client: &Client, ns: &str) -> anyhow::Result<f64> {
+        let ledger: AuditLedger = serde_json::from_value(json!({
+            "apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedger", "metadata": {"name": "ledger"},
+            "spec": {"replicas": 1, "storage": {"size": "1Gi"}, "signingKey": {"generate": {}}},
+        }))?;
+        let ledgers: Api<AuditLedger> = Api::namespaced(client.clone(), ns);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+        let svcs: Api<Service> = Api::namespaced(client.clone(), ns);
+        let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+        let t0 = Instant::now();
+        ledgers.create(&PostParams::default(), &ledger).await?;
+        wait("children and status", || async {
+            secrets.get_opt("ledger-signing-key").await.ok()??;
+            secrets.get_opt("ledger-tls").await.ok()??;
+            cms.get_opt("ledger-config").await.ok()??;
+            svcs.get_opt("ledger").await.ok()??;
+            svcs.get_opt("ledger-headless").await.ok()??;
+            sts.get_opt("ledger").await.ok()??;
+            pdbs.get_opt("ledger").await.ok()??;
+            let l = ledgers.get("ledger").await.ok()?;
+            (l.status?.observed_generation == Some(1)).then_some(())
+        })
+        .await?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+
+    /// (p99 added by the webhook to a Pod create, in seconds; median AuditLedger ready time).
+    pub async fn run() -> anyhow::Result<(f64, f64)> {
+        let client = Client::try_default().await?;
+        let creates = usize::try_from(env_num("BENCH_CREATES", 500))?;
+        namespace(&client, "bench-meshed", true).await?;
+        namespace(&client, "bench-plain", false).await?;
+        let meshed: Api<Pod> = Api::namespaced(client.clone(), "bench-meshed");
+        let plain: Api<Pod> = Api::namespaced(client.clone(), "bench-plain");
+        // Warm both paths (connections, caches) before measuring.
+        for i in 0..20 {
+            meshed
+                .create(&PostParams::default(), &pod(1_000_000 + i)?)
+                .await?;
+            plain
+                .create(&PostParams::default(), &pod(1_000_000 + i)?)
+                .await?;
+        }
+        // A third series separates the webhook call from the API server's own work on the
+        // larger injected Pod: the injected spec, created as it is where no webhook applies.
+        let mut injected = meshed
+            .create(&PostParams::default(), &pod(2_000_000)?)
+            .await?;
+        injected.metadata = kube::api::ObjectMeta {
+            annotations: injected.metadata.annotations.take(),
+            ..kube::api::ObjectMeta::default()
+        };
+        injected.status = None;
+        let (mut with, mut without, mut big) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..creates {
+            let t = Instant::now();
+            let p = meshed.create(&PostParams::default(), &pod(i)?).await?;
+            with.push(t.elapsed());
+            anyhow::ensure!(
+                p.spec
+                    .and_then(|s| s.init_containers)
+                    .is_some_and(|c| c.iter().any(|c| c.name == "medmesh-sidecar")),
+                "a Pod in the meshed namespace was not injected"
+            );
+            let t = Instant::now();
+            plain.create(&PostParams::default(), &pod(i)?).await?;
+            without.push(t.elapsed());
+            let mut pre = injected.clone();
+            pre.metadata.name = Some(format!("pre-{i}"));
+            let t = Instant::now();
+            plain.create(&PostParams::default(), &pre).await?;
+            big.push(t.elapsed());
+        }
+        big.sort();
+        eprintln!(
+            "apiserver: the injected spec created without the webhook: p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&big, 0.5).as_secs_f64() * 1e3,
+            percentile(&big, 0.99).as_secs_f64() * 1e3
+        );
+        with.sort();
+        without.sort();
+        let (p99w, p99o) = (percentile(&with, 0.99), percentile(&without, 0.99));
+        let (p50w, p50o) = (percentile(&with, 0.5), percentile(&without, 0.5));
+        eprintln!(
+            "apiserver: {creates} Pod creates each; p50 {:.2} ms with the webhook, {:.2} ms without; p99 {:.2} ms with, {:.2} ms without",
+            p50w.as_secs_f64() * 1e3,
+            p50o.as_secs_f64() * 1e3,
+            p99w.as_secs_f64() * 1e3,
+            p99o.as_secs_f64() * 1e3
+        );
+        let added = p99w.as_secs_f64() - p99o.as_secs_f64();
+
+        let rounds = usize::try_from(env_num("BENCH_LEDGERS", 5))?;
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        let mut times = Vec::new();
+        for r in 0..rounds {
+            let ns = format!("bench-ledger-{r}");
+            namespace(&client, &ns, false).await?;
+            let pv_name = format!("{ns}-data");
+            if pvs.get_opt(&pv_name).await?.is_some() {
+                pvs.delete(&pv_name, &DeleteParams::default()).await?;
+                wait("old PersistentVolume deleted", || async {
+                    matches!(pvs.get_opt(&pv_name).await, Ok(None)).then_some(())
+                })
+                .await?;
+            }
+            pvs.create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": pv_name},
+                    "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                             "persistentVolumeReclaimPolicy": "Retain",
+                             "hostPath": {"path": format!("/tmp/medmesh-bench-pv/{ns}")},
+                             "claimRef": {"namespace": ns, "name": "data-ledger-0"}},
+                }))?,
+            )
+            .await?;
+            times.push(ledger_ready(&client, &ns).await?);
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!("ledger: apply -> children and status in {times:.2?} s");
+        let nss: Api<Namespace> = Api::all(client.clone());
+        for ns in ["bench-meshed", "bench-plain"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..rounds).map(|r| format!("bench-ledger-{r}")))
+        {
+            let _ = nss.delete(&ns, &DeleteParams::default()).await;
+        }
+        Ok((added, times[times.len() / 2]))
+    }
 }
