@@ -690,6 +690,7 @@ async fn a_projected_token_gets_the_svid_of_exactly_its_service_account() {
     .await;
     let (status, body) = ask(&env, &ns.client, &csr_for(&id), &apiserver).await;
     assert_eq!(status, 401, "{body}");
+    assert!(body.to_string().contains("audiences"), "{body}");
     // A token whose account is gone is refused, although its signature and times are valid:
     // the identity service asks the API server every time, which caches a successful
     // authentication for 10 s (kube-apiserver's token cache), so within that bound.
@@ -716,6 +717,43 @@ async fn a_projected_token_gets_the_svid_of_exactly_its_service_account() {
     // Garbage is refused with a precise message, not a server error.
     let (status, body) = ask(&env, &ns.client, &csr_for(&id), "not-a-token").await;
     assert_eq!(status, 401, "{body}");
+
+    // An expired token: the API server mints none shorter than 10 minutes, so it is signed here
+    // with the cluster's service-account key, exactly as the server would have, but for a time
+    // already past. The same token, still valid, is accepted (so the signature is right).
+    let viewer_id = format!("spiffe://cluster.local/ns/{}/sa/viewer", ns.name);
+    let uid = sas.get("viewer").await.unwrap().metadata.uid.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let forged_valid = sign_token(&env, &ns.name, "viewer", &uid, now - 60, now + 600);
+    let (status, body) = ask(&env, &ns.client, &csr_for(&viewer_id), &forged_valid).await;
+    assert_eq!(
+        status, 200,
+        "a token signed like the server's is valid: {body}"
+    );
+    let expired = sign_token(&env, &ns.name, "viewer", &uid, now - 1200, now - 600);
+    let (status, body) = ask(&env, &ns.client, &csr_for(&viewer_id), &expired).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.to_string().contains("expired"), "{body}");
+}
+
+/// A service-account token for `ns/sa` (uid `uid`) with audience `medmesh-identity`, valid from
+/// `iat` to `exp` (seconds), signed RS256 with the cluster's signing key (`MEDMESH_E2E_SA_KEY`).
+fn sign_token(env: &Env, ns: &str, sa: &str, uid: &str, iat: u64, exp: u64) -> String {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"alg":"RS256","typ":"JWT"}"#);
+    let claims = json!({
+        "iss": env.sa_issuer, "aud": ["medmesh-identity"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "iat": iat, "nbf": iat, "exp": exp,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": uid}},
+    });
+    let signing_input = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let (ok, sig, err) = support::openssl_sign(&env.sa_key, signing_input.as_bytes());
+    assert!(ok, "openssl: {err}");
+    format!("{signing_input}.{}", b64(&sig))
 }
 
 /// Whether the API server lets `user` do `verb` on `resource` (in `namespace`, named `name`).

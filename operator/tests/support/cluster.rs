@@ -32,6 +32,11 @@ pub struct Env {
     pub operators: Vec<(String, String)>,
     /// The harness directory (operator PIDs and logs).
     pub dir: std::path::PathBuf,
+    /// The API server's service-account signing key (PEM file) and token issuer: the expired
+    /// token case signs its own token (the server mints none shorter than 10 minutes).
+    pub sa_key: std::path::PathBuf,
+    /// `--service-account-issuer` of the API server.
+    pub sa_issuer: String,
     /// The namespace and address of the one ledger a test runs (`<ns>/ledger=<addr>`; the
     /// operators connect to `ledger.<ns>.svc:8443` there).
     pub ledger: (String, String),
@@ -63,6 +68,8 @@ impl Env {
             service_account: var("MEDMESH_E2E_SERVICE_ACCOUNT"),
             operators,
             dir: var("MEDMESH_E2E_DIR").into(),
+            sa_key: var("MEDMESH_E2E_SA_KEY").into(),
+            sa_issuer: var("MEDMESH_E2E_SA_ISSUER"),
             ledger: var("MEDMESH_E2E_LEDGER")
                 .split_once("/ledger=")
                 .map(|(n, a)| (n.to_owned(), a.to_owned()))
@@ -393,4 +400,25 @@ pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str) -> RunningLedger {
         _process: process,
         _dir: dir,
     }
+}
+
+/// Signs `data` with RSA PKCS#1 v1.5 and SHA-256 under the PEM key at `key` (openssl);
+/// returns (success, signature, stderr).
+pub fn openssl_sign(key: &std::path::Path, data: &[u8]) -> (bool, Vec<u8>, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
