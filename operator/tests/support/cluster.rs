@@ -394,6 +394,30 @@ pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str) -> RunningLedger {
             .spawn()
             .unwrap(),
     );
+    // Ready (its admin listener answers) before anything is asked of it; a ledger that exits
+    // (a port taken, a configuration refused) fails here with its log.
+    let mut process = process;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = process.0.try_wait().unwrap() {
+            panic!(
+                "the ledger exited ({status}) on the operator's configuration:\n{yaml}\n{}",
+                std::fs::read_to_string(root.join("ledger.log")).unwrap_or_default()
+            );
+        }
+        let ready = reqwest::get(format!("http://{admin}/ready"))
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger did not become ready:\n{}",
+            std::fs::read_to_string(root.join("ledger.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     RunningLedger {
         data,
         addr: addr.to_owned(),
