@@ -617,6 +617,18 @@ fn ledger_checks(s: &Snapshot, limits: &Limits, now: SystemTime, out: &mut Vec<O
     }
 }
 
+/// `Ok(detail)` passes; `Err((detail, hint))` fails.
+fn judged(
+    category: &'static str,
+    description: &str,
+    result: Result<String, (String, &str)>,
+) -> Outcome {
+    match result {
+        Ok(detail) => pass(category, description, detail),
+        Err((detail, hint)) => fail(category, description, detail, hint),
+    }
+}
+
 fn data_plane_checks(s: &Snapshot, out: &mut Vec<Outcome>) {
     const C: &str = "medmesh-data-plane";
     let bare: Vec<&str> = s
@@ -625,20 +637,18 @@ fn data_plane_checks(s: &Snapshot, out: &mut Vec<Outcome>) {
         .filter(|(_, n)| *n == 0)
         .map(|(ns, _)| ns.as_str())
         .collect();
-    if bare.is_empty() {
-        out.push(pass(
-            C,
-            "meshed namespaces have a MeshPolicy",
-            format!("{} namespace(s)", s.meshed.len()),
-        ));
-    } else {
-        out.push(fail(
-            C,
-            "meshed namespaces have a MeshPolicy",
-            format!("none in {}: all inbound traffic is denied", bare.join(", ")),
-            "apply a MeshPolicy allowing the peers each workload needs",
-        ));
-    }
+    out.push(judged(
+        C,
+        "meshed namespaces have a MeshPolicy",
+        if bare.is_empty() {
+            Ok(format!("{} namespace(s)", s.meshed.len()))
+        } else {
+            Err((
+                format!("none in {}: all inbound traffic is denied", bare.join(", ")),
+                "apply a MeshPolicy allowing the peers each workload needs",
+            ))
+        },
+    ));
     // The version the leading operator stamped on its Lease; this release's without one.
     let current = s
         .lease
@@ -652,20 +662,18 @@ fn data_plane_checks(s: &Snapshot, out: &mut Vec<Outcome>) {
         .filter(|(_, v)| v != current)
         .map(|(p, v)| format!("{p} ({v})"))
         .collect();
-    if stale.is_empty() {
-        out.push(pass(
-            C,
-            "injected Pods run the operator's sidecar version",
-            format!("{} Pod(s) at {current}", s.injected.len()),
-        ));
-    } else {
-        out.push(fail(
-            C,
-            "injected Pods run the operator's sidecar version",
-            format!("{} not at {current}: {}", stale.len(), stale.join(", ")),
-            "kubectl rollout restart their workloads to inject the current sidecar",
-        ));
-    }
+    out.push(judged(
+        C,
+        "injected Pods run the operator's sidecar version",
+        if stale.is_empty() {
+            Ok(format!("{} Pod(s) at {current}", s.injected.len()))
+        } else {
+            Err((
+                format!("{} not at {current}: {}", stale.len(), stale.join(", ")),
+                "kubectl rollout restart their workloads to inject the current sidecar",
+            ))
+        },
+    ));
 }
 
 async fn gather(

@@ -303,7 +303,10 @@ async fn audit_ledger_yields_its_children_a_status_and_is_garbage_collected() {
     );
     let pods: Api<Pod> = ns.api();
     let pod = get(&pods, "ledger-0").await;
-    assert!(pod.spec.unwrap().node_name.is_some(), "ledger-0 was never scheduled");
+    assert!(
+        pod.spec.unwrap().node_name.is_some(),
+        "ledger-0 was never scheduled"
+    );
 
     // Further reconciles change no child: resourceVersions stay. The checkpoint is unreadable
     // here, so the ledger is reconciled every RECHECK (5 s); the touch below adds one more.
