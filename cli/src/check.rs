@@ -27,7 +27,7 @@ use medmesh_operator::identity::IssuerCa;
 use medmesh_operator::names::{
     INJECT_LABEL, INJECTED_ANNOTATION, OPERATOR_VERSION_ANNOTATION, VERSION,
 };
-use medmesh_operator::run::Resolve;
+use medmesh_operator::resolve::Resolve;
 use serde::Serialize;
 
 /// Oldest Kubernetes minor version served: native sidecars (`restartPolicy: Always` init

@@ -135,7 +135,7 @@ pub struct Context {
     /// Time source.
     pub clock: Clock,
     /// Connect-address overrides for ledger URLs (out of cluster: `--resolve`).
-    pub resolve: crate::run::Resolve,
+    pub resolve: crate::resolve::Resolve,
 }
 
 impl Context {

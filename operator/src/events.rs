@@ -1,6 +1,7 @@
 //! Kubernetes Events through kube's `Recorder` (`events.k8s.io/v1`), behind the
-//! [`EventSink`] the webhook and the controllers emit through: emitting only queues, a background task publishes, and under load (a full
-//! queue) Events are dropped and counted rather than slowing admissions down.
+//! [`EventSink`] the webhook and the controllers emit through: emitting only queues, a
+//! background task publishes, and under load (a full queue) Events are dropped and counted
+//! rather than slowing admissions down.
 
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use tokio::sync::mpsc;

@@ -13,6 +13,7 @@
 //! - [`names`]: the labels, annotations, object names and paths the parts share.
 //! - [`serving`]: the operator's own serving CA and certificate, rotation, `caBundle`.
 //! - [`telemetry`]: the log subscriber and, with an OTLP endpoint, trace export.
+//! - [`resolve`]: connect-address overrides for an operator run out of cluster.
 //! - [`run`]: the `run` command wiring them to HTTPS and admin listeners.
 
 pub mod controller;
@@ -23,6 +24,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod policy;
+pub mod resolve;
 pub mod run;
 pub mod serving;
 pub mod telemetry;

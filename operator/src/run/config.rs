@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use medmesh_core::TrustDomain;
 
+pub use crate::resolve::Resolve;
+
 pub use crate::names::VERSION;
 
 /// Settings as given (flags or environment).
@@ -142,54 +144,6 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Connect-address overrides for ledgers (`host:port` → `addr:port`).
     pub resolve: Resolve,
-}
-
-/// Connect-address overrides (`--resolve`): where to connect for a URL's `host:port`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Resolve(std::collections::BTreeMap<String, SocketAddr>);
-
-impl Resolve {
-    /// Parses `host:port=addr:port` entries.
-    ///
-    /// # Errors
-    /// One message per malformed entry.
-    pub fn parse(entries: &[String]) -> Result<Self, Vec<String>> {
-        let mut map = std::collections::BTreeMap::new();
-        let mut errs = Vec::new();
-        for e in entries {
-            let parsed = e.split_once('=').and_then(|(from, to)| {
-                let (host, port) = from.rsplit_once(':')?;
-                port.parse::<u16>().ok()?;
-                (!host.is_empty()).then_some(())?;
-                Some((from.to_ascii_lowercase(), to.parse::<SocketAddr>().ok()?))
-            });
-            match parsed {
-                Some((from, to)) => {
-                    map.insert(from, to);
-                }
-                None => errs.push(format!(
-                    "resolve {e:?}: expected HOST:PORT=ADDR:PORT (an IP address and port)"
-                )),
-            }
-        }
-        if errs.is_empty() {
-            Ok(Self(map))
-        } else {
-            Err(errs)
-        }
-    }
-
-    /// `url` with its `host:port` replaced by the override, if there is one.
-    pub fn apply(&self, url: &str) -> String {
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return url.to_owned();
-        };
-        let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
-        match self.0.get(&authority.to_ascii_lowercase()) {
-            Some(addr) => format!("{scheme}://{addr}{path}"),
-            None => url.to_owned(),
-        }
-    }
 }
 
 fn is_dns_label(s: &str) -> bool {

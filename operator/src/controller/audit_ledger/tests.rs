@@ -101,7 +101,7 @@ fn fixture(ca: Arc<IssuerCa>, with_reader: bool) -> Fixture {
         events: events.clone(),
         metrics: ReconcileMetrics::unregistered(),
         clock: Arc::new(t0),
-        resolve: crate::run::Resolve::default(),
+        resolve: crate::resolve::Resolve::default(),
     });
     Fixture {
         ctx,

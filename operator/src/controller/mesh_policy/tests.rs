@@ -36,7 +36,7 @@ fn context(serving_ca: Option<&str>) -> (Arc<Context>, ApiServer) {
         events: Arc::new(NoEvents),
         metrics: ReconcileMetrics::unregistered(),
         clock: Arc::new(t0),
-        resolve: crate::run::Resolve::default(),
+        resolve: crate::resolve::Resolve::default(),
     });
     (ctx, api)
 }
