@@ -15,22 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use medmesh_core::merkle::Hash;
-use medmesh_core::record::RecordId;
 use mesh::*;
-use tokio::sync::Mutex;
 
 const KILLS: usize = 20;
 const CLIENTS: u64 = 12;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_entries_survive_sigkill() {
@@ -45,49 +33,14 @@ async fn acknowledged_entries_survive_sigkill() {
     println!("kill schedule seed {seed}");
     let mut rng = Rng(seed);
 
-    let acked: Arc<Mutex<HashMap<RecordId, (u64, Hash)>>> = Arc::default();
+    let acked: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for c in 0..CLIENTS {
-        let (w, acked, stop) = (l.client("pacs.writer"), acked.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u64;
-            let mut retries = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                // Every fourth submission is a batch of 10; the rest single appends.
-                let recs: Vec<_> = (0..if n % 4 == 3 { 10 } else { 1 })
-                    .map(|k| record(c * 1_000_000 + n * 10 + k))
-                    .collect();
-                n += 1;
-                // Retry the same records (same ids) until the ledger acknowledges them.
-                let results = loop {
-                    let r = if recs.len() == 1 {
-                        w.append(&recs[0], false).await.map(|r| vec![r.result])
-                    } else {
-                        w.append_batch(recs.clone(), false).await.map(|r| r.results)
-                    };
-                    match r {
-                        Ok(r) => break r,
-                        Err(_) => {
-                            retries += 1;
-                            tokio::time::sleep(Duration::from_millis(25)).await;
-                        }
-                    }
-                };
-                let mut a = acked.lock().await;
-                for (rec, res) in recs.iter().zip(results) {
-                    assert!(!res.conflict);
-                    if let Some((i, h)) = a.insert(rec.record_id, (res.index, res.leaf_hash)) {
-                        panic!(
-                            "record {} acknowledged twice: {i}/{h} then {}/{}",
-                            rec.record_id, res.index, res.leaf_hash
-                        );
-                    }
-                }
-            }
-            retries
-        }));
-    }
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let w = vec![l.client("pacs.writer")];
+            tokio::spawn(append_until_stopped(c, w, acked.clone(), stop.clone()))
+        })
+        .collect();
 
     let mut trusted_sizes = Vec::new();
     for k in 0..KILLS {

@@ -25,8 +25,11 @@ use medmesh_core::wire::{
 use serde::Deserialize;
 use serde_json::json;
 
+mod peer;
+
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::replication::Replica;
 use crate::sequencer::{AppendError, Sequencer};
 use crate::storage::{NewEntry, Placed, Reader, SearchKey, Storage, StorageError};
 
@@ -60,6 +63,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// How many entries the search indexes cover.
     pub indexed: tokio::sync::watch::Receiver<u64>,
+    /// Replication, when this ledger is one replica of several.
+    pub replica: Option<Replica>,
 }
 
 /// A refused or failed request.
@@ -155,7 +160,14 @@ async fn read_body(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> ApiResult<Bytes> {
-    let limit = state.cfg.max_body_bytes;
+    read_body_limited(state.cfg.max_body_bytes, headers, body).await
+}
+
+async fn read_body_limited(
+    limit: usize,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Bytes> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -214,6 +226,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/proof/inclusion", get(inclusion))
         .route("/v1/proof/consistency", get(consistency))
         .route("/v1/search", get(search))
+        .merge(peer::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -237,6 +250,7 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
             "/v1/proof/inclusion" => "inclusion",
             "/v1/proof/consistency" => "consistency",
             "/v1/search" => "search",
+            p if p.starts_with(crate::replication::PEER_PATH) => "raft",
             _ => "other",
         });
     let resp = next.run(req).await;
@@ -301,6 +315,16 @@ async fn append(
             AppendError::Commit(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "commit_failed",
+                e.to_string(),
+            ),
+            AppendError::NotLeader(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_leader",
+                "leadership changed while the entries were submitted; nothing was stored, retry",
+            ),
+            AppendError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "replication_failed",
                 e.to_string(),
             ),
         })?;
@@ -383,6 +407,15 @@ async fn append_one(
     let submitter = authorize(&state, &auth, Role::Append)?;
     let params = query(params)?;
     let body = read_body(&state, &headers, body).await?;
+    peer::append_or_forward(state, submitter, params, body, false).await
+}
+
+async fn append_one_here(
+    state: AppState,
+    submitter: SpiffeId,
+    params: AppendParams,
+    body: Bytes,
+) -> ApiResult<Response> {
     let record: AuditRecord = parse_json(&body, "record")?;
     let (mut results, checkpoint) = append(state, submitter, vec![record], params.proof).await?;
     let result = results.remove(0);
@@ -414,6 +447,15 @@ async fn append_batch(
     let submitter = authorize(&state, &auth, Role::Append)?;
     let params = query(params)?;
     let body = read_body(&state, &headers, body).await?;
+    peer::append_or_forward(state, submitter, params, body, true).await
+}
+
+async fn append_batch_here(
+    state: AppState,
+    submitter: SpiffeId,
+    params: AppendParams,
+    body: Bytes,
+) -> ApiResult<Response> {
     let batch: BatchRequest = parse_json(&body, "batch")?;
     if batch.records.is_empty() {
         return Err(ApiError::bad("empty_batch", "batch has no records"));

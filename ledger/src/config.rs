@@ -14,9 +14,20 @@ use medmesh_core::{SpiffeId, TrustDomain};
 pub struct RawConfig {
     /// This node's name in the replica set (e.g. the StatefulSet pod name).
     pub node_id: String,
-    /// Other replicas (`host:port`). Replication is not implemented yet: must be empty.
+    /// Every replica's API address (`host:port`, this one included), in StatefulSet ordinal
+    /// order: replica `N` (the `node_id` ending in `-N`) is `peers[N]`. Empty: a single node
+    /// without Raft.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// Raft heartbeat period, in milliseconds (replicated only).
+    #[serde(default = "default_heartbeat_ms")]
+    pub raft_heartbeat_ms: u64,
+    /// Shortest Raft election timeout, in milliseconds; the longest is twice it.
+    #[serde(default = "default_election_ms")]
+    pub raft_election_timeout_ms: u64,
+    /// Raft entries between two snapshots (each entry is one batch of appends).
+    #[serde(default = "default_snapshot_logs")]
+    pub raft_snapshot_logs: u64,
     /// Log origin, the first line of every checkpoint (e.g. `medmesh.local/ledger`).
     pub origin: String,
     /// Directory holding `ledger.redb` and the signer state.
@@ -55,6 +66,15 @@ pub struct RawConfig {
     pub drain_seconds: u64,
 }
 
+fn default_heartbeat_ms() -> u64 {
+    250
+}
+fn default_election_ms() -> u64 {
+    1500
+}
+fn default_snapshot_logs() -> u64 {
+    10_000
+}
 fn default_checkpoint_ms() -> u64 {
     500
 }
@@ -105,11 +125,28 @@ impl fmt::Display for IdentityRule {
     }
 }
 
+/// Raft replication settings, present when `peers` is not empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replication {
+    /// This replica's Raft id: its ordinal, the position of its address in `peers`.
+    pub id: u64,
+    /// Every replica's API address (`host:port`), by ordinal.
+    pub peers: Vec<String>,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Shortest election timeout (the longest is twice it).
+    pub election_timeout: Duration,
+    /// Raft entries between two snapshots.
+    pub snapshot_logs: u64,
+}
+
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Node name.
     pub node_id: String,
+    /// Replication, when this ledger is one replica of several.
+    pub replication: Option<Replication>,
     /// Log origin.
     pub origin: String,
     /// Data directory.
@@ -162,6 +199,67 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+/// Checks the replication fields of a configuration whose `peers` is not empty.
+fn check_replication(raw: &RawConfig, errs: &mut Vec<String>) -> Option<Replication> {
+    let before = errs.len();
+    let id = raw
+        .node_id
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok());
+    match id {
+        None => errs.push(format!(
+            "node_id {:?}: a replica's name must end in -<ordinal> (the StatefulSet pod name), \
+             which is its position in peers",
+            raw.node_id
+        )),
+        Some(n) if n as usize >= raw.peers.len() => errs.push(format!(
+            "node_id {:?}: ordinal {n} has no address in peers (only {} listed)",
+            raw.node_id,
+            raw.peers.len()
+        )),
+        Some(_) => {}
+    }
+    for (i, p) in raw.peers.iter().enumerate() {
+        let ok = p
+            .rsplit_once(':')
+            .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok_and(|n| n > 0));
+        if !ok {
+            errs.push(format!("peers[{i}] {p:?}: expected host:port"));
+        }
+        if raw.peers[..i].contains(p) {
+            errs.push(format!("peers[{i}] {p:?}: listed twice"));
+        }
+    }
+    if !(10..=10_000).contains(&raw.raft_heartbeat_ms) {
+        errs.push(format!(
+            "raft_heartbeat_ms {}: must be between 10 and 10000",
+            raw.raft_heartbeat_ms
+        ));
+    }
+    if raw.raft_election_timeout_ms < 3 * raw.raft_heartbeat_ms
+        || raw.raft_election_timeout_ms > 60_000
+    {
+        errs.push(format!(
+            "raft_election_timeout_ms {}: must be at least three heartbeats ({} ms) and at most 60000",
+            raw.raft_election_timeout_ms,
+            3 * raw.raft_heartbeat_ms
+        ));
+    }
+    if raw.raft_snapshot_logs < 10 {
+        errs.push(format!(
+            "raft_snapshot_logs {}: must be at least 10",
+            raw.raft_snapshot_logs
+        ));
+    }
+    (errs.len() == before).then(|| Replication {
+        id: id.unwrap_or(0),
+        peers: raw.peers.clone(),
+        heartbeat: Duration::from_millis(raw.raft_heartbeat_ms),
+        election_timeout: Duration::from_millis(raw.raft_election_timeout_ms),
+        snapshot_logs: raw.raft_snapshot_logs,
+    })
+}
+
 impl Config {
     /// Parses YAML text and checks every field.
     ///
@@ -190,12 +288,9 @@ impl Config {
                 raw.node_id
             ));
         }
-        if !raw.peers.is_empty() {
-            errs.push(format!(
-                "peers {:?}: replication is not implemented in this version; run a single node (peers: [])",
-                raw.peers
-            ));
-        }
+        let replication = (!raw.peers.is_empty())
+            .then(|| check_replication(&raw, &mut errs))
+            .flatten();
         if raw.origin.is_empty()
             || raw
                 .origin
@@ -273,6 +368,7 @@ impl Config {
         match (errs.is_empty(), trust_domain) {
             (true, Ok(trust_domain)) => Ok(Self {
                 node_id: raw.node_id,
+                replication,
                 origin: raw.origin,
                 data_dir: raw.data_dir,
                 listen,
@@ -329,7 +425,7 @@ checkpoint_interval_ms: 5000
         let text = errs.to_string();
         for want in [
             "node_id",
-            "replication is not implemented",
+            "must end in -<ordinal>",
             "origin",
             "listen \"nonsense\"",
             "trust_domain",
@@ -343,6 +439,48 @@ checkpoint_interval_ms: 5000
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
         assert!(errs.0.len() >= 11, "{text}");
+    }
+
+    #[test]
+    fn replication_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, "x").unwrap();
+        let yaml = |node: &str, peers: &str, extra: &str| {
+            format!(
+                "node_id: {node}\npeers: {peers}\norigin: o\ndata_dir: /tmp/x\nlisten: 127.0.0.1:1\n\
+                 admin_listen: 127.0.0.1:2\ntrust_domain: td\ncert: {f}\nkey: {f}\ntrust_bundle: {f}\n\
+                 signing_key: {f}\n{extra}",
+                f = f.display()
+            )
+        };
+        let ok = Config::from_yaml(&yaml("ledger-2", "[a:1, b:1, c:1]", "")).unwrap();
+        let r = ok.replication.unwrap();
+        assert_eq!((r.id, r.peers.len()), (2, 3));
+        assert_eq!(r.election_timeout, Duration::from_millis(1500));
+        assert!(
+            Config::from_yaml(&yaml("ledger", "[]", ""))
+                .unwrap()
+                .replication
+                .is_none()
+        );
+        let text = Config::from_yaml(&yaml(
+            "ledger-4",
+            "[a:1, a:1, 'b', c:0]",
+            "raft_heartbeat_ms: 500\nraft_election_timeout_ms: 1000\nraft_snapshot_logs: 1\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "ordinal 4 has no address",
+            "peers[1] \"a:1\": listed twice",
+            "peers[2] \"b\": expected host:port",
+            "peers[3] \"c:0\"",
+            "raft_election_timeout_ms 1000",
+            "raft_snapshot_logs 1",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod indexer;
 pub mod metrics;
+pub mod replication;
 pub mod sequencer;
 pub mod server;
 pub mod storage;
@@ -53,6 +54,9 @@ pub enum StartError {
         /// Error.
         source: std::io::Error,
     },
+    /// Raft could not start.
+    #[error("replication: {0}")]
+    Raft(String),
     /// Any other I/O failure.
     #[error("{what}: {source}")]
     Io {
@@ -87,7 +91,9 @@ pub struct Ledger {
     shutdown: watch::Sender<bool>,
     drain: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The writer, then the indexer (which follows it).
+    /// Replicated: the Raft instance and the proposer task, stopped after the API drains.
+    raft: Option<(replication::Raft, tokio::task::JoinHandle<()>)>,
+    /// The writer (single node), then the indexer (which follows it).
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -146,23 +152,46 @@ impl Ledger {
 
         let registry = prometheus::Registry::new();
         let metrics = metrics::Metrics::register(&registry);
-        let (seq, writer) = sequencer::Sequencer::start(
-            storage.clone(),
-            recovered,
-            signer,
-            sequencer::SequencerConfig {
-                origin: cfg.origin.clone(),
-                checkpoint_interval: cfg.checkpoint_interval,
-                max_batch_entries: cfg.max_batch_entries,
-                signer_state: state_path,
-            },
-            metrics.clone(),
-        )
-        .map_err(|source| StartError::Io {
-            what: "start writer thread".into(),
-            source,
-        })?;
-
+        let (creds_tx, creds_rx) = watch::channel(Arc::new(creds));
+        let mut threads = Vec::new();
+        let (seq, replicated) = match &cfg.replication {
+            None => {
+                let (seq, writer) = sequencer::Sequencer::start(
+                    storage.clone(),
+                    recovered,
+                    signer,
+                    sequencer::SequencerConfig {
+                        origin: cfg.origin.clone(),
+                        checkpoint_interval: cfg.checkpoint_interval,
+                        max_batch_entries: cfg.max_batch_entries,
+                        signer_state: state_path,
+                    },
+                    metrics.clone(),
+                )
+                .map_err(|source| StartError::Io {
+                    what: "start writer thread".into(),
+                    source,
+                })?;
+                threads.push(writer);
+                (seq, None)
+            }
+            Some(rep) => {
+                let started = replication::node::start(replication::node::Parts {
+                    cfg: &cfg,
+                    rep,
+                    storage: storage.clone(),
+                    recovered,
+                    signer,
+                    verifier: verifier.clone(),
+                    state_path,
+                    creds: creds_rx.clone(),
+                    metrics: metrics.clone(),
+                    registry: &registry,
+                })
+                .await?;
+                (started.seq, Some(started.replica))
+            }
+        };
         let indexed_now = storage.indexed_size()?;
         let (indexed_tx, indexed_rx) = watch::channel(indexed_now);
         let indexer = indexer::spawn(
@@ -197,7 +226,6 @@ impl Ledger {
             })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (creds_tx, creds_rx) = watch::channel(Arc::new(creds));
         server::spawn_reloader(paths, creds_tx, Duration::from_secs(5), shutdown_rx.clone());
 
         let state = api::AppState {
@@ -206,6 +234,7 @@ impl Ledger {
             seq: seq.clone(),
             metrics: metrics.clone(),
             indexed: indexed_rx,
+            replica: replicated.as_ref().map(|r| r.0.clone()),
         };
         let api_task = tokio::spawn(server::serve_api(
             api_listener,
@@ -221,6 +250,7 @@ impl Ledger {
                 head: seq.subscribe(),
                 registry,
                 metrics,
+                raft: replicated.as_ref().map(|r| r.0.raft.clone()),
             }),
             shutdown_rx,
         ));
@@ -232,7 +262,11 @@ impl Ledger {
             shutdown,
             drain: cfg.drain,
             tasks: vec![api_task, admin_task],
-            threads: vec![writer, indexer],
+            raft: replicated.map(|(r, proposer)| (r.raft, proposer)),
+            threads: {
+                threads.push(indexer);
+                threads
+            },
         })
     }
 
@@ -250,8 +284,20 @@ impl Ledger {
                 t.abort();
             }
         }
-        // The router (and with it the last sequencer handle) is gone: the writer drains and
-        // exits, then the indexer catches up and exits.
+        // The router (and with it the last sequencer handle) is gone: the proposer finishes
+        // what is in flight and exits; Raft stops.
+        if let Some((raft, proposer)) = self.raft.take() {
+            if tokio::time::timeout(self.drain + Duration::from_secs(1), proposer)
+                .await
+                .is_err()
+            {
+                tracing::warn!("proposer did not finish within the drain deadline");
+            }
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(error = %e, "Raft did not stop cleanly");
+            }
+        }
+        // The writer drains and exits, then the indexer catches up and exits.
         for t in self.threads.drain(..) {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -264,15 +310,35 @@ struct AdminState {
     head: watch::Receiver<sequencer::Head>,
     registry: prometheus::Registry,
     metrics: metrics::Metrics,
+    raft: Option<replication::Raft>,
 }
 
 fn admin_router(state: AdminState) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route(
+            "/status",
+            get(|State(s): State<AdminState>| async move {
+                let head = s.head.borrow().clone();
+                axum::Json(replication::node::status(
+                    s.raft.as_ref(),
+                    head.size,
+                    head.checkpoint.as_ref().map(|c| &c.checkpoint),
+                ))
+            }),
+        )
+        .route(
             "/ready",
             get(|State(s): State<AdminState>| async move {
                 let cp = s.head.borrow().checkpoint.clone();
+                if let Some(raft) = &s.raft
+                    && let Err(why) = replication::node::ready(raft)
+                {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    );
+                }
                 match cp {
                     Some(cp) => (
                         StatusCode::OK,

@@ -44,6 +44,20 @@ fn must<T>(r: prometheus::Result<T>) -> T {
 }
 
 impl Metrics {
+    /// Counts each placed entry by its result.
+    pub fn count_placed(&self, placed: &[crate::storage::Placed]) {
+        use crate::storage::Placed;
+        for p in placed {
+            self.appends
+                .with_label_values(&[match p {
+                    Placed::Appended { .. } => "appended",
+                    Placed::Duplicate { .. } => "duplicate",
+                    Placed::Conflict { .. } => "conflict",
+                }])
+                .inc();
+        }
+    }
+
     /// Creates the metrics and registers them in `registry` under the `medmesh_ledger_` prefix.
     pub fn register(registry: &Registry) -> Self {
         let ms =

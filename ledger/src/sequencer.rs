@@ -57,13 +57,30 @@ pub enum AppendError {
     /// The ledger is shutting down.
     #[error("ledger is shutting down")]
     ShuttingDown,
+    /// This replica is not the Raft leader (the leader's id, when known); nothing was proposed.
+    #[error("this replica is not the leader")]
+    NotLeader(Option<u64>),
+    /// Replication failed after the entries were proposed: they may or may not be stored.
+    #[error(
+        "replication did not confirm the entries (they may or may not be stored; retry with the same record ids): {0}"
+    )]
+    Unavailable(String),
 }
 
-struct Submission {
-    entries: Vec<NewEntry>,
-    want_checkpoint: bool,
-    reply: oneshot::Sender<Result<Committed, AppendError>>,
-    enqueued: Instant,
+/// Entries waiting for the writer (or, replicated, the proposer).
+pub struct Submission {
+    pub(crate) entries: Vec<NewEntry>,
+    pub(crate) want_checkpoint: bool,
+    pub(crate) reply: oneshot::Sender<Result<Committed, AppendError>>,
+    pub(crate) enqueued: Instant,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("entries", &self.entries.len())
+            .finish()
+    }
 }
 
 /// Settings of the writer.
@@ -176,7 +193,48 @@ fn check_signer_state(
     Ok(())
 }
 
-fn write_signer_state(path: &std::path::Path, note: &str) -> std::io::Result<()> {
+/// The signer state file shared by the writers of a replicated ledger (the state machine records
+/// every checkpoint it applies, the leader every checkpoint it signs): records only checkpoints
+/// larger than the last one recorded, one writer at a time.
+#[derive(Debug)]
+pub struct SignerStateFile {
+    path: PathBuf,
+    recorded: std::sync::Mutex<u64>,
+}
+
+impl SignerStateFile {
+    /// The file at `path`, whose latest checkpoint has `size` entries.
+    pub fn new(path: PathBuf, size: u64) -> Self {
+        Self {
+            path,
+            recorded: std::sync::Mutex::new(size),
+        }
+    }
+
+    /// Records `note` (of a checkpoint of `size`) durably unless a larger one is recorded.
+    ///
+    /// # Errors
+    /// When the file cannot be written and synced.
+    pub fn record(&self, size: u64, note: &str) -> std::io::Result<()> {
+        let mut recorded = self
+            .recorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if size <= *recorded && self.path.exists() {
+            return Ok(());
+        }
+        write_signer_state(&self.path, note)?;
+        *recorded = size;
+        Ok(())
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+pub(crate) fn write_signer_state(path: &std::path::Path, note: &str) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     {
@@ -227,6 +285,13 @@ impl Sequencer {
             .name("ledger-writer".into())
             .spawn(move || writer.run(rx))?;
         Ok((Self { tx, head: head_rx }, handle))
+    }
+
+    /// A sequencer whose submissions are served by `serve` (the Raft proposer), publishing
+    /// `head`.
+    pub fn replicated(head: watch::Receiver<Head>) -> (Self, mpsc::Receiver<Submission>) {
+        let (tx, rx) = mpsc::channel(8192);
+        (Self { tx, head }, rx)
     }
 
     /// Appends entries; resolves once they are durable.
@@ -411,16 +476,7 @@ impl Writer {
                 });
                 let latest = self.head.borrow().checkpoint.clone();
                 for (sub, placed) in batch.drain(..).zip(placed) {
-                    for p in &placed {
-                        self.metrics
-                            .appends
-                            .with_label_values(&[match p {
-                                Placed::Appended { .. } => "appended",
-                                Placed::Duplicate { .. } => "duplicate",
-                                Placed::Conflict { .. } => "conflict",
-                            }])
-                            .inc();
-                    }
+                    self.metrics.count_placed(&placed);
                     self.metrics
                         .append_seconds
                         .observe(sub.enqueued.elapsed().as_secs_f64());

@@ -28,6 +28,11 @@ const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
 const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("nodes");
 const RECORD_IDS: TableDefinition<[u8; 16], u64> = TableDefinition::new("record_ids");
 const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("checkpoints");
+/// Replicated ledgers: Raft's last applied log id and membership, written in the same
+/// transaction as the entries they account for (values are opaque to this module).
+const RAFT_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
+const RAFT_APPLIED: &str = "applied";
+const RAFT_MEMBERSHIP: &str = "membership";
 
 // In index.redb.
 const INDEX_META: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
@@ -149,6 +154,7 @@ impl Storage {
             txn.open_table(NODES)?;
             txn.open_table(RECORD_IDS)?;
             txn.open_table(CHECKPOINTS)?;
+            txn.open_table(RAFT_STATE)?;
         }
         txn.commit()?;
         let index = open_index(&path.with_file_name("index.redb"))?;
@@ -278,6 +284,68 @@ impl Storage {
     }
 }
 
+/// Raft's applied log id and membership as stored (encoded by the replication module).
+pub type RaftStateBytes = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Records Raft's applied log id and membership in `txn`, next to the state they describe.
+///
+/// # Errors
+/// On a database error.
+pub(crate) fn put_raft_state(
+    txn: &WriteTransaction,
+    applied: &[u8],
+    membership: &[u8],
+) -> Result<(), StorageError> {
+    let mut t = txn.open_table(RAFT_STATE)?;
+    t.insert(RAFT_APPLIED, applied)?;
+    t.insert(RAFT_MEMBERSHIP, membership)?;
+    Ok(())
+}
+
+/// Stores a checkpoint note signed elsewhere (by the Raft leader), after checking that it
+/// describes this tree: same root at its size. Returns false, storing nothing, when it does not.
+///
+/// # Errors
+/// On a database error.
+pub(crate) fn put_checkpoint(
+    txn: &WriteTransaction,
+    frontier: &Frontier,
+    cp: &Checkpoint,
+    note: &str,
+) -> Result<bool, StorageError> {
+    if cp.size > frontier.size() {
+        return Ok(false);
+    }
+    let root = if cp.size == frontier.size() {
+        frontier.root()
+    } else {
+        let nodes = txn.open_table(NODES)?;
+        merkle::root_at(&TxnNodes(&nodes, frontier.size()), cp.size)?
+    };
+    if root != cp.root {
+        return Ok(false);
+    }
+    txn.open_table(CHECKPOINTS)?.insert(cp.size, note)?;
+    Ok(true)
+}
+
+/// The nodes table of a write transaction, as a proof source (sees the transaction's own writes).
+struct TxnNodes<'a, 'txn>(&'a redb::Table<'txn, u64, [u8; 32]>, u64);
+
+impl NodeSource for TxnNodes<'_, '_> {
+    type Error = StorageError;
+    fn node(&self, level: u8, index: u64) -> Result<Hash, StorageError> {
+        match self.0.get(node_key(level, index))? {
+            Some(v) => Ok(Hash(v.value())),
+            None => Err(StorageError::MissingNode {
+                level,
+                index,
+                size: self.1,
+            }),
+        }
+    }
+}
+
 /// Which index a search uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SearchKey {
@@ -367,6 +435,18 @@ impl Reader {
     pub fn latest_checkpoint(&self) -> Result<Option<String>, StorageError> {
         let t = self.txn.open_table(CHECKPOINTS)?;
         Ok(t.last()?.map(|(_, v)| v.value().to_owned()))
+    }
+
+    /// Raft's applied log id and membership in this snapshot (opaque bytes), if recorded.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn raft_state(&self) -> Result<RaftStateBytes, StorageError> {
+        let t = self.txn.open_table(RAFT_STATE)?;
+        let get = |k| -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(t.get(k)?.map(|v| v.value().to_vec()))
+        };
+        Ok((get(RAFT_APPLIED)?, get(RAFT_MEMBERSHIP)?))
     }
 
     /// The stored checkpoint note for exactly `size`, if one was signed.

@@ -51,6 +51,80 @@ pub fn text(o: &Output) -> String {
     )
 }
 
+/// Makes, with the real CLIs, certificates in `<dir>/certs` (the ledger, pacs/writer and
+/// audit/auditor) and a checkpoint signing key `<dir>/signing.key`; writes the verifier key to
+/// `<dir>/verifier.key` and returns it.
+pub fn dev_pki(dir: &Path) -> String {
+    let certs = dir.join("certs");
+    let out = run(Command::new(bin("medmesh"))
+        .args(["dev", "certs", "--out"])
+        .arg(&certs)
+        .args([
+            "--workload",
+            "medmesh/ledger",
+            "--workload",
+            "pacs/writer",
+            "--workload",
+            "audit/auditor",
+        ]));
+    assert!(out.status.success(), "dev certs: {}", text(&out));
+    let key = dir.join("signing.key");
+    let out = run(Command::new(bin("medmesh-ledger"))
+        .args(["keygen", "--origin", ORIGIN, "--out"])
+        .arg(&key));
+    assert!(out.status.success(), "keygen: {}", text(&out));
+    let verifier_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    std::fs::write(dir.join("verifier.key"), &verifier_key).unwrap();
+    verifier_key
+}
+
+/// Runs `medmesh-ledger run --config <dir>/ledger.yaml` logging to `<dir>/ledger.log`, and
+/// returns it once `up()` holds; its log when it exits first.
+pub fn start_ledger(dir: &Path, rust_log: &str, up: impl Fn() -> bool) -> Result<Child, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ledger.log"))
+        .unwrap();
+    let mut child = Command::new(bin("medmesh-ledger"))
+        .args(["run", "--config"])
+        .arg(dir.join("ledger.yaml"))
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join("ledger.log")).unwrap_or_default();
+            return Err(format!("ledger exited with {status}: {log}"));
+        }
+        if up() {
+            return Ok(child);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ledger in {} not up within 20 s",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM and wait at most 15 s.
+pub fn terminate(mut c: Child, what: &str) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(c.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "{what} did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A ledger process with its own directory, certificates and signing key.
 pub struct LedgerProc {
     pub dir: PathBuf,
@@ -63,26 +137,8 @@ pub struct LedgerProc {
 impl LedgerProc {
     /// Makes certificates and a key in `dir` with the real CLIs, writes the config.
     pub fn setup(dir: &Path) -> Self {
-        let certs = dir.join("certs");
-        let out = run(Command::new(bin("medmesh"))
-            .args(["dev", "certs", "--out"])
-            .arg(&certs)
-            .args([
-                "--workload",
-                "medmesh/ledger",
-                "--workload",
-                "pacs/writer",
-                "--workload",
-                "audit/auditor",
-            ]));
-        assert!(out.status.success(), "dev certs: {}", text(&out));
-        let key = dir.join("signing.key");
-        let out = run(Command::new(bin("medmesh-ledger"))
-            .args(["keygen", "--origin", ORIGIN, "--out"])
-            .arg(&key));
-        assert!(out.status.success(), "keygen: {}", text(&out));
-        let verifier_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        std::fs::write(dir.join("verifier.key"), &verifier_key).unwrap();
+        let verifier_key = dev_pki(dir);
+        let (certs, key) = (dir.join("certs"), dir.join("signing.key"));
         let (api_port, admin_port) = (free_port(), free_port());
         let c = certs.display();
         std::fs::write(
@@ -114,46 +170,17 @@ impl LedgerProc {
     /// Starts the ledger; returns once `/ready` answers 200, or the process's output if it exits.
     pub fn start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("ledger.log"))
-            .unwrap();
-        let mut child = Command::new(bin("medmesh-ledger"))
-            .args(["run", "--config"])
-            .arg(self.dir.join("ledger.yaml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(self.dir.join("ledger.log")).unwrap_or_default();
-                return Err(format!("ledger exited with {status}: {log}"));
-            }
-            if http_status(self.admin_port, "/ready") == Some(200) {
-                self.child = Some(child);
-                return Ok(());
-            }
-            assert!(Instant::now() < deadline, "ledger not ready within 20 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let port = self.admin_port;
+        self.child = Some(start_ledger(&self.dir, "warn", || {
+            http_status(port, "/ready") == Some(200)
+        })?);
+        Ok(())
     }
 
     /// SIGTERM and wait (a clean shutdown).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while c.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "ledger did not stop on SIGTERM");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if let Some(c) = self.child.take() {
+            terminate(c, "ledger");
         }
     }
 
@@ -171,45 +198,59 @@ impl LedgerProc {
 
     /// A library client with the given workload's certificate.
     pub fn client(&self, who: &str) -> LedgerClient {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let certs = self.dir.join("certs");
-        let td = TrustDomain::new(TD).unwrap();
-        LedgerClient::new(LedgerClientConfig {
-            url: self.url(),
-            identity: Identity::from_pem(
-                &std::fs::read(certs.join(format!("{who}.pem"))).unwrap(),
-                &std::fs::read(certs.join(format!("{who}-key.pem"))).unwrap(),
-            )
-            .unwrap(),
-            bundle: TrustBundle::from_pem(
-                &std::fs::read(certs.join("ca.pem")).unwrap(),
-                td.clone(),
-            )
-            .unwrap(),
-            server: ServerIdentity::Exact(td.workload("medmesh", "ledger").unwrap()),
-            verifier: NoteVerifier::parse(&self.verifier_key).unwrap(),
-            origin: ORIGIN.into(),
-            timeout: Duration::from_secs(10),
-        })
-        .unwrap()
+        ledger_client(&self.dir, self.url(), who, &self.verifier_key)
     }
 
     /// Runs `medmesh ledger <args>` as the auditor, with its own trusted state file.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let certs = self.dir.join("certs");
-        run(Command::new(bin("medmesh"))
-            .arg("ledger")
-            .args(args)
-            .env("MEDMESH_LEDGER_URL", self.url())
-            .env("MEDMESH_CERT", certs.join("audit.auditor.pem"))
-            .env("MEDMESH_KEY", certs.join("audit.auditor-key.pem"))
-            .env("MEDMESH_CA", certs.join("ca.pem"))
-            .env(
-                "MEDMESH_LEDGER_KEY",
-                format!("@{}", self.dir.join("verifier.key").display()),
-            )
-            .env("MEDMESH_LEDGER_STATE", self.dir.join("auditor.checkpoint")))
+        ledger_cli(
+            &self.dir,
+            &self.url(),
+            &self.dir.join("auditor.checkpoint"),
+            args,
+        )
     }
+}
+
+/// A library client of the ledger at `url` with workload `who`'s certificate from
+/// `<dir>/certs` (see [`dev_pki`]).
+pub fn ledger_client(dir: &Path, url: String, who: &str, verifier_key: &str) -> LedgerClient {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let certs = dir.join("certs");
+    let td = TrustDomain::new(TD).unwrap();
+    LedgerClient::new(LedgerClientConfig {
+        url,
+        identity: Identity::from_pem(
+            &std::fs::read(certs.join(format!("{who}.pem"))).unwrap(),
+            &std::fs::read(certs.join(format!("{who}-key.pem"))).unwrap(),
+        )
+        .unwrap(),
+        bundle: TrustBundle::from_pem(&std::fs::read(certs.join("ca.pem")).unwrap(), td.clone())
+            .unwrap(),
+        server: ServerIdentity::Exact(td.workload("medmesh", "ledger").unwrap()),
+        verifier: NoteVerifier::parse(verifier_key).unwrap(),
+        origin: ORIGIN.into(),
+        timeout: Duration::from_secs(10),
+    })
+    .unwrap()
+}
+
+/// Runs `medmesh ledger <args>` against `url` as the auditor, keeping its trusted checkpoint in
+/// `state`.
+pub fn ledger_cli(dir: &Path, url: &str, state: &Path, args: &[&str]) -> Output {
+    let certs = dir.join("certs");
+    run(Command::new(bin("medmesh"))
+        .arg("ledger")
+        .args(args)
+        .env("MEDMESH_LEDGER_URL", url)
+        .env("MEDMESH_CERT", certs.join("audit.auditor.pem"))
+        .env("MEDMESH_KEY", certs.join("audit.auditor-key.pem"))
+        .env("MEDMESH_CA", certs.join("ca.pem"))
+        .env(
+            "MEDMESH_LEDGER_KEY",
+            format!("@{}", dir.join("verifier.key").display()),
+        )
+        .env("MEDMESH_LEDGER_STATE", state))
 }
 
 impl Drop for LedgerProc {
@@ -220,6 +261,11 @@ impl Drop for LedgerProc {
 
 /// Status of a plain HTTP GET on loopback, without a client library.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).map(|(status, _)| status)
+}
+
+/// Status and body of a plain HTTP GET on loopback.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -230,7 +276,11 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map_or_else(String::new, |(_, b)| b.to_owned());
+    Some((status, body))
 }
 
 pub fn record(i: u64) -> AuditRecord {
@@ -254,6 +304,71 @@ pub fn record(i: u64) -> AuditRecord {
         sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".parse().unwrap()),
         transfer_syntax_uid: None,
         cid: None,
+    }
+}
+
+/// Acknowledged records: index and leaf hash by record id.
+pub type Acked = std::sync::Arc<
+    tokio::sync::Mutex<std::collections::HashMap<RecordId, (u64, medmesh_core::merkle::Hash)>>,
+>;
+
+/// Load of client `c` until `stop`: single appends, every fourth submission a batch of 10.
+/// A failed submission is retried with the same records (same ids), through the next of
+/// `writers`, until one acknowledges it; each record must be acknowledged once, never in
+/// conflict. Returns the number of retries.
+pub async fn append_until_stopped(
+    c: u64,
+    writers: Vec<LedgerClient>,
+    acked: Acked,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    let mut n = 0u64;
+    let mut retries = 0u64;
+    let mut via = c as usize % writers.len();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let recs: Vec<_> = (0..if n % 4 == 3 { 10 } else { 1 })
+            .map(|k| record(c * 1_000_000 + n * 10 + k))
+            .collect();
+        n += 1;
+        let results = loop {
+            let w = &writers[via];
+            let r = if recs.len() == 1 {
+                w.append(&recs[0], false).await.map(|r| vec![r.result])
+            } else {
+                w.append_batch(recs.clone(), false).await.map(|r| r.results)
+            };
+            match r {
+                Ok(r) => break r,
+                Err(_) => {
+                    retries += 1;
+                    via = (via + 1) % writers.len();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let mut a = acked.lock().await;
+        for (rec, res) in recs.iter().zip(results) {
+            assert!(!res.conflict);
+            if let Some((i, h)) = a.insert(rec.record_id, (res.index, res.leaf_hash)) {
+                panic!(
+                    "record {} acknowledged twice: {i}/{h} then {}/{}",
+                    rec.record_id, res.index, res.leaf_hash
+                );
+            }
+        }
+    }
+    retries
+}
+
+/// xorshift64: a reproducible schedule from a printed seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
     }
 }
 

@@ -1,0 +1,279 @@
+//! The replicated ledger: three real `medmesh-ledger` processes form one Raft-replicated log.
+//! Appends through any replica are stored once, in one order, on every replica; checkpoints
+//! are the same on every replica; SIGKILL of the leader under concurrent appends loses no
+//! acknowledged entry and never yields two inconsistent checkpoints.
+
+// Integration tests: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/mesh.rs"]
+mod mesh;
+#[path = "support/raft.rs"]
+mod raft;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use medmesh_core::Checkpoint;
+use medmesh_core::merkle::Hash;
+use mesh::{Acked, Rng, append_until_stopped, record, text};
+use raft::Cluster;
+use tokio::sync::Mutex;
+
+/// Waits until every replica in `which` serves a checkpoint of at least `size`, and returns them.
+async fn checkpoints_at(c: &Cluster, which: &[usize], size: u64) -> Vec<Checkpoint> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    for &i in which {
+        let auditor = c.client(i, "audit.auditor");
+        loop {
+            if let Ok(cp) = auditor.checkpoint().await
+                && cp.checkpoint.size >= size
+            {
+                out.push(cp.checkpoint);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} has no checkpoint of size {size}: {:?}",
+                c.status(i)
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    out
+}
+
+/// Every entry below `size` of every replica in `which`, as leaf hashes.
+async fn leaves(c: &Cluster, i: usize, size: u64) -> Vec<Hash> {
+    let auditor = c.client(i, "audit.auditor");
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < size {
+        let page = auditor
+            .entries(start, (start + 1000).min(size))
+            .await
+            .unwrap();
+        out.extend(page.entries.iter().map(|e| e.leaf_hash));
+        start += 1000;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_hold_one_log_and_any_replica_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::setup(dir.path(), 3);
+    c.start_all();
+    let leader = c.wait_leader(Duration::from_secs(20));
+    for i in 0..3 {
+        c.wait_ready(i, Duration::from_secs(20));
+    }
+    println!("leader is replica {leader}");
+
+    // Appends through every replica: followers forward to the leader.
+    let mut indexes = HashMap::new();
+    for i in 0..3 {
+        let w = c.client(i, "pacs.writer");
+        for k in 0..20 {
+            let rec = record(i as u64 * 1000 + k);
+            let r = w
+                .append(&rec, k % 5 == 0)
+                .await
+                .unwrap_or_else(|e| panic!("append through replica {i}: {e}\n{}", c.log(i)));
+            assert!(!r.result.duplicate && !r.result.conflict);
+            assert!(
+                indexes.insert(r.result.index, r.result.leaf_hash).is_none(),
+                "index {} given twice",
+                r.result.index
+            );
+            // The same record again (a retry) is the same entry.
+            if k == 3 {
+                let again = w.append(&rec, false).await.unwrap();
+                assert!(again.result.duplicate);
+                assert_eq!(again.result.index, r.result.index);
+            }
+        }
+        let batch: Vec<_> = (0..50).map(|k| record(i as u64 * 1000 + 100 + k)).collect();
+        let r = w.append_batch(batch, true).await.unwrap();
+        for res in r.results {
+            assert!(indexes.insert(res.index, res.leaf_hash).is_none());
+        }
+    }
+    let total = indexes.len() as u64;
+    assert_eq!(total, 3 * 70);
+
+    // One log: the same checkpoint root at the same size, the same leaves, on every replica.
+    let cps = checkpoints_at(&c, &[0, 1, 2], total).await;
+    let size = cps.iter().map(|c| c.size).min().unwrap();
+    let reference = leaves(&c, 0, size).await;
+    for i in 0..3 {
+        assert_eq!(leaves(&c, i, size).await, reference, "replica {i}");
+    }
+    for (i, h) in reference.iter().enumerate() {
+        assert_eq!(indexes.get(&(i as u64)), Some(h), "entry {i}");
+    }
+    for w in cps.windows(2) {
+        if w[0].size == w[1].size {
+            assert_eq!(w[0].root, w[1].root);
+        }
+    }
+    for i in 0..3 {
+        let out = c.cli(i, &["audit", "--proofs", "50"]);
+        assert!(
+            out.status.success() && text(&out).contains("audit OK"),
+            "replica {i}: {}",
+            text(&out)
+        );
+    }
+    // The status names one leader everywhere.
+    for i in 0..3 {
+        let s = c.status(i).unwrap();
+        assert_eq!(s["leader"], leader as u64, "replica {i}: {s}");
+    }
+}
+
+const KILLS: usize = 20;
+const CLIENTS: u64 = 9;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_no_acknowledged_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::setup(dir.path(), 3);
+    c.start_all();
+    c.wait_leader(Duration::from_secs(20));
+    for i in 0..3 {
+        c.wait_ready(i, Duration::from_secs(20));
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("kill schedule seed {seed}");
+    let mut rng = Rng(seed);
+
+    // Clients append through every replica; on a failure they retry the same records (same
+    // ids) through the next replica until one acknowledges them.
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..3).map(|i| c.client(i, "pacs.writer")).collect();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|k| {
+            let w = writers.clone();
+            tokio::spawn(append_until_stopped(k, w, acked.clone(), stop.clone()))
+        })
+        .collect();
+
+    // Every checkpoint any replica publishes meanwhile.
+    let seen: Arc<Mutex<Vec<Checkpoint>>> = Arc::default();
+    let auditors: Vec<_> = (0..3).map(|i| c.client(i, "audit.auditor")).collect();
+    let collector = {
+        let (seen, stop, auditors) = (seen.clone(), stop.clone(), auditors.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                for a in &auditors {
+                    if let Ok(Ok(cp)) =
+                        tokio::time::timeout(Duration::from_millis(500), a.checkpoint()).await
+                    {
+                        let mut s = seen.lock().await;
+                        if !s.contains(&cp.checkpoint) {
+                            s.push(cp.checkpoint);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        })
+    };
+
+    let mut failovers = Vec::new();
+    for k in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(200 + rng.next() % 400)).await;
+        let leader = c.wait_leader(Duration::from_secs(20));
+        let before = acked.lock().await.len();
+        let killed = Instant::now();
+        c.kill(leader);
+        let next = c.wait_leader(Duration::from_secs(20));
+        // Failover: until the new leader's first acknowledgement reaches a client.
+        loop {
+            if acked.lock().await.len() > before {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(20),
+                "nothing acknowledged within 20 s of kill {k}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failovers.push(killed.elapsed().as_millis());
+        assert_ne!(next, leader);
+        c.start(leader);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut retries = 0;
+    for t in tasks {
+        retries += t.await.unwrap();
+    }
+    collector.await.unwrap();
+    let acked = acked.lock().await.clone();
+    failovers.sort_unstable();
+    println!(
+        "{} entries acknowledged, {retries} client retries; failover ms (kill → next acknowledgement) median {} max {}",
+        acked.len(),
+        failovers[failovers.len() / 2],
+        failovers[failovers.len() - 1]
+    );
+    assert!(acked.len() > 300, "too little traffic: {}", acked.len());
+
+    // Every stored entry was acknowledged exactly once, at its index, on every replica.
+    let total = acked.len() as u64;
+    for i in 0..3 {
+        c.wait_ready(i, Duration::from_secs(30));
+    }
+    let cps = checkpoints_at(&c, &[0, 1, 2], total).await;
+    for (i, cp) in cps.iter().enumerate() {
+        assert_eq!(
+            cp.size, total,
+            "replica {i}: every stored entry was acknowledged"
+        );
+        assert_eq!(cp.root, cps[0].root, "replica {i}");
+    }
+    let mut by_index: HashMap<u64, Hash> = HashMap::new();
+    for (i, h) in acked.values() {
+        assert!(
+            by_index.insert(*i, *h).is_none(),
+            "index {i} acknowledged twice"
+        );
+    }
+    for i in 0..3 {
+        for (index, leaf) in leaves(&c, i, total).await.iter().enumerate() {
+            assert_eq!(
+                by_index.get(&(index as u64)),
+                Some(leaf),
+                "replica {i}, entry {index}"
+            );
+        }
+        let out = c.cli(i, &["audit", "--proofs", "200"]);
+        assert!(
+            out.status.success() && text(&out).contains("audit OK"),
+            "replica {i}: {}",
+            text(&out)
+        );
+    }
+
+    // Every checkpoint published during the run is a prefix of every larger one.
+    let mut seen = seen.lock().await.clone();
+    seen.push(cps[0].clone());
+    seen.sort_by_key(|cp| cp.size);
+    let prover = c.client(0, "audit.auditor");
+    for w in seen.windows(2) {
+        prover
+            .check_extends(&w[0], &w[1])
+            .await
+            .unwrap_or_else(|e| panic!("checkpoints {} and {}: {e}", w[0].size, w[1].size));
+    }
+    println!("{} distinct checkpoints, all consistent", seen.len());
+}

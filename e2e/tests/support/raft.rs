@@ -1,0 +1,195 @@
+//! A replicated ledger of real `medmesh-ledger` processes on loopback: one certificate (the
+//! ledger's SVID, shared by every replica as the operator's Secret is), one signing key, one
+//! data directory and configuration per replica.
+
+#![allow(dead_code)] // Each test binary uses a different part.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use medmesh_ledger_client::LedgerClient;
+
+use super::mesh::{
+    ORIGIN, TD, dev_pki, free_port, http_get, ledger_cli, ledger_client, start_ledger, terminate,
+};
+
+/// One replica.
+pub struct Replica {
+    pub id: usize,
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub admin_port: u16,
+    pub child: Option<Child>,
+}
+
+/// The replicas of one ledger.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub replicas: Vec<Replica>,
+    pub verifier_key: String,
+}
+
+impl Cluster {
+    /// Certificates, signing key and `n` configurations in `dir`.
+    pub fn setup(dir: &Path, n: usize) -> Self {
+        let verifier_key = dev_pki(dir);
+        let (certs, key) = (dir.join("certs"), dir.join("signing.key"));
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let peers = ports
+            .iter()
+            .map(|(a, _)| format!("\"127.0.0.1:{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let c = certs.display();
+        let replicas = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(api_port, admin_port))| {
+                let rdir = dir.join(format!("ledger-{i}"));
+                std::fs::create_dir_all(&rdir).unwrap();
+                std::fs::write(
+                    rdir.join("ledger.yaml"),
+                    format!(
+                        "node_id: ledger-{i}\npeers: [{peers}]\norigin: {ORIGIN}\ndata_dir: {data}\n\
+                         listen: 127.0.0.1:{api_port}\nadmin_listen: 127.0.0.1:{admin_port}\n\
+                         trust_domain: {TD}\ncert: {c}/medmesh.ledger.pem\nkey: {c}/medmesh.ledger-key.pem\n\
+                         trust_bundle: {c}/ca.pem\nsigning_key: {key}\n\
+                         appenders: [\"spiffe://{TD}/ns/pacs/sa/writer\"]\nreaders: [\"spiffe://{TD}/ns/audit/*\"]\n\
+                         checkpoint_interval_ms: 100\ndrain_seconds: 2\nraft_heartbeat_ms: 100\n\
+                         raft_election_timeout_ms: 500\nraft_snapshot_logs: 200\n",
+                        data = rdir.join("data").display(),
+                        key = key.display(),
+                    ),
+                )
+                .unwrap();
+                Replica {
+                    id: i,
+                    dir: rdir,
+                    api_port,
+                    admin_port,
+                    child: None,
+                }
+            })
+            .collect();
+        Self {
+            dir: dir.to_owned(),
+            replicas,
+            verifier_key,
+        }
+    }
+
+    /// Starts replica `i` and waits until its admin port answers (a lone replica is not ready).
+    pub fn start(&mut self, i: usize) {
+        let r = &mut self.replicas[i];
+        assert!(r.child.is_none(), "replica {i} already running");
+        let port = r.admin_port;
+        let child = start_ledger(&r.dir, "warn,openraft=error", || {
+            http_get(port, "/live").is_some()
+        })
+        .unwrap_or_else(|e| panic!("replica {i}: {e}"));
+        r.child = Some(child);
+    }
+
+    /// Starts every replica.
+    pub fn start_all(&mut self) {
+        for i in 0..self.replicas.len() {
+            self.start(i);
+        }
+    }
+
+    /// Waits until replica `i` answers `/ready` with 200.
+    pub fn wait_ready(&self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = http_get(self.replicas[i].admin_port, "/ready");
+            if got.as_ref().is_some_and(|(s, _)| *s == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {i} not ready within {within:?}: {got:?}; status {:?}",
+                self.status(i)
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// `/status` of replica `i`, if it answers.
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let (code, body) = http_get(self.replicas[i].admin_port, "/status")?;
+        (code == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
+    /// The leader as reported by a running replica that considers itself leader.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.replicas.len()).find(|&i| {
+            self.replicas[i].child.is_some()
+                && self
+                    .status(i)
+                    .is_some_and(|s| s["state"] == "Leader" && s["ready"] == "yes")
+        })
+    }
+
+    /// Waits for a ready leader.
+    pub fn wait_leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(l) = self.leader() {
+                return l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader within {within:?}: {:?}",
+                (0..self.replicas.len())
+                    .map(|i| self.status(i))
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL replica `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.replicas[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM replica `i` and wait.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(c) = self.replicas[i].child.take() {
+            terminate(c, &format!("replica {i}"));
+        }
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("https://127.0.0.1:{}", self.replicas[i].api_port)
+    }
+
+    /// A library client of replica `i` with workload `who`'s certificate.
+    pub fn client(&self, i: usize, who: &str) -> LedgerClient {
+        ledger_client(&self.dir, self.url(i), who, &self.verifier_key)
+    }
+
+    /// `medmesh ledger <args>` against replica `i` as the auditor (one trusted state per replica).
+    pub fn cli(&self, i: usize, args: &[&str]) -> Output {
+        let state = self.dir.join(format!("auditor-{i}.checkpoint"));
+        ledger_cli(&self.dir, &self.url(i), &state, args)
+    }
+
+    /// The log of replica `i`.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.replicas[i].dir.join("ledger.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.replicas.len() {
+            self.kill(i);
+        }
+    }
+}
