@@ -138,102 +138,94 @@ async fn three_replicas_hold_one_log_and_any_replica_serves() {
 const KILLS: usize = 20;
 const CLIENTS: u64 = 9;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_leader_under_load_loses_no_acknowledged_entry() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = Cluster::setup(dir.path(), 3);
-    c.start_all();
-    c.wait_leader(Duration::from_secs(20));
-    for i in 0..3 {
-        c.wait_ready(i, Duration::from_secs(20));
-    }
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    println!("kill schedule seed {seed}");
-    let mut rng = Rng(seed);
+/// Concurrent appenders through every replica, and a collector of every checkpoint any replica
+/// publishes meanwhile.
+struct Load {
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+    seen: Arc<Mutex<Vec<Checkpoint>>>,
+    collector: tokio::task::JoinHandle<()>,
+}
 
-    // Clients append through every replica; on a failure they retry the same records (same
-    // ids) through the next replica until one acknowledges them.
-    let acked: Acked = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..3).map(|i| c.client(i, "pacs.writer")).collect();
-    let tasks: Vec<_> = (0..CLIENTS)
-        .map(|k| {
-            let w = writers.clone();
-            tokio::spawn(append_until_stopped(k, w, acked.clone(), stop.clone()))
-        })
-        .collect();
-
-    // Every checkpoint any replica publishes meanwhile.
-    let seen: Arc<Mutex<Vec<Checkpoint>>> = Arc::default();
-    let auditors: Vec<_> = (0..3).map(|i| c.client(i, "audit.auditor")).collect();
-    let collector = {
-        let (seen, stop, auditors) = (seen.clone(), stop.clone(), auditors.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                for a in &auditors {
-                    if let Ok(Ok(cp)) =
-                        tokio::time::timeout(Duration::from_millis(500), a.checkpoint()).await
-                    {
-                        let mut s = seen.lock().await;
-                        if !s.contains(&cp.checkpoint) {
-                            s.push(cp.checkpoint);
+impl Load {
+    fn start(c: &Cluster) -> Self {
+        let n = c.replicas.len();
+        let acked: Acked = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        // On a failure, clients retry the same records (same ids) through the next replica.
+        let writers: Vec<_> = (0..n).map(|i| c.client(i, "pacs.writer")).collect();
+        let tasks = (0..CLIENTS)
+            .map(|k| {
+                let w = writers.clone();
+                tokio::spawn(append_until_stopped(k, w, acked.clone(), stop.clone()))
+            })
+            .collect();
+        let seen: Arc<Mutex<Vec<Checkpoint>>> = Arc::default();
+        let auditors: Vec<_> = (0..n).map(|i| c.client(i, "audit.auditor")).collect();
+        let collector = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    for a in &auditors {
+                        if let Ok(Ok(cp)) =
+                            tokio::time::timeout(Duration::from_millis(500), a.checkpoint()).await
+                        {
+                            let mut s = seen.lock().await;
+                            if !s.contains(&cp.checkpoint) {
+                                s.push(cp.checkpoint);
+                            }
                         }
                     }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-        })
-    };
-
-    let mut failovers = Vec::new();
-    for k in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(200 + rng.next() % 400)).await;
-        let leader = c.wait_leader(Duration::from_secs(20));
-        let before = acked.lock().await.len();
-        let killed = Instant::now();
-        c.kill(leader);
-        let next = c.wait_leader(Duration::from_secs(20));
-        // Failover: until the new leader's first acknowledgement reaches a client.
-        loop {
-            if acked.lock().await.len() > before {
-                break;
-            }
-            assert!(
-                killed.elapsed() < Duration::from_secs(20),
-                "nothing acknowledged within 20 s of kill {k}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            })
+        };
+        Self {
+            acked,
+            stop,
+            tasks,
+            seen,
+            collector,
         }
-        failovers.push(killed.elapsed().as_millis());
-        assert_ne!(next, leader);
-        c.start(leader);
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut retries = 0;
-    for t in tasks {
-        retries += t.await.unwrap();
-    }
-    collector.await.unwrap();
-    let acked = acked.lock().await.clone();
-    failovers.sort_unstable();
-    println!(
-        "{} entries acknowledged, {retries} client retries; failover ms (kill → next acknowledgement) median {} max {}",
-        acked.len(),
-        failovers[failovers.len() / 2],
-        failovers[failovers.len() - 1]
-    );
-    assert!(acked.len() > 300, "too little traffic: {}", acked.len());
 
-    // Every stored entry was acknowledged exactly once, at its index, on every replica.
+    /// Stops the load; returns what was acknowledged, the client retries and the checkpoints
+    /// seen.
+    async fn finish(
+        self,
+    ) -> (
+        HashMap<medmesh_core::record::RecordId, (u64, Hash)>,
+        u64,
+        Vec<Checkpoint>,
+    ) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut retries = 0;
+        for t in self.tasks {
+            retries += t.await.unwrap();
+        }
+        self.collector.await.unwrap();
+        let acked = self.acked.lock().await.clone();
+        let seen = self.seen.lock().await.clone();
+        (acked, retries, seen)
+    }
+}
+
+/// After a run: every stored entry was acknowledged exactly once, at its index, with its leaf,
+/// on every replica; the audit passes on each with identical roots; and every checkpoint seen
+/// during the run is a prefix of every larger one.
+async fn verify_one_log(
+    c: &Cluster,
+    acked: &HashMap<medmesh_core::record::RecordId, (u64, Hash)>,
+    mut seen: Vec<Checkpoint>,
+) {
+    let n = c.replicas.len();
     let total = acked.len() as u64;
-    for i in 0..3 {
+    for i in 0..n {
         c.wait_ready(i, Duration::from_secs(30));
     }
-    let cps = checkpoints_at(&c, &[0, 1, 2], total).await;
+    let all: Vec<usize> = (0..n).collect();
+    let cps = checkpoints_at(c, &all, total).await;
     for (i, cp) in cps.iter().enumerate() {
         assert_eq!(
             cp.size, total,
@@ -248,8 +240,8 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_entry() {
             "index {i} acknowledged twice"
         );
     }
-    for i in 0..3 {
-        for (index, leaf) in leaves(&c, i, total).await.iter().enumerate() {
+    for i in 0..n {
+        for (index, leaf) in leaves(c, i, total).await.iter().enumerate() {
             assert_eq!(
                 by_index.get(&(index as u64)),
                 Some(leaf),
@@ -263,9 +255,6 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_entry() {
             text(&out)
         );
     }
-
-    // Every checkpoint published during the run is a prefix of every larger one.
-    let mut seen = seen.lock().await.clone();
     seen.push(cps[0].clone());
     seen.sort_by_key(|cp| cp.size);
     let prover = c.client(0, "audit.auditor");
@@ -276,4 +265,115 @@ async fn killing_the_leader_under_load_loses_no_acknowledged_entry() {
             .unwrap_or_else(|e| panic!("checkpoints {} and {}: {e}", w[0].size, w[1].size));
     }
     println!("{} distinct checkpoints, all consistent", seen.len());
+}
+
+fn seed() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("schedule seed {seed}");
+    seed
+}
+
+async fn three_ready_replicas(dir: &std::path::Path) -> Cluster {
+    let mut c = Cluster::setup(dir, 3);
+    c.start_all();
+    c.wait_leader(Duration::from_secs(20));
+    for i in 0..3 {
+        c.wait_ready(i, Duration::from_secs(20));
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_under_load_loses_no_acknowledged_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = three_ready_replicas(dir.path()).await;
+    let mut rng = Rng(seed());
+    let load = Load::start(&c);
+    let mut failovers = Vec::new();
+    let mut elections = Vec::new();
+    for k in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(200 + rng.next() % 400)).await;
+        let leader = c.wait_leader(Duration::from_secs(20));
+        let before = load.acked.lock().await.len();
+        let killed = Instant::now();
+        c.kill(leader);
+        let next = c.wait_leader(Duration::from_secs(20));
+        elections.push(killed.elapsed().as_millis());
+        // Failover: until the new leader's first acknowledgement reaches a client.
+        while load.acked.lock().await.len() == before {
+            assert!(
+                killed.elapsed() < Duration::from_secs(20),
+                "nothing acknowledged within 20 s of kill {k}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        failovers.push(killed.elapsed().as_millis());
+        assert_ne!(next, leader);
+        c.start(leader);
+    }
+    let (acked, retries, seen) = load.finish().await;
+    println!(
+        "per kill, ms to a ready new leader: {elections:?}; to its first acknowledgement: {failovers:?}"
+    );
+    failovers.sort_unstable();
+    println!(
+        "{} entries acknowledged, {retries} client retries; failover ms (kill → next acknowledgement) median {} max {}",
+        acked.len(),
+        failovers[failovers.len() / 2],
+        failovers[failovers.len() - 1]
+    );
+    assert!(acked.len() > 300, "too little traffic: {}", acked.len());
+    verify_one_log(&c, &acked, seen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_and_a_wiped_replica_rejoining_by_snapshot_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = three_ready_replicas(dir.path()).await;
+    let load = Load::start(&c);
+    // Rolling restart under load, one replica at a time, each back and caught up before the next.
+    for i in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.stop(i);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.start(i);
+        c.wait_ready(i, Duration::from_secs(30));
+    }
+    // A follower loses its disk; meanwhile the others log far more than a snapshot interval,
+    // so the leader no longer holds the log from the start and must send a snapshot.
+    let leader = c.wait_leader(Duration::from_secs(20));
+    let f = (leader + 1) % 3;
+    c.kill(f);
+    std::fs::remove_dir_all(c.replicas[f].dir.join("data")).unwrap();
+    let before = load.acked.lock().await.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let purged = c.status(leader).and_then(|s| s["snapshot_index"].as_u64());
+        if purged.is_some_and(|p| p > 0) && load.acked.lock().await.len() > before + 500 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leader built no snapshot: {:?}",
+            c.status(leader)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.start(f);
+    c.wait_ready(f, Duration::from_secs(60));
+    let (acked, retries, seen) = load.finish().await;
+    println!(
+        "{} entries acknowledged, {retries} client retries",
+        acked.len()
+    );
+    assert!(
+        c.log(f).contains("installed snapshot"),
+        "replica {f} rejoined without a snapshot:\n{}",
+        c.log(f)
+    );
+    verify_one_log(&c, &acked, seen).await;
 }

@@ -22,7 +22,9 @@ pub struct RawConfig {
     /// Raft heartbeat period, in milliseconds (replicated only).
     #[serde(default = "default_heartbeat_ms")]
     pub raft_heartbeat_ms: u64,
-    /// Shortest Raft election timeout, in milliseconds; the longest is twice it.
+    /// Shortest Raft election timeout, in milliseconds; the longest is twice it. A follower that
+    /// knew a leader campaigns after the longest (the leader's lease) plus a random timeout
+    /// between the two: 1.5–2 s without heartbeats at the default.
     #[serde(default = "default_election_ms")]
     pub raft_election_timeout_ms: u64,
     /// Raft entries between two snapshots (each entry is one batch of appends).
@@ -67,10 +69,10 @@ pub struct RawConfig {
 }
 
 fn default_heartbeat_ms() -> u64 {
-    250
+    100
 }
 fn default_election_ms() -> u64 {
-    1500
+    500
 }
 fn default_snapshot_logs() -> u64 {
     10_000
@@ -457,7 +459,7 @@ checkpoint_interval_ms: 5000
         let ok = Config::from_yaml(&yaml("ledger-2", "[a:1, b:1, c:1]", "")).unwrap();
         let r = ok.replication.unwrap();
         assert_eq!((r.id, r.peers.len()), (2, 3));
-        assert_eq!(r.election_timeout, Duration::from_millis(1500));
+        assert_eq!(r.election_timeout, Duration::from_millis(500));
         assert!(
             Config::from_yaml(&yaml("ledger", "[]", ""))
                 .unwrap()

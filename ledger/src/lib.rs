@@ -270,6 +270,15 @@ impl Ledger {
         })
     }
 
+    /// Resolves only if replication stops on its own (Raft reported a fatal error or its core
+    /// task died), with the reason; never for a single node.
+    pub async fn failed(&self) -> String {
+        match &self.raft {
+            Some((raft, _)) => replication::node::stopped(raft).await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stops accepting, drains connections (bounded by the configured deadline), lets the writer
     /// commit what it holds and sign a final checkpoint, and waits for it.
     pub async fn shutdown(mut self) {

@@ -94,7 +94,15 @@ async fn run(cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        why = ledger.failed() => {
+            // Raft stopped under us (a storage failure, a bug): exit so that the orchestrator
+            // restarts this replica from its durable state instead of serving a frozen one.
+            tracing::error!(reason = %why, "replication stopped; exiting");
+            return ExitCode::FAILURE;
+        }
+    }
     tracing::info!("shutting down: draining connections; a second signal exits at once");
     tokio::select! {
         _ = ledger.shutdown() => ExitCode::SUCCESS,

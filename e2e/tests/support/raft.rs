@@ -57,8 +57,7 @@ impl Cluster {
                          trust_domain: {TD}\ncert: {c}/medmesh.ledger.pem\nkey: {c}/medmesh.ledger-key.pem\n\
                          trust_bundle: {c}/ca.pem\nsigning_key: {key}\n\
                          appenders: [\"spiffe://{TD}/ns/pacs/sa/writer\"]\nreaders: [\"spiffe://{TD}/ns/audit/*\"]\n\
-                         checkpoint_interval_ms: 100\ndrain_seconds: 2\nraft_heartbeat_ms: 100\n\
-                         raft_election_timeout_ms: 500\nraft_snapshot_logs: 200\n",
+                         checkpoint_interval_ms: 100\ndrain_seconds: 2\nraft_snapshot_logs: 200\n",
                         data = rdir.join("data").display(),
                         key = key.display(),
                     ),
@@ -85,9 +84,11 @@ impl Cluster {
         let r = &mut self.replicas[i];
         assert!(r.child.is_none(), "replica {i} already running");
         let port = r.admin_port;
-        let child = start_ledger(&r.dir, "warn,openraft=error", || {
-            http_get(port, "/live").is_some()
-        })
+        let child = start_ledger(
+            &r.dir,
+            "warn,openraft=error,medmesh_ledger::replication=info",
+            || http_get(port, "/live").is_some(),
+        )
         .unwrap_or_else(|e| panic!("replica {i}: {e}"));
         r.child = Some(child);
     }
@@ -188,6 +189,19 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.replicas.len() {
+                let log = self.log(i);
+                for l in log.lines().filter(|l| l.contains("panicked at")).take(3) {
+                    eprintln!("--- replica {i} panicked: {l}");
+                }
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- replica {i}: status {:?}", self.status(i));
+                for l in tail.iter().rev() {
+                    eprintln!("    {l}");
+                }
+            }
+        }
         for i in 0..self.replicas.len() {
             self.kill(i);
         }

@@ -218,13 +218,30 @@ async fn initialise(raft: Raft, peers: Vec<String>, wait: Duration) {
     }
 }
 
+/// Resolves when Raft stops on its own: a fatal error, or its core task gone.
+pub async fn stopped(raft: &Raft) -> String {
+    let mut rx = raft.metrics();
+    loop {
+        if let Err(e) = &rx.borrow_and_update().running_state {
+            return format!("Raft stopped: {e}");
+        }
+        if rx.changed().await.is_err() {
+            return "Raft's core task ended".into();
+        }
+    }
+}
+
 /// Why this replica cannot serve yet, if it cannot: it must know a leader, and a leader must
 /// have heard from a quorum recently; a follower must have applied what it holds.
 ///
 /// # Errors
 /// The reason, for `/ready`.
 pub fn ready(raft: &Raft) -> Result<(), String> {
-    let m = raft.metrics().borrow().clone();
+    let rx = raft.metrics();
+    if rx.has_changed().is_err() {
+        return Err("Raft's core task ended".into());
+    }
+    let m = rx.borrow().clone();
     if let Err(e) = &m.running_state {
         return Err(format!("Raft stopped: {e}"));
     }
