@@ -33,6 +33,12 @@ pub struct Metrics {
     pub proof_seconds: Histogram,
     /// Entries appended but not yet in the search indexes.
     pub index_lag: IntGauge,
+    /// Replicated: time from proposing a batch to its acknowledgement (committed and applied).
+    pub propose_seconds: Histogram,
+    /// Replicated: time to serve one Raft RPC from a peer, by RPC.
+    pub raft_rpc_seconds: prometheus::HistogramVec,
+    /// Replicated: round trip of one Raft RPC sent to a peer, by RPC.
+    pub raft_rpc_sent_seconds: prometheus::HistogramVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -140,12 +146,38 @@ impl Metrics {
                 "medmesh_ledger_index_lag_entries",
                 "Entries appended but not yet in the search indexes",
             )),
+            propose_seconds: must(Histogram::with_opts(
+                HistogramOpts::new(
+                    "medmesh_ledger_raft_propose_seconds",
+                    "Time from proposing a batch to Raft until it is committed and applied",
+                )
+                .buckets(ms(0.000_125, 14)),
+            )),
+            raft_rpc_seconds: must(prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "medmesh_ledger_raft_rpc_seconds",
+                    "Time to serve one Raft RPC from a peer",
+                )
+                .buckets(ms(0.000_125, 14)),
+                &["rpc"],
+            )),
+            raft_rpc_sent_seconds: must(prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "medmesh_ledger_raft_rpc_sent_seconds",
+                    "Round trip of one Raft RPC sent to a peer",
+                )
+                .buckets(ms(0.000_125, 14)),
+                &["rpc"],
+            )),
         };
         for c in [
             Box::new(m.appends.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.batch_entries.clone()),
             Box::new(m.append_seconds.clone()),
             Box::new(m.commit_seconds.clone()),
+            Box::new(m.propose_seconds.clone()),
+            Box::new(m.raft_rpc_seconds.clone()),
+            Box::new(m.raft_rpc_sent_seconds.clone()),
             Box::new(m.tree_size.clone()),
             Box::new(m.checkpoint_size.clone()),
             Box::new(m.checkpoint_time.clone()),

@@ -85,7 +85,64 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_ledger(s: &Setup, data: &Path) -> (Child, u16) {
+/// One running `medmesh-ledger`.
+struct Node {
+    child: Option<Child>,
+    port: u16,
+    admin: u16,
+    cfg: PathBuf,
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let exe = std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("medmesh-ledger");
+        let child = Command::new(&exe)
+            .args(["run", "--config"])
+            .arg(&self.cfg)
+            .env("RUST_LOG", "warn,openraft=error")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (build it with bench/ledger)", exe.display()));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "ledger did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `/status` of this replica.
+    fn status(&self) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        serde_json::from_str(buf.split_once("\r\n\r\n")?.1).ok()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `n` ledgers in `base` (one node without Raft when `n` is 1, else one Raft replica
+/// each), sharing one certificate and signing key.
+fn start_ledgers(s: &Setup, base: &Path, n: usize) -> Vec<Node> {
     let ledger =
         s.ca.issue(
             &s.td.workload("medmesh", "ledger").unwrap(),
@@ -96,41 +153,73 @@ fn start_ledger(s: &Setup, data: &Path) -> (Child, u16) {
     let key = s.write("ledger-key.pem", &ledger.key_pem);
     let ca = s.write("ca.pem", &s.ca.ca().cert_pem);
     let sk = s.write("signing.key", &s.signer.private_key());
-    let (port, admin) = (free_port(), free_port());
-    let cfg = s.write(
-        "ledger.yaml",
-        &format!(
-            "node_id: bench\norigin: bench/ledger\ndata_dir: {}\nlisten: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n\
-             trust_domain: {}\ncert: {}\nkey: {}\ntrust_bundle: {}\nsigning_key: {}\n\
-             appenders: [\"spiffe://{}/ns/pacs/sa/writer\"]\nreaders: [\"spiffe://{}/ns/pacs/sa/writer\"]\n",
-            data.display(),
-            s.td,
-            cert.display(),
-            key.display(),
-            ca.display(),
-            sk.display(),
-            s.td,
-            s.td
-        ),
-    );
-    let exe = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("medmesh-ledger");
-    let child = Command::new(&exe)
-        .args(["run", "--config"])
-        .arg(cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (build it with bench/ledger)", exe.display()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "ledger did not start");
-        std::thread::sleep(Duration::from_millis(20));
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let peers = if n == 1 {
+        String::new()
+    } else {
+        let list: Vec<String> = ports.iter().map(|(p, _)| format!("\"127.0.0.1:{p}\"")).collect();
+        format!("peers: [{}]\n", list.join(", "))
+    };
+    let mut nodes: Vec<Node> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &(port, admin))| {
+            let cfg = s.write(
+                &format!("ledger-{i}.yaml"),
+                &format!(
+                    "node_id: ledger-{i}\n{peers}origin: bench/ledger\ndata_dir: {}\nlisten: 127.0.0.1:{port}\nadmin_listen: 127.0.0.1:{admin}\n\
+                     trust_domain: {}\ncert: {}\nkey: {}\ntrust_bundle: {}\nsigning_key: {}\n\
+                     appenders: [\"spiffe://{}/ns/pacs/sa/writer\"]\nreaders: [\"spiffe://{}/ns/pacs/sa/writer\"]\n",
+                    base.join(format!("data-{i}")).display(),
+                    s.td,
+                    cert.display(),
+                    key.display(),
+                    ca.display(),
+                    sk.display(),
+                    s.td,
+                    s.td
+                ),
+            );
+            Node {
+                child: None,
+                port,
+                admin,
+                cfg,
+            }
+        })
+        .collect();
+    for node in &mut nodes {
+        node.spawn();
     }
-    (child, port)
+    if n > 1 {
+        leader(&nodes, Duration::from_secs(30));
+    }
+    nodes
+}
+
+fn pids(nodes: &[Node]) -> Vec<u32> {
+    nodes
+        .iter()
+        .filter_map(|n| n.child.as_ref().map(Child::id))
+        .collect()
+}
+
+/// The replica that leads with a quorum behind it.
+fn leader(nodes: &[Node], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.child.is_some()
+                && n
+                    .status()
+                    .is_some_and(|s| s["state"] == "Leader" && s["ready"] == "yes")
+            {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no Raft leader within {within:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn record(td: &TrustDomain, i: u64) -> AuditRecord {
@@ -265,6 +354,168 @@ fn redb_limit(secs: u64) -> f64 {
     rows as f64 / t.elapsed().as_secs_f64()
 }
 
+/// Figures of one load run.
+struct Measured {
+    single_per_s: f64,
+    p50: f64,
+    p99: f64,
+    batched_per_s: f64,
+    /// CPU time (user + system) of the ledger processes and this client together, per
+    /// single append.
+    cpu_us_per_append: f64,
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Single appends from `clients` clients, then batches of 100 from 8, spread round-robin over
+/// the ledgers on `ports`.
+fn measure(
+    s: &Setup,
+    rt: &tokio::runtime::Runtime,
+    ports: &[u16],
+    pids: &[u32],
+    clients: usize,
+    secs: u64,
+) -> Measured {
+    let cpu = || {
+        pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(std::process::id())
+    };
+    let mut cpu_before = 0.0;
+    let (single_per_s, p50, p99, ops) = rt.block_on(async {
+        let cs: Vec<_> = (0..clients).map(|i| s.client(ports[i % ports.len()])).collect();
+        // Warm up connections (TLS handshakes) before measuring.
+        let td = s.td.clone();
+        let _ = load(cs.clone(), 1, {
+            let td = td.clone();
+            move |c, i| {
+                let td = td.clone();
+                async move {
+                    c.append(&record(&td, i), false).await.unwrap();
+                    1
+                }
+            }
+        })
+        .await;
+        cpu_before = cpu();
+        let t = Instant::now();
+        let (ops, lat) = load(cs, secs, move |c, i| {
+            let td = td.clone();
+            async move {
+                c.append(&record(&td, i), false).await.unwrap();
+                1
+            }
+        })
+        .await;
+        (
+            ops as f64 / t.elapsed().as_secs_f64(),
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            ops,
+        )
+    });
+    let cpu_us_per_append = (cpu() - cpu_before) * 1e6 / ops.max(1) as f64;
+    let batched_per_s = rt.block_on(async {
+        let cs: Vec<_> = (0..8).map(|i| s.client(ports[i % ports.len()])).collect();
+        let td = s.td.clone();
+        let t = Instant::now();
+        let (ops, _) = load(cs, secs, move |c, i| {
+            let td = td.clone();
+            async move {
+                let recs = (0..100).map(|k| record(&td, i + k)).collect();
+                c.append_batch(recs, false).await.unwrap().results.len() as u64
+            }
+        })
+        .await;
+        ops as f64 / t.elapsed().as_secs_f64()
+    });
+    Measured {
+        single_per_s,
+        p50,
+        p99,
+        batched_per_s,
+        cpu_us_per_append,
+    }
+}
+
+/// `rounds` times: under a light load through every replica, SIGKILL the leader and time the
+/// first acknowledgement of an append submitted after the kill; restart the replica and wait
+/// for it to be ready. Returns the sorted times in milliseconds.
+fn failover(s: &Setup, rt: &tokio::runtime::Runtime, nodes: &mut [Node], rounds: usize) -> Vec<f64> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut out = Vec::new();
+    for _ in 0..rounds {
+        let l = leader(nodes, Duration::from_secs(30));
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        let first = Arc::new(std::sync::Mutex::new(None::<Duration>));
+        let tasks: Vec<_> = (0..6)
+            .map(|k| {
+                let cs: Vec<_> = ports.iter().map(|p| s.client(*p)).collect();
+                let (stop, killed_at, first, td) =
+                    (stop.clone(), killed_at.clone(), first.clone(), s.td.clone());
+                rt.spawn(async move {
+                    let (mut via, mut i) = (k % cs.len(), (k as u64) << 40);
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        i += 1;
+                        match cs[via].append(&record(&td, i), false).await {
+                            Ok(_) => {
+                                let at = *killed_at.lock().unwrap();
+                                if let Some(t0) = at
+                                    && started >= t0
+                                {
+                                    let mut f = first.lock().unwrap();
+                                    if f.is_none() {
+                                        *f = Some(t0.elapsed());
+                                    }
+                                }
+                            }
+                            Err(_) => {
+                                via = (via + 1) % cs.len();
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        *killed_at.lock().unwrap() = Some(Instant::now());
+        nodes[l].kill();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while first.lock().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "no acknowledgement within 30 s of the kill");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        out.push(first.lock().unwrap().unwrap().as_secs_f64() * 1000.0);
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            let _ = rt.block_on(t);
+        }
+        nodes[l].spawn();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !nodes[l].status().is_some_and(|s| s["ready"] == "yes") {
+            assert!(Instant::now() < deadline, "restarted replica not ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
 fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let secs = env("BENCH_SECONDS", 10);
@@ -282,66 +533,48 @@ fn main() {
     let redb_per_s = redb_limit(secs.min(5));
     eprintln!("redb: {redb_per_s:.0} durable rows/s at 1000 rows per commit");
 
-    let data = s.dir.path().join("data");
-    let (mut child, port) = start_ledger(&s, &data);
-    let (single_per_s, p50, p99) = rt.block_on(async {
-        let cs: Vec<_> = (0..clients).map(|_| s.client(port)).collect();
-        // Warm up connections (TLS handshakes) before measuring.
-        let td = s.td.clone();
-        let _ = load(cs.clone(), 1, {
-            let td = td.clone();
-            move |c, i| {
-                let td = td.clone();
-                async move {
-                    c.append(&record(&td, i), false).await.unwrap();
-                    1
-                }
-            }
-        })
-        .await;
-        let t = Instant::now();
-        let (ops, lat) = load(cs, secs, move |c, i| {
-            let td = td.clone();
-            async move {
-                c.append(&record(&td, i), false).await.unwrap();
-                1
-            }
-        })
-        .await;
-        (
-            ops as f64 / t.elapsed().as_secs_f64(),
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-        )
+    let mode = std::env::var("BENCH_MODE").unwrap_or_else(|_| "both".into());
+    let single = (mode != "raft").then(|| {
+        let nodes = start_ledgers(&s, &s.dir.path().join("single"), 1);
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let m = measure(&s, &rt, &ports, &pids(&nodes), clients, secs);
+        eprintln!(
+            "single node: single appends, {clients} clients: {:.0}/s, ack p50 {:.2} ms, p99 {:.2} ms, {:.0} us CPU per append (ledger + client); batched (100/request, 8 clients): {:.0} entries/s",
+            m.single_per_s, m.p50, m.p99, m.cpu_us_per_append, m.batched_per_s
+        );
+        m
     });
-    eprintln!(
-        "single appends, {clients} clients: {single_per_s:.0}/s, ack p50 {p50:.2} ms, p99 {p99:.2} ms"
-    );
-
-    let batched_per_s = rt.block_on(async {
-        let cs: Vec<_> = (0..8).map(|_| s.client(port)).collect();
-        let td = s.td.clone();
-        let t = Instant::now();
-        let (ops, _) = load(cs, secs, move |c, i| {
-            let td = td.clone();
-            async move {
-                let recs = (0..100).map(|k| record(&td, i + k)).collect();
-                c.append_batch(recs, false).await.unwrap().results.len() as u64
-            }
-        })
-        .await;
-        ops as f64 / t.elapsed().as_secs_f64()
+    let raft = (mode != "single").then(|| {
+        let mut nodes = start_ledgers(&s, &s.dir.path().join("raft"), 3);
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let m = measure(&s, &rt, &ports, &pids(&nodes), clients, secs);
+        eprintln!(
+            "3 Raft replicas (clients spread over all three): single appends, {clients} clients: {:.0}/s, ack p50 {:.2} ms, p99 {:.2} ms, {:.0} us CPU per append (3 replicas + client); batched (100/request, 8 clients): {:.0} entries/s",
+            m.single_per_s, m.p50, m.p99, m.cpu_us_per_append, m.batched_per_s
+        );
+        let failovers = failover(&s, &rt, &mut nodes, env("BENCH_FAILOVERS", 5) as usize);
+        eprintln!("failover (kill -9 of the leader -> first acknowledged append): {failovers:?} ms");
+        (m, failovers[failovers.len() / 2])
     });
-    eprintln!("batched appends (100/request, 8 clients): {batched_per_s:.0} entries/s");
-    let _ = child.kill();
-    let _ = child.wait();
 
     let (incl_p50, incl_p99, cons_p99) = proofs(leaves);
     eprintln!(
         "proofs on {leaves} leaves (server side): inclusion p50 {incl_p50:.1} us, p99 {incl_p99:.1} us; consistency p99 {cons_p99:.1} us"
     );
-    println!(
-        "ledger-bench appends_per_s={single_per_s:.0} p99_ack_ms={p99:.2} batched_entries_per_s={batched_per_s:.0} proof_us={:.1} redb_limit_per_s={redb_per_s:.0}",
-        incl_p99.max(cons_p99)
-    );
+    if let Some(m) = single {
+        println!(
+            "ledger-bench appends_per_s={:.0} p99_ack_ms={:.2} batched_entries_per_s={:.0} proof_us={:.1} redb_limit_per_s={redb_per_s:.0} cpu_us_per_append={:.0}",
+            m.single_per_s,
+            m.p99,
+            m.batched_per_s,
+            incl_p99.max(cons_p99),
+            m.cpu_us_per_append
+        );
+    }
+    if let Some((m, failover_ms)) = raft {
+        println!(
+            "ledger-raft-bench appends_per_s={:.0} p99_ack_ms={:.2} batched_entries_per_s={:.0} failover_ms={failover_ms:.0} cpu_us_per_append={:.0}",
+            m.single_per_s, m.p99, m.batched_per_s, m.cpu_us_per_append
+        );
+    }
 }

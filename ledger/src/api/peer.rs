@@ -92,16 +92,29 @@ async fn raft_rpc(
 ) -> ApiResult<Response> {
     let r = authorize_peer(&state, &auth)?;
     let bytes = read_body_limited(MAX_RPC_BYTES, &headers, body).await?;
-    match format!("{PEER_PATH}/{rpc}").as_str() {
-        APPEND_PATH => rpc_response(&r.raft.append_entries(rpc_request(&bytes)?).await),
-        VOTE_PATH => rpc_response(&r.raft.vote(rpc_request(&bytes)?).await),
-        SNAPSHOT_PATH => rpc_response(&r.raft.install_snapshot(rpc_request(&bytes)?).await),
-        _ => Err(ApiError::new(
+    let started = std::time::Instant::now();
+    let (label, resp) = match format!("{PEER_PATH}/{rpc}").as_str() {
+        APPEND_PATH => (
+            "append",
+            rpc_response(&r.raft.append_entries(rpc_request(&bytes)?).await),
+        ),
+        VOTE_PATH => ("vote", rpc_response(&r.raft.vote(rpc_request(&bytes)?).await)),
+        SNAPSHOT_PATH => (
+            "snapshot",
+            rpc_response(&r.raft.install_snapshot(rpc_request(&bytes)?).await),
+        ),
+        _ => return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no Raft RPC {rpc:?}"),
         )),
-    }
+    };
+    state
+        .metrics
+        .raft_rpc_seconds
+        .with_label_values(&[label])
+        .observe(started.elapsed().as_secs_f64());
+    resp
 }
 
 /// The submitter a follower authenticated, re-checked against this replica's rules.

@@ -22,6 +22,7 @@ use super::{
     APPEND_PATH, NodeId, RPC_CONTENT_TYPE, SNAPSHOT_PATH, SUBMITTER_HEADER, TypeConfig, VOTE_PATH,
     decode, encode,
 };
+use crate::metrics::Metrics;
 use crate::server::Creds;
 
 /// An HTTPS client presenting the current credentials.
@@ -83,12 +84,13 @@ impl PeerTls {
 #[derive(Debug, Clone)]
 pub struct NetworkFactory {
     tls: Arc<PeerTls>,
+    metrics: Metrics,
 }
 
 impl NetworkFactory {
     /// A factory whose clients use `tls`.
-    pub fn new(tls: Arc<PeerTls>) -> Self {
-        Self { tls }
+    pub fn new(tls: Arc<PeerTls>, metrics: Metrics) -> Self {
+        Self { tls, metrics }
     }
 }
 
@@ -98,6 +100,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
         PeerNetwork {
             tls: self.tls.clone(),
+            metrics: self.metrics.clone(),
             base: format!("https://{}", node.addr),
             target,
             node: node.clone(),
@@ -109,6 +112,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 #[derive(Debug)]
 pub struct PeerNetwork {
     tls: Arc<PeerTls>,
+    metrics: Metrics,
     base: String,
     target: NodeId,
     node: BasicNode,
@@ -129,6 +133,7 @@ impl PeerNetwork {
         let net = |e: &dyn std::fmt::Display| {
             RPCError::Network(NetworkError::new(&std::io::Error::other(e.to_string())))
         };
+        let started = std::time::Instant::now();
         let client = self.tls.client().map_err(|e| net(&e))?;
         let body = encode(req).map_err(|e| net(&e))?;
         let url = format!("{}{path}", self.base);
@@ -161,6 +166,11 @@ impl PeerNetwork {
         }
         let r: Result<Resp, RaftError<NodeId, E>> =
             decode(&bytes).map_err(|e| net(&format!("{url}: response does not decode: {e}")))?;
+        let label = path.rsplit('/').next().unwrap_or("other");
+        self.metrics
+            .raft_rpc_sent_seconds
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
         r.map_err(|e| {
             RPCError::RemoteError(RemoteError::new_with_node(
                 self.target,

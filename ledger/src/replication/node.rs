@@ -140,7 +140,7 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
     let raft = Raft::new(
         rep.id,
         Arc::new(config),
-        NetworkFactory::new(tls.clone()),
+        NetworkFactory::new(tls.clone(), metrics.clone()),
         log,
         sm,
     )

@@ -27,7 +27,7 @@ use crate::sequencer::{
 use crate::storage::Placed;
 
 /// Most Raft entries of appends being replicated at once.
-pub const MAX_IN_FLIGHT: usize = 8;
+pub const MAX_IN_FLIGHT: usize = 4;
 
 /// The leader-side proposer.
 pub struct Proposer {
@@ -203,7 +203,7 @@ impl Proposer {
             }
         };
         self.metrics
-            .commit_seconds
+            .propose_seconds
             .observe(started.elapsed().as_secs_f64());
         if total > 0 {
             self.metrics.batch_entries.observe(total as f64);
