@@ -65,6 +65,9 @@ enum Cmd {
     /// Fetch the latest checkpoint, verify its signature and its consistency with the trusted
     /// one, then trust it.
     Checkpoint,
+    /// Show the replica's view: its Raft role, leader, term, indexes and, on the leader, each
+    /// follower's lag (operational, unsigned; trusts nothing).
+    Status,
     /// Fetch one entry and verify it is in the trusted checkpoint.
     Get {
         /// Entry index.
@@ -195,12 +198,73 @@ fn print_entry(p: &ProvenEntry, size: u64) {
     println!("{json}");
 }
 
+/// The text `medmesh ledger status` prints.
+fn status_text(s: &medmesh_core::wire::LedgerStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let ready = match &s.not_ready {
+        None => "ready".to_owned(),
+        Some(why) => format!("NOT READY: {why}"),
+    };
+    let cp = s
+        .checkpoint_size
+        .map_or_else(|| "none".to_owned(), |c| c.to_string());
+    if !s.replicated {
+        let _ = writeln!(
+            out,
+            "single node; tree size {}, checkpoint {cp}; {ready}",
+            s.tree_size
+        );
+        return out;
+    }
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let _ = writeln!(
+        out,
+        "replica {} ({}) of {}; leader {}, term {}; Raft log {}, applied {}, snapshot {}; tree size {}, checkpoint {cp}; {ready}",
+        opt(s.id),
+        s.state.as_deref().unwrap_or("?"),
+        s.members.len(),
+        opt(s.leader),
+        opt(s.term),
+        opt(s.last_log_index),
+        opt(s.applied_index),
+        opt(s.snapshot_index),
+        s.tree_size,
+    );
+    for m in &s.members {
+        let progress = s
+            .followers
+            .iter()
+            .find(|f| f.id == m.id)
+            .map(|f| format!(", matched {} (lag {})", f.matched, f.lag))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  member {} {} {}{progress}",
+            m.id,
+            m.addr,
+            if m.voter { "voter" } else { "learner" }
+        );
+    }
+    out
+}
+
 pub async fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
     let (client, store, _origin) = client(&args.conn)?;
+    if let Cmd::Status = args.cmd {
+        let s = client.status().await?;
+        print!("{}", status_text(&s));
+        return Ok(if s.ready {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     // Every command first moves the trusted state forward; a rollback or fork stops it here.
     let update = client.update_trusted(&store).await?;
     let cp = update.new.checkpoint.clone();
     match args.cmd {
+        Cmd::Status => unreachable!("answered above"),
         Cmd::Checkpoint => {
             match &update.old {
                 Some(old) => println!(

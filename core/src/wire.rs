@@ -188,3 +188,70 @@ pub struct SidecarAudit {
     /// File holding the keyed-hash (HMAC) key.
     pub key_file: String,
 }
+
+/// `GET /v1/status` (and the admin `/status`): one ledger replica's view of the ledger and,
+/// when it is replicated, of its Raft cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LedgerStatus {
+    /// Whether this ledger is one of several Raft replicas.
+    pub replicated: bool,
+    /// This replica's Raft id (its StatefulSet ordinal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// Its Raft role: `Leader`, `Follower`, `Candidate` or `Learner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The leader it knows, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<u64>,
+    /// The current Raft term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    /// Index of the last entry in its Raft log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_log_index: Option<u64>,
+    /// Index of the last Raft entry applied to its ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+    /// Index of the last Raft entry its snapshot covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_index: Option<u64>,
+    /// The cluster's members as this replica knows them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    /// On the leader: how far each follower has replicated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub followers: Vec<FollowerStatus>,
+    /// Whether it serves (what `/ready` answers).
+    pub ready: bool,
+    /// Why it does not, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready: Option<String>,
+    /// Entries in its tree.
+    pub tree_size: u64,
+    /// Size of the checkpoint it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_size: Option<u64>,
+}
+
+/// A member of a replicated ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Raft id.
+    pub id: u64,
+    /// Address (`host:port`).
+    pub addr: String,
+    /// Whether it votes (a learner does not).
+    pub voter: bool,
+}
+
+/// Replication progress of one follower, as its leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowerStatus {
+    /// Raft id.
+    pub id: u64,
+    /// Last Raft index known replicated to it.
+    pub matched: u64,
+    /// Raft entries it has yet to receive.
+    pub lag: u64,
+}

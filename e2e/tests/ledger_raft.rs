@@ -128,10 +128,26 @@ async fn three_replicas_hold_one_log_and_any_replica_serves() {
             text(&out)
         );
     }
-    // The status names one leader everywhere.
+    // Every replica names the same leader, over the API as the CLI reads it.
     for i in 0..3 {
         let s = c.status(i).unwrap();
         assert_eq!(s["leader"], leader as u64, "replica {i}: {s}");
+        let out = c.cli(i, &["status"]);
+        let t = text(&out);
+        assert!(out.status.success(), "replica {i}: {t}");
+        assert!(
+            t.contains(&format!("leader {leader}, term")) && t.contains("; ready"),
+            "replica {i}: {t}"
+        );
+        let role = if i == leader {
+            "(Leader) of 3"
+        } else {
+            "(Follower) of 3"
+        };
+        assert!(t.contains(role), "replica {i}: {t}");
+        if i == leader {
+            assert_eq!(t.matches("(lag ").count(), 2, "{t}");
+        }
     }
 }
 

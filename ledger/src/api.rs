@@ -226,6 +226,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/proof/inclusion", get(inclusion))
         .route("/v1/proof/consistency", get(consistency))
         .route("/v1/search", get(search))
+        .route("/v1/status", get(status))
         .merge(peer::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
@@ -250,6 +251,7 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
             "/v1/proof/inclusion" => "inclusion",
             "/v1/proof/consistency" => "consistency",
             "/v1/search" => "search",
+            "/v1/status" => "status",
             p if p.starts_with(crate::replication::PEER_PATH) => "raft",
             _ => "other",
         });
@@ -595,6 +597,21 @@ async fn get_checkpoint(
             "no checkpoint has been published yet",
         )),
     }
+}
+
+/// `GET /v1/status`: this replica's view (readers only).
+async fn status(
+    State(state): State<AppState>,
+    axum::Extension(auth): axum::Extension<PeerAuth>,
+) -> ApiResult<Response> {
+    authorize(&state, &auth, Role::Read)?;
+    let head = state.seq.head();
+    Ok(Json(crate::replication::node::status(
+        state.replica.as_ref().map(|r| &r.raft),
+        head.size,
+        head.checkpoint.as_ref().map(|c| c.checkpoint.size),
+    ))
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]

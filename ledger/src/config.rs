@@ -30,6 +30,11 @@ pub struct RawConfig {
     /// Raft entries between two snapshots (each entry is one batch of appends).
     #[serde(default = "default_snapshot_logs")]
     pub raft_snapshot_logs: u64,
+    /// Connect-address overrides for peers (`host:port` in `peers` → `ip:port` to dial), like
+    /// curl's `--resolve`: for replicas run outside a cluster. TLS still checks the peer's
+    /// SPIFFE ID.
+    #[serde(default)]
+    pub resolve: std::collections::BTreeMap<String, String>,
     /// Log origin, the first line of every checkpoint (e.g. `medmesh.local/ledger`).
     pub origin: String,
     /// Directory holding `ledger.redb` and the signer state.
@@ -140,6 +145,8 @@ pub struct Replication {
     pub election_timeout: Duration,
     /// Raft entries between two snapshots.
     pub snapshot_logs: u64,
+    /// Connect-address overrides: peer address → address to dial.
+    pub resolve: std::collections::BTreeMap<String, String>,
 }
 
 /// The checked configuration.
@@ -247,6 +254,14 @@ fn check_replication(raw: &RawConfig, errs: &mut Vec<String>) -> Option<Replicat
             3 * raw.raft_heartbeat_ms
         ));
     }
+    for (from, to) in &raw.resolve {
+        if !raw.peers.contains(from) {
+            errs.push(format!("resolve {from:?}: not one of peers"));
+        }
+        if to.parse::<SocketAddr>().is_err() {
+            errs.push(format!("resolve {from:?} -> {to:?}: expected ip:port"));
+        }
+    }
     if raw.raft_snapshot_logs < 10 {
         errs.push(format!(
             "raft_snapshot_logs {}: must be at least 10",
@@ -259,6 +274,7 @@ fn check_replication(raw: &RawConfig, errs: &mut Vec<String>) -> Option<Replicat
         heartbeat: Duration::from_millis(raw.raft_heartbeat_ms),
         election_timeout: Duration::from_millis(raw.raft_election_timeout_ms),
         snapshot_logs: raw.raft_snapshot_logs,
+        resolve: raw.resolve.clone(),
     })
 }
 
@@ -469,7 +485,8 @@ checkpoint_interval_ms: 5000
         let text = Config::from_yaml(&yaml(
             "ledger-4",
             "[a:1, a:1, 'b', c:0]",
-            "raft_heartbeat_ms: 500\nraft_election_timeout_ms: 1000\nraft_snapshot_logs: 1\n",
+            "raft_heartbeat_ms: 500\nraft_election_timeout_ms: 1000\nraft_snapshot_logs: 1\n\
+             resolve: {'x:1': '127.0.0.1:5', 'a:1': 'nowhere'}\n",
         ))
         .unwrap_err()
         .to_string();
@@ -480,6 +497,8 @@ checkpoint_interval_ms: 5000
             "peers[3] \"c:0\"",
             "raft_election_timeout_ms 1000",
             "raft_snapshot_logs 1",
+            "resolve \"x:1\": not one of peers",
+            "resolve \"a:1\" -> \"nowhere\": expected ip:port",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

@@ -332,7 +332,7 @@ fn admin_router(state: AdminState) -> Router {
                 axum::Json(replication::node::status(
                     s.raft.as_ref(),
                     head.size,
-                    head.checkpoint.as_ref().map(|c| &c.checkpoint),
+                    head.checkpoint.as_ref().map(|c| c.checkpoint.size),
                 ))
             }),
         )

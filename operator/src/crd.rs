@@ -17,8 +17,8 @@ mod mesh_policy;
 mod tests;
 
 pub use audit_ledger::{
-    AuditLedger, AuditLedgerSpec, AuditLedgerStatus, CheckpointStatus, GenerateKey, SigningKey,
-    Storage,
+    AuditLedger, AuditLedgerSpec, AuditLedgerStatus, CheckpointStatus, FollowerLag, GenerateKey,
+    ReplicationStatus, SigningKey, Storage,
 };
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use mesh_policy::{

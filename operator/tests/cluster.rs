@@ -914,31 +914,73 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
     let (ns_name, addr) = env.ledger.clone();
     let ns = TestNs::named(&ns_name, false).await;
     service_account(&ns, "orthanc").await;
-    support::volume_for(&ns.client, &ns.name, "data-ledger-0", "1Gi").await;
+    for i in 0..3 {
+        support::volume_for(&ns.client, &ns.name, &format!("data-ledger-{i}"), "1Gi").await;
+    }
     let ledgers: Api<AuditLedger> = ns.api();
-    let mut l = ledger("ledger", 1);
+    let mut l = ledger("ledger", 3);
     let orthanc = json!([{"serviceAccount": {"name": "orthanc"}}]);
     l.spec.appenders = serde_json::from_value(orthanc.clone()).unwrap();
     l.spec.readers = serde_json::from_value(orthanc).unwrap();
     ledgers.create(&PostParams::default(), &l).await.unwrap();
 
-    let running = support::run_ledger(&ns, "ledger", &addr).await;
+    // Three replicas: the real StatefulSet controller starts them in parallel (a quorum must
+    // form before any is ready), each replica's configuration lists the others as Raft peers.
+    let sts: StatefulSet = get(&ns.api(), "ledger").await;
+    assert_eq!(
+        sts.spec.as_ref().unwrap().pod_management_policy.as_deref(),
+        Some("Parallel")
+    );
+    let client_svc: Service = get(&ns.api(), "ledger").await;
+    assert!(
+        !client_svc
+            .spec
+            .unwrap()
+            .selector
+            .unwrap()
+            .contains_key("statefulset.kubernetes.io/pod-name"),
+        "the client Service selects every replica"
+    );
+    let running = support::run_ledger(&ns, "ledger", &addr, 3).await;
     let data = running.data.clone();
+    assert!(
+        data["ledger-1.yaml"].contains(&format!("ledger-2.ledger-headless.{}.svc:8443", ns.name)),
+        "{}",
+        data["ledger-1.yaml"]
+    );
 
-    // kwok makes the replica Ready; the operator reads and verifies the ledger's checkpoint
-    // (as its own SVID, through --resolve) and the status turns Ready.
-    let status =
-        support::eventually_for("Ready with a checkpoint", Duration::from_secs(90), || {
+    // kwok makes the replicas Ready; the operator reads and verifies the ledger's checkpoint
+    // and the replica's Raft view (as its own SVID, through --resolve) and the status turns
+    // Ready, naming the leader.
+    let status = support::eventually_for(
+        "Ready with a checkpoint and a Raft leader",
+        Duration::from_secs(90),
+        || {
             let ledgers = ledgers.clone();
             async move {
                 let s = ledgers.get("ledger").await.ok()?.status?;
                 let ready = s.conditions.iter().find(|c| c.type_ == "Ready")?;
                 let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded")?;
-                (ready.status == "True" && degraded.status == "False" && s.checkpoint.is_some())
+                let leader = s.replication.as_ref()?.leader.is_some();
+                (ready.status == "True"
+                    && degraded.status == "False"
+                    && s.checkpoint.is_some()
+                    && leader)
                     .then_some(s)
             }
-        })
-        .await;
+        },
+    )
+    .await;
+    let replication = status.replication.clone().unwrap();
+    assert!(replication.term.unwrap_or(0) >= 1, "{replication:?}");
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.message.contains("Raft leader ledger-")),
+        "{:?}",
+        status.conditions
+    );
     let seen = status.checkpoint.unwrap();
 
     // The same checkpoint, verified independently by the ledger client, as a workload named in

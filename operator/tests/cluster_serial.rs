@@ -241,7 +241,7 @@ async fn medmesh_check_passes_on_a_healthy_mesh_and_names_what_breaks() {
         .create(&PostParams::default(), &ledger("ledger"))
         .await
         .unwrap();
-    let running = support::run_ledger(&ledger_ns, "ledger", &env.ledger.1).await;
+    let running = support::run_ledger(&ledger_ns, "ledger", &env.ledger.1, 1).await;
     eventually_for(
         "the ledger Ready and not Degraded",
         Duration::from_secs(90),

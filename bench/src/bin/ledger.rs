@@ -127,7 +127,11 @@ impl Node {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
         serde_json::from_str(buf.split_once("\r\n\r\n")?.1).ok()
@@ -157,7 +161,10 @@ fn start_ledgers(s: &Setup, base: &Path, n: usize) -> Vec<Node> {
     let peers = if n == 1 {
         String::new()
     } else {
-        let list: Vec<String> = ports.iter().map(|(p, _)| format!("\"127.0.0.1:{p}\"")).collect();
+        let list: Vec<String> = ports
+            .iter()
+            .map(|(p, _)| format!("\"127.0.0.1:{p}\""))
+            .collect();
         format!("peers: [{}]\n", list.join(", "))
     };
     let mut nodes: Vec<Node> = ports
@@ -210,14 +217,16 @@ fn leader(nodes: &[Node], within: Duration) -> usize {
     loop {
         for (i, n) in nodes.iter().enumerate() {
             if n.child.is_some()
-                && n
-                    .status()
-                    .is_some_and(|s| s["state"] == "Leader" && s["ready"] == "yes")
+                && n.status()
+                    .is_some_and(|s| s["state"] == "Leader" && s["ready"] == true)
             {
                 return i;
             }
         }
-        assert!(Instant::now() < deadline, "no Raft leader within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no Raft leader within {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -374,7 +383,12 @@ fn cpu_seconds(pid: u32) -> f64 {
         .map_or("", |(_, r)| r)
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -389,12 +403,13 @@ fn measure(
     clients: usize,
     secs: u64,
 ) -> Measured {
-    let cpu = || {
-        pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(std::process::id())
-    };
+    let cpu =
+        || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(std::process::id());
     let mut cpu_before = 0.0;
     let (single_per_s, p50, p99, ops) = rt.block_on(async {
-        let cs: Vec<_> = (0..clients).map(|i| s.client(ports[i % ports.len()])).collect();
+        let cs: Vec<_> = (0..clients)
+            .map(|i| s.client(ports[i % ports.len()]))
+            .collect();
         // Warm up connections (TLS handshakes) before measuring.
         let td = s.td.clone();
         let _ = load(cs.clone(), 1, {
@@ -452,7 +467,12 @@ fn measure(
 /// `rounds` times: under a light load through every replica, SIGKILL the leader and time the
 /// first acknowledgement of an append submitted after the kill; restart the replica and wait
 /// for it to be ready. Returns the sorted times in milliseconds.
-fn failover(s: &Setup, rt: &tokio::runtime::Runtime, nodes: &mut [Node], rounds: usize) -> Vec<f64> {
+fn failover(
+    s: &Setup,
+    rt: &tokio::runtime::Runtime,
+    nodes: &mut [Node],
+    rounds: usize,
+) -> Vec<f64> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut out = Vec::new();
     for _ in 0..rounds {
@@ -497,7 +517,10 @@ fn failover(s: &Setup, rt: &tokio::runtime::Runtime, nodes: &mut [Node], rounds:
         nodes[l].kill();
         let deadline = Instant::now() + Duration::from_secs(30);
         while first.lock().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "no acknowledgement within 30 s of the kill");
+            assert!(
+                Instant::now() < deadline,
+                "no acknowledgement within 30 s of the kill"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         out.push(first.lock().unwrap().unwrap().as_secs_f64() * 1000.0);
@@ -507,7 +530,7 @@ fn failover(s: &Setup, rt: &tokio::runtime::Runtime, nodes: &mut [Node], rounds:
         }
         nodes[l].spawn();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !nodes[l].status().is_some_and(|s| s["ready"] == "yes") {
+        while !nodes[l].status().is_some_and(|s| s["ready"] == true) {
             assert!(Instant::now() < deadline, "restarted replica not ready");
             std::thread::sleep(Duration::from_millis(20));
         }

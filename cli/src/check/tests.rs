@@ -102,6 +102,7 @@ fn ledger(ready: bool, degraded: bool, checkpoint_age: u64, size: i64) -> AuditL
             root_hash: "ROOT".into(),
             time: Time(ts(now() - Duration::from_secs(checkpoint_age))),
         }),
+        replication: None,
     });
     l
 }

@@ -129,7 +129,7 @@ impl Cluster {
             self.replicas[i].child.is_some()
                 && self
                     .status(i)
-                    .is_some_and(|s| s["state"] == "Leader" && s["ready"] == "yes")
+                    .is_some_and(|s| s["state"] == "Leader" && s["ready"] == true)
         })
     }
 

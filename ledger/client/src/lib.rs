@@ -363,6 +363,15 @@ impl LedgerClient {
         Ok(VerifiedCheckpoint { checkpoint, note })
     }
 
+    /// The replica's own view of the ledger and its Raft cluster (`GET /v1/status`; readers
+    /// only). Unsigned: for operations, not for trust.
+    ///
+    /// # Errors
+    /// When the request fails.
+    pub async fn status(&self) -> Result<medmesh_core::wire::LedgerStatus, ClientError> {
+        self.get_json("/v1/status").await
+    }
+
     /// Fetches one entry (unverified: see [`LedgerClient::prove_entry`]).
     ///
     /// # Errors

@@ -98,16 +98,21 @@ async fn raft_rpc(
             "append",
             rpc_response(&r.raft.append_entries(rpc_request(&bytes)?).await),
         ),
-        VOTE_PATH => ("vote", rpc_response(&r.raft.vote(rpc_request(&bytes)?).await)),
+        VOTE_PATH => (
+            "vote",
+            rpc_response(&r.raft.vote(rpc_request(&bytes)?).await),
+        ),
         SNAPSHOT_PATH => (
             "snapshot",
             rpc_response(&r.raft.install_snapshot(rpc_request(&bytes)?).await),
         ),
-        _ => return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no Raft RPC {rpc:?}"),
-        )),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no Raft RPC {rpc:?}"),
+            ));
+        }
     };
     state
         .metrics

@@ -119,8 +119,7 @@ impl LogStore {
         txn.open_table(LOG).map_err(|e| e.to_string())?;
         txn.open_table(META).map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
-        let last_purged: Option<LogId<NodeId>> =
-            meta(&db, PURGED).map_err(|e| e.to_string())?;
+        let last_purged: Option<LogId<NodeId>> = meta(&db, PURGED).map_err(|e| e.to_string())?;
         let vote: Option<Vote<NodeId>> = meta(&db, VOTE).map_err(|e| e.to_string())?;
         let last = {
             let txn = db.begin_read().map_err(|e| e.to_string())?;
@@ -181,7 +180,8 @@ fn writer(db: &Database, mem: &Mutex<Mem>, rx: &std::sync::mpsc::Receiver<Op>) {
                     match op {
                         Op::Append(entries, _) => {
                             for e in entries {
-                                let b = encode(e).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+                                let b =
+                                    encode(e).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
                                 log.insert(e.log_id.index, b.as_slice())?;
                             }
                         }
@@ -212,7 +212,9 @@ fn writer(db: &Database, mem: &Mutex<Mem>, rx: &std::sync::mpsc::Receiver<Op>) {
         // The file now holds these entries: drop them from memory (unless a later append
         // replaced them), keeping the most recent ones for replication reads.
         if result.is_ok() {
-            let mut m = mem.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut m = mem
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if ops.iter().any(|o| matches!(o, Op::Truncate(_))) {
                 m.truncated_from = None;
             }
@@ -225,7 +227,9 @@ fn writer(db: &Database, mem: &Mutex<Mem>, rx: &std::sync::mpsc::Receiver<Op>) {
                 if let Op::Append(entries, _) = op {
                     for e in entries {
                         let idx = e.log_id.index;
-                        if idx < keep_from && m.entries.get(&idx).is_some_and(|x| x.log_id == e.log_id) {
+                        if idx < keep_from
+                            && m.entries.get(&idx).is_some_and(|x| x.log_id == e.log_id)
+                        {
                             m.entries.remove(&idx);
                         }
                     }

@@ -2,6 +2,7 @@
 //! Every call is HTTPS with the ledger's own SVID as client certificate and accepts only a
 //! server presenting that same SPIFFE ID; credentials are re-read when they rotate.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,12 +86,21 @@ impl PeerTls {
 pub struct NetworkFactory {
     tls: Arc<PeerTls>,
     metrics: Metrics,
+    resolve: Arc<BTreeMap<String, String>>,
 }
 
 impl NetworkFactory {
-    /// A factory whose clients use `tls`.
-    pub fn new(tls: Arc<PeerTls>, metrics: Metrics) -> Self {
-        Self { tls, metrics }
+    /// A factory whose clients use `tls`, dialling `resolve[addr]` instead of `addr` when set.
+    pub fn new(
+        tls: Arc<PeerTls>,
+        metrics: Metrics,
+        resolve: Arc<BTreeMap<String, String>>,
+    ) -> Self {
+        Self {
+            tls,
+            metrics,
+            resolve,
+        }
     }
 }
 
@@ -101,7 +111,10 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerNetwork {
             tls: self.tls.clone(),
             metrics: self.metrics.clone(),
-            base: format!("https://{}", node.addr),
+            base: format!(
+                "https://{}",
+                self.resolve.get(&node.addr).unwrap_or(&node.addr)
+            ),
             target,
             node: node.clone(),
         }
@@ -222,6 +235,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 pub struct Forwarder {
     tls: Arc<PeerTls>,
     timeout: Duration,
+    resolve: Arc<BTreeMap<String, String>>,
 }
 
 /// The leader's answer to a forwarded append, passed back to the client as is.
@@ -236,9 +250,18 @@ pub struct Forwarded {
 }
 
 impl Forwarder {
-    /// A forwarder using `tls`, giving up on a leader after `timeout`.
-    pub fn new(tls: Arc<PeerTls>, timeout: Duration) -> Self {
-        Self { tls, timeout }
+    /// A forwarder using `tls`, giving up on a leader after `timeout`, dialling `resolve[addr]`
+    /// instead of `addr` when set.
+    pub fn new(
+        tls: Arc<PeerTls>,
+        timeout: Duration,
+        resolve: Arc<BTreeMap<String, String>>,
+    ) -> Self {
+        Self {
+            tls,
+            timeout,
+            resolve,
+        }
     }
 
     /// Sends `body` to `path_and_query` on the leader at `addr` for `submitter`.
@@ -254,6 +277,7 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Forwarded, String> {
         let client = self.tls.client()?;
+        let addr = self.resolve.get(addr).map_or(addr, String::as_str);
         let url = format!("https://{addr}{path_and_query}");
         let resp = client
             .post(&url)

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use medmesh_core::wire::{FollowerStatus, LedgerStatus, MemberStatus};
 use medmesh_core::{Checkpoint, NoteSigner, NoteVerifier};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry};
@@ -137,10 +138,11 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
     .validate()
     .map_err(raft_err)?;
     let tls = Arc::new(PeerTls::new(creds.clone()));
+    let resolve = Arc::new(rep.resolve.clone());
     let raft = Raft::new(
         rep.id,
         Arc::new(config),
-        NetworkFactory::new(tls.clone(), metrics.clone()),
+        NetworkFactory::new(tls.clone(), metrics.clone(), resolve.clone()),
         log,
         sm,
     )
@@ -176,7 +178,7 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
                 raft,
                 id: rep.id,
                 peer_id,
-                forwarder: Arc::new(Forwarder::new(tls, Duration::from_secs(10))),
+                forwarder: Arc::new(Forwarder::new(tls, Duration::from_secs(10), resolve)),
                 leader_wait,
             },
             task,
@@ -266,57 +268,68 @@ pub fn ready(raft: &Raft) -> Result<(), String> {
     Ok(())
 }
 
-/// This replica's view of the cluster, as `/status` serves it (and `medmesh ledger status`
-/// prints): role, leader, term, Raft indexes, and on the leader each follower's lag.
-pub fn status(
-    raft: Option<&Raft>,
-    tree_size: u64,
-    checkpoint: Option<&Checkpoint>,
-) -> serde_json::Value {
-    let cp = checkpoint.map(|c| serde_json::json!({"size": c.size, "root": c.root.to_hex()}));
+/// This replica's view of the cluster, as `/status` and `/v1/status` serve it (and
+/// `medmesh ledger status` prints): role, leader, term, Raft indexes, and on the leader each
+/// follower's lag.
+pub fn status(raft: Option<&Raft>, tree_size: u64, checkpoint_size: Option<u64>) -> LedgerStatus {
     let Some(raft) = raft else {
-        return serde_json::json!({
-            "replicated": false,
-            "tree_size": tree_size,
-            "checkpoint": cp,
-        });
+        return LedgerStatus {
+            replicated: false,
+            ready: checkpoint_size.is_some(),
+            not_ready: checkpoint_size
+                .is_none()
+                .then(|| "no checkpoint yet".to_owned()),
+            tree_size,
+            checkpoint_size,
+            ..LedgerStatus::default()
+        };
     };
     let m = raft.metrics().borrow().clone();
     let last = m.last_log_index.unwrap_or(0);
-    let followers: BTreeMap<String, serde_json::Value> = m
-        .replication
-        .iter()
-        .flatten()
-        .filter(|(id, _)| **id != m.id)
-        .map(|(id, matched)| {
-            let at = matched.map_or(0, |l| l.index);
-            (
-                id.to_string(),
-                serde_json::json!({"matched": at, "lag": last.saturating_sub(at)}),
-            )
-        })
-        .collect();
     let membership = m.membership_config.membership();
     let voters: Vec<NodeId> = membership.voter_ids().collect();
-    let members: Vec<serde_json::Value> = membership
-        .nodes()
-        .map(|(id, n)| serde_json::json!({"id": id, "addr": n.addr, "voter": voters.contains(id)}))
-        .collect();
-    serde_json::json!({
-        "replicated": true,
-        "id": m.id,
-        "state": format!("{:?}", m.state),
-        "leader": m.current_leader,
-        "term": m.current_term,
-        "last_log_index": m.last_log_index,
-        "applied_index": m.last_applied.map(|l| l.index),
-        "snapshot_index": m.snapshot.map(|l| l.index),
-        "members": members,
-        "followers": followers,
-        "ready": ready(raft).err().unwrap_or_else(|| "yes".to_owned()),
-        "tree_size": tree_size,
-        "checkpoint": cp,
-    })
+    let not_ready = match ready(raft) {
+        Ok(()) => checkpoint_size
+            .is_none()
+            .then(|| "no checkpoint yet".to_owned()),
+        Err(e) => Some(e),
+    };
+    LedgerStatus {
+        replicated: true,
+        id: Some(m.id),
+        state: Some(format!("{:?}", m.state)),
+        leader: m.current_leader,
+        term: Some(m.current_term),
+        last_log_index: m.last_log_index,
+        applied_index: m.last_applied.map(|l| l.index),
+        snapshot_index: m.snapshot.map(|l| l.index),
+        members: membership
+            .nodes()
+            .map(|(id, n)| MemberStatus {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect(),
+        followers: m
+            .replication
+            .iter()
+            .flatten()
+            .filter(|(id, _)| **id != m.id)
+            .map(|(id, matched)| {
+                let at = matched.map_or(0, |l| l.index);
+                FollowerStatus {
+                    id: *id,
+                    matched: at,
+                    lag: last.saturating_sub(at),
+                }
+            })
+            .collect(),
+        ready: not_ready.is_none(),
+        not_ready,
+        tree_size,
+        checkpoint_size,
+    }
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {

@@ -11,12 +11,13 @@
 //!   service-account token can obtain) signed by the identity CA, renewed at half its life;
 //! - `<l>-config`: one ledger YAML configuration per replica (`<l>-<i>.yaml`, differing only
 //!   in `node_id`; the pod picks its own through `$(POD_NAME)`), plus `origin` and
-//!   `verifier.key` for clients;
-//! - `<l>-headless` (pod DNS) and `<l>` (clients: [`LedgerTarget::url`]) Services;
-//! - the StatefulSet `<l>` and the PodDisruptionBudget `<l>`.
-//!
-//! Replication is not implemented by the ledger yet (`peers` must be empty): with 3 or 5
-//! replicas every pod is an independent single-node ledger behind one Service.
+//!   `verifier.key` for clients. With more than one replica every configuration lists all
+//!   replicas' stable names (`<l>-<i>.<l>-headless.<ns>.svc:8443`) as Raft `peers`;
+//! - `<l>-headless` (pod DNS, not-ready pods included: replicas must find each other before any
+//!   is ready) and `<l>` (clients: [`LedgerTarget::url`], every replica: followers forward
+//!   appends to the leader) Services;
+//! - the StatefulSet `<l>` (pods started in parallel: a quorum must form before any replica is
+//!   ready) and the PodDisruptionBudget `<l>` (at most one replica down: a quorum of three).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,7 +45,8 @@ use medmesh_core::{SpiffeId, TrustDomain};
 
 use super::{Context, Error, FIELD_MANAGER, MANAGED_BY, apply_params, k8s_time, kube_err};
 use crate::crd::{
-    AuditLedger, AuditLedgerStatus, CheckpointStatus, Condition, WorkloadIdentity, condition,
+    AuditLedger, AuditLedgerStatus, CheckpointStatus, Condition, FollowerLag, ReplicationStatus,
+    WorkloadIdentity, condition,
 };
 use crate::events::{EventType, InjectionEvent};
 use crate::identity::IssuerCa;
@@ -94,6 +96,8 @@ pub struct LedgerCheckpoint {
     pub tree_size: u64,
     /// Root hash, base64 as in the signed note.
     pub root_hash: String,
+    /// The answering replica's view of replication, when it could be read.
+    pub status: Option<medmesh_core::wire::LedgerStatus>,
 }
 
 /// Reads a ledger's latest checkpoint. Behind a trait so that tests need no ledger; the
@@ -167,9 +171,12 @@ impl CheckpointReader for ClientCheckpointReader {
             )
             .map_err(|e| e.to_string())?;
             let cp = client.checkpoint().await.map_err(|e| e.to_string())?;
+            // Operational, unsigned: a failure here does not fail the checkpoint read.
+            let status = client.status().await.ok();
             Ok(LedgerCheckpoint {
                 tree_size: cp.checkpoint.size,
                 root_hash: root_b64(&cp.checkpoint.root),
+                status,
             })
         })
     }
@@ -288,6 +295,14 @@ impl Names {
             ledger: name,
             namespace,
         })
+    }
+
+    /// Replica `i`'s stable API address through the headless Service (its Raft peer address).
+    pub fn replica_addr(&self, i: i32) -> String {
+        format!(
+            "{}-{i}.{}.{}.svc:{API_PORT}",
+            self.ledger, self.headless, self.namespace
+        )
     }
 
     /// The client endpoint.
@@ -506,11 +521,17 @@ pub fn config_map(
     }
     let origin = signer.name();
     let mut data = BTreeMap::new();
-    for i in 0..ledger.spec.replicas.max(1) {
+    let replicas = ledger.spec.replicas.max(1);
+    let peers: Vec<String> = if replicas > 1 {
+        (0..replicas).map(|i| names.replica_addr(i)).collect()
+    } else {
+        Vec::new()
+    };
+    for i in 0..replicas {
         let node_id = format!("{}-{i}", names.ledger);
         let file = LedgerConfigFile {
             node_id: node_id.clone(),
-            peers: Vec::new(),
+            peers: peers.clone(),
             origin,
             data_dir: DATA_DIR,
             listen: format!("0.0.0.0:{API_PORT}"),
@@ -563,17 +584,10 @@ pub fn headless_service(names: &Names, owner: &OwnerReference) -> Service {
     }
 }
 
-/// The client Service: the endpoint in the status.
-///
-/// Until the ledger replicates (its `peers` must be empty today), every replica would keep a log
-/// of its own: the client Service selects replica 0 only, so that all appends and reads go to
-/// one log; the other replicas stand by.
+/// The client Service: the endpoint in the status. It selects every ready replica: followers
+/// forward appends to the leader and serve reads at their latest applied checkpoint.
 pub fn client_service(names: &Names, owner: &OwnerReference) -> Service {
-    let mut selector = selector_labels(names);
-    selector.insert(
-        "statefulset.kubernetes.io/pod-name".into(),
-        format!("{}-0", names.ledger),
-    );
+    let selector = selector_labels(names);
     Service {
         metadata: meta(&names.ledger, names, owner),
         spec: Some(ServiceSpec {
@@ -746,6 +760,8 @@ pub fn stateful_set(
         spec: Some(StatefulSetSpec {
             replicas: Some(ledger.spec.replicas),
             service_name: Some(names.headless.clone()),
+            // Replicas find each other before any is ready: start them together.
+            pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
                 match_labels: Some(selector.clone()),
                 ..LabelSelector::default()
@@ -884,9 +900,26 @@ pub fn status(
             ready_replicas: Some(ready),
             endpoint: None,
             checkpoint,
+            replication: old.replication,
         };
     }
-    let replicas = format!("{ready}/{want} replicas ready");
+    // A failed read keeps the last view, as for the checkpoint.
+    let replication = match &obs.checkpoint {
+        Ok(cp) => cp
+            .status
+            .as_ref()
+            .filter(|s| s.replicated)
+            .map(|s| replication_status(names, s)),
+        Err(_) => old.replication.clone(),
+    };
+    let leader_note = match &replication {
+        Some(r) => match &r.leader {
+            Some(l) => format!("; Raft leader {l}"),
+            None => "; no Raft leader".to_owned(),
+        },
+        None => String::new(),
+    };
+    let replicas = format!("{ready}/{want} replicas ready{leader_note}");
     let (cp_note, cp_failed) = match &obs.checkpoint {
         Ok(cp) => (format!("; checkpoint tree size {}", cp.tree_size), false),
         Err(e) => (format!("; checkpoint not read: {e}"), ready >= want),
@@ -931,6 +964,27 @@ pub fn status(
         ready_replicas: Some(ready),
         endpoint: Some(names.endpoint()),
         checkpoint,
+        replication,
+    }
+}
+
+/// The replication part of the status, from one replica's view.
+fn replication_status(names: &Names, s: &medmesh_core::wire::LedgerStatus) -> ReplicationStatus {
+    let pod = |id: u64| format!("{}-{id}", names.ledger);
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    ReplicationStatus {
+        leader: s.leader.map(pod),
+        term: s.term.map(int),
+        applied_index: s.applied_index.map(int),
+        observed_from: s.id.map(pod),
+        followers: s
+            .followers
+            .iter()
+            .map(|f| FollowerLag {
+                replica: pod(f.id),
+                lag: int(f.lag),
+            })
+            .collect(),
     }
 }
 

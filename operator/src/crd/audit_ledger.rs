@@ -150,6 +150,45 @@ pub struct AuditLedgerStatus {
     /// The latest checkpoint read from the ledger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointStatus>,
+    /// With several replicas: their Raft cluster, as the replica the operator reached sees it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+}
+
+/// The Raft cluster of a replicated ledger.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationStatus {
+    /// The leader's pod name, when one is elected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The current Raft term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub term: Option<i64>,
+    /// Index of the last Raft entry applied by the replica that answered (on the leader: the
+    /// commit index as far as it has applied it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub applied_index: Option<i64>,
+    /// The replica that answered (pod name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_from: Option<String>,
+    /// When the leader answered: each follower's replication lag, in Raft entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["replica"]))]
+    pub followers: Vec<FollowerLag>,
+}
+
+/// How far one follower is behind its leader.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FollowerLag {
+    /// The follower's pod name.
+    pub replica: String,
+    /// Raft entries it has yet to receive.
+    #[schemars(range(min = 0))]
+    pub lag: i64,
 }
 
 /// A signed checkpoint of the ledger, as last read by the operator.

@@ -338,20 +338,22 @@ pub fn target_bin(name: &str) -> std::path::PathBuf {
     p
 }
 
-/// Replica 0 of AuditLedger `name` in `ns`, run here as the real ledger binary on what the
+/// The replicas of AuditLedger `name` in `ns`, run here as the real ledger binary on what the
 /// StatefulSet would mount (the operator's Secrets and ConfigMap, read from the server) under
-/// a temporary root, listening on `addr` (where the operators were told, with --resolve, that
-/// the ledger's Service is).
+/// a temporary root. The last replica listens on `addr` (where the operators were told, with
+/// --resolve, that the ledger's Service is); with several, the others on free ports, each
+/// replica's stable headless-Service name dialled through the ledger's `resolve` as a pod's
+/// DNS would.
 pub struct RunningLedger {
     /// The ConfigMap's data (origin, verifier key, per-replica configuration).
     pub data: BTreeMap<String, String>,
     /// The API address.
     pub addr: String,
-    _process: Kill,
+    _processes: Vec<Kill>,
     _dir: tempfile::TempDir,
 }
 
-pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str) -> RunningLedger {
+pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str, replicas: usize) -> RunningLedger {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     let key: Secret = get(&ns.api(), &format!("{name}-signing-key")).await;
     let tls: Secret = get(&ns.api(), &format!("{name}-tls")).await;
@@ -370,58 +372,92 @@ pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str) -> RunningLedger {
         write(format!("/etc/medmesh/tls/{k}"), &v.0);
     }
     let data = cm.data.unwrap();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let yaml = data[&format!("{name}-0.yaml")]
-        .replace("/etc/medmesh/", &format!("{}/etc/medmesh/", root.display()))
-        .replace(
-            "/var/lib/medmesh/",
-            &format!("{}/var/lib/medmesh/", root.display()),
-        )
-        .replace("0.0.0.0:8443", addr)
-        .replace("0.0.0.0:9090", &admin.to_string());
-    let config = root.join("ledger-0.yaml");
-    std::fs::write(&config, &yaml).unwrap();
-    let log = std::fs::File::create(root.join("ledger.log")).unwrap();
-    let process = Kill(
-        std::process::Command::new(target_bin("medmesh-ledger"))
-            .env("MEDMESH_LEDGER_CONFIG", &config)
-            .arg("run")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let apis: Vec<String> = (0..replicas)
+        .map(|i| {
+            if i + 1 == replicas {
+                addr.to_owned()
+            } else {
+                free()
+            }
+        })
+        .collect();
+    let resolve: String = (0..replicas)
+        .map(|j| {
+            format!(
+                "  {name}-{j}.{name}-headless.{}.svc:8443: {}\n",
+                ns.name, apis[j]
+            )
+        })
+        .collect();
+    let mut processes = Vec::new();
+    let mut admins = Vec::new();
+    for (i, api) in apis.iter().enumerate() {
+        let admin = free();
+        let mut yaml = data[&format!("{name}-{i}.yaml")]
+            .replace("/etc/medmesh/", &format!("{}/etc/medmesh/", root.display()))
+            .replace(
+                "/var/lib/medmesh/",
+                &format!("{}/replica-{i}/var/lib/medmesh/", root.display()),
+            )
+            .replace("0.0.0.0:8443", api)
+            .replace("0.0.0.0:9090", &admin);
+        if replicas > 1 {
+            yaml.push_str(&format!("resolve:\n{resolve}"));
+        }
+        let config = root.join(format!("ledger-{i}.yaml"));
+        std::fs::write(&config, &yaml).unwrap();
+        let log = std::fs::File::create(root.join(format!("ledger-{i}.log"))).unwrap();
+        processes.push(Kill(
+            std::process::Command::new(target_bin("medmesh-ledger"))
+                .env("MEDMESH_LEDGER_CONFIG", &config)
+                .arg("run")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ));
+        admins.push(admin);
+    }
     // Ready (its admin listener answers) before anything is asked of it; a ledger that exits
     // (a port taken, a configuration refused) fails here with its log.
-    let mut process = process;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = process.0.try_wait().unwrap() {
-            panic!(
-                "the ledger exited ({status}) on the operator's configuration:\n{yaml}\n{}",
-                std::fs::read_to_string(root.join("ledger.log")).unwrap_or_default()
+    for (i, admin) in admins.iter().enumerate() {
+        let log =
+            || std::fs::read_to_string(root.join(format!("ledger-{i}.log"))).unwrap_or_default();
+        loop {
+            if let Some(status) = processes[i].0.try_wait().unwrap() {
+                panic!(
+                    "ledger replica {i} exited ({status}) on the operator's configuration:\n{}\n{}",
+                    std::fs::read_to_string(root.join(format!("ledger-{i}.yaml")))
+                        .unwrap_or_default(),
+                    log()
+                );
+            }
+            let ready = reqwest::get(format!("http://{admin}/ready"))
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ledger replica {i} did not become ready:\n{}",
+                log()
             );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let ready = reqwest::get(format!("http://{admin}/ready"))
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ledger did not become ready:\n{}",
-            std::fs::read_to_string(root.join("ledger.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     RunningLedger {
         data,
         addr: addr.to_owned(),
-        _process: process,
+        _processes: processes,
         _dir: dir,
     }
 }

@@ -67,6 +67,7 @@ impl CheckpointReader for FixedReader {
         self.0.lock().unwrap().push(target.clone());
         Box::pin(async {
             Ok(LedgerCheckpoint {
+                status: None,
                 tree_size: 42,
                 root_hash: "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".into(),
             })
@@ -273,13 +274,13 @@ async fn mock_api_ledger_first_pass_creates_every_child_and_the_status() {
     assert_eq!(svc["spec"]["ports"][0]["port"], 8443);
     assert_eq!(
         svc["spec"]["selector"],
-        json!({"app.kubernetes.io/name": "medmesh-ledger", "app.kubernetes.io/instance": "ledger",
-               "statefulset.kubernetes.io/pod-name": "ledger-0"}),
-        "one log until the ledger replicates: replica 0 serves clients"
+        json!({"app.kubernetes.io/name": "medmesh-ledger", "app.kubernetes.io/instance": "ledger"}),
+        "every replica serves clients (followers forward appends to the leader)"
     );
 
     let sts = by_path("statefulsets/ledger");
     assert_eq!(sts["spec"]["replicas"], 1);
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
     assert_eq!(sts["spec"]["serviceName"], "ledger-headless");
     let claim = &sts["spec"]["volumeClaimTemplates"][0];
     assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "5Gi");
@@ -596,6 +597,7 @@ fn checkpoint_time_only_moves_when_the_checkpoint_does() {
     let t1 = k8s_time(t0());
     let t2 = k8s_time(t0() + Duration::from_secs(60));
     let cp = |n: u64| LedgerCheckpoint {
+        status: None,
         tree_size: n,
         root_hash: format!("root{n}"),
     };
@@ -631,4 +633,100 @@ fn checkpoint_time_only_moves_when_the_checkpoint_does() {
         .find(|c| c.type_ == "Ready")
         .unwrap();
     assert_eq!(r.last_transition_time, t1);
+}
+
+#[test]
+fn three_replicas_list_each_other_as_raft_peers() {
+    let mut l = generated();
+    l.spec.replicas = 3;
+    let names = Names::of(&l).unwrap();
+    let owner = l.controller_owner_ref(&()).unwrap();
+    let signer = NoteSigner::from_seed("cluster.local/audit/ledger", [7; 32]).unwrap();
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let cm = config_map(&l, &names, &owner, &td, &signer, None).unwrap();
+    let data = cm.data.unwrap();
+    let want = json!([
+        "ledger-0.ledger-headless.audit.svc:8443",
+        "ledger-1.ledger-headless.audit.svc:8443",
+        "ledger-2.ledger-headless.audit.svc:8443"
+    ]);
+    for i in 0..3 {
+        let file: Value =
+            serde_saphyr::from_str(data[&format!("ledger-{i}.yaml")].as_str()).unwrap();
+        assert_eq!(file["node_id"], format!("ledger-{i}"));
+        assert_eq!(file["peers"], want, "replica {i}");
+    }
+}
+
+#[test]
+fn status_reports_the_raft_leader_term_and_follower_lag() {
+    let mut l = generated();
+    l.spec.replicas = 3;
+    let names = Names::of(&l).unwrap();
+    let view = medmesh_core::wire::LedgerStatus {
+        replicated: true,
+        id: Some(1),
+        state: Some("Leader".into()),
+        leader: Some(1),
+        term: Some(4),
+        last_log_index: Some(120),
+        applied_index: Some(118),
+        followers: vec![
+            medmesh_core::wire::FollowerStatus {
+                id: 0,
+                matched: 120,
+                lag: 0,
+            },
+            medmesh_core::wire::FollowerStatus {
+                id: 2,
+                matched: 100,
+                lag: 20,
+            },
+        ],
+        ready: true,
+        tree_size: 5000,
+        checkpoint_size: Some(4990),
+        ..Default::default()
+    };
+    let obs = Observed {
+        ready_replicas: 3,
+        key_problem: None,
+        checkpoint: Ok(LedgerCheckpoint {
+            tree_size: 4990,
+            root_hash: "ROOT".into(),
+            status: Some(view),
+        }),
+    };
+    let now = k8s_time(t0());
+    let st = status(&l, &names, &obs, &now);
+    let r = st.replication.clone().unwrap();
+    assert_eq!(r.leader.as_deref(), Some("ledger-1"));
+    assert_eq!((r.term, r.applied_index), (Some(4), Some(118)));
+    assert_eq!(r.observed_from.as_deref(), Some("ledger-1"));
+    assert_eq!(
+        r.followers,
+        vec![
+            FollowerLag {
+                replica: "ledger-0".into(),
+                lag: 0
+            },
+            FollowerLag {
+                replica: "ledger-2".into(),
+                lag: 20
+            }
+        ]
+    );
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(
+        ready.message.contains("Raft leader ledger-1"),
+        "{}",
+        ready.message
+    );
+    // A failed read keeps the last view.
+    l.status = Some(st);
+    let failed = Observed {
+        checkpoint: Err("connection refused".into()),
+        ..obs
+    };
+    assert_eq!(status(&l, &names, &failed, &now).replication, Some(r));
 }
