@@ -8,6 +8,8 @@
 
 #[path = "support/mesh.rs"]
 mod mesh;
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/raft.rs"]
 mod raft;
 
@@ -294,7 +296,10 @@ fn seed() -> u64 {
 }
 
 async fn three_ready_replicas(dir: &std::path::Path) -> Cluster {
-    let mut c = Cluster::setup(dir, 3);
+    ready(Cluster::setup(dir, 3)).await
+}
+
+async fn ready(mut c: Cluster) -> Cluster {
     c.start_all();
     c.wait_leader(Duration::from_secs(20));
     for i in 0..3 {
@@ -390,6 +395,85 @@ async fn rolling_restart_and_a_wiped_replica_rejoining_by_snapshot_lose_nothing(
         c.log(f).contains("installed snapshot"),
         "replica {f} rejoined without a snapshot:\n{}",
         c.log(f)
+    );
+    verify_one_log(&c, &acked, seen).await;
+}
+
+/// Replicas as network-namespace pods: iptables DROP cuts the leader off from the other two.
+/// The isolated minority acknowledges nothing; the majority elects a leader and goes on; after
+/// healing, the old leader catches up and every replica holds the one log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_acknowledges_nothing_and_the_majority_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ready(Cluster::setup_in_pods(dir.path(), 3, "mmraft")).await;
+    let pods = c.pods.as_ref().unwrap();
+    let load = Load::start(&c);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old = c.wait_leader(Duration::from_secs(20));
+    pods.isolate(old);
+    let cut = Instant::now();
+    let before = load.acked.lock().await.len();
+
+    // The majority elects another leader and acknowledges appends again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let new = loop {
+        let found = (0..3).filter(|&i| i != old).find(|&i| {
+            c.status(i)
+                .is_some_and(|s| s["state"] == "Leader" && s["ready"] == true)
+        });
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "the majority elected no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let elected = cut.elapsed();
+    while load.acked.lock().await.len() < before + 100 {
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "the majority acknowledged too little after the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "leader {old} isolated; replica {new} leads after {} ms; 100 more acknowledgements after {} ms",
+        elected.as_millis(),
+        cut.elapsed().as_millis()
+    );
+
+    // The isolated old leader acknowledges nothing: appends through it fail (timeout or 503),
+    // and it reports itself not ready.
+    let w = c.client(old, "pacs.writer");
+    for k in 0..3 {
+        let rec = record(9_000_000 + k);
+        let r = tokio::time::timeout(Duration::from_secs(15), w.append(&rec, false)).await;
+        assert!(
+            !matches!(r, Ok(Ok(_))),
+            "the isolated replica acknowledged an append: {r:?}"
+        );
+    }
+    let s = c.status(old).unwrap();
+    assert_eq!(s["ready"], false, "{s}");
+    assert!(c.cli(old, &["status"]).status.code() == Some(1));
+
+    // Healed: the old leader follows the new one and catches up.
+    pods.heal(old);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = c.status(old).unwrap_or_default();
+        if s["ready"] == true && s["state"] == "Follower" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old leader did not rejoin: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (acked, retries, seen) = load.finish().await;
+    println!(
+        "{} entries acknowledged, {retries} client retries",
+        acked.len()
     );
     verify_one_log(&c, &acked, seen).await;
 }

@@ -78,15 +78,30 @@ pub fn dev_pki(dir: &Path) -> String {
     verifier_key
 }
 
-/// Runs `medmesh-ledger run --config <dir>/ledger.yaml` logging to `<dir>/ledger.log`, and
-/// returns it once `up()` holds; its log when it exits first.
-pub fn start_ledger(dir: &Path, rust_log: &str, up: impl Fn() -> bool) -> Result<Child, String> {
+/// Runs `medmesh-ledger run --config <dir>/ledger.yaml` (in network namespace `netns` when
+/// given) logging to `<dir>/ledger.log`, and returns it once `up()` holds; its log when it
+/// exits first.
+pub fn start_ledger(
+    dir: &Path,
+    netns: Option<&str>,
+    rust_log: &str,
+    up: impl Fn() -> bool,
+) -> Result<Child, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("ledger.log"))
         .unwrap();
-    let mut child = Command::new(bin("medmesh-ledger"))
+    // `ip netns exec` enters the namespace and execs the ledger: the child is the ledger.
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin("medmesh-ledger"));
+            c
+        }
+        None => Command::new(bin("medmesh-ledger")),
+    };
+    let mut child = cmd
         .args(["run", "--config"])
         .arg(dir.join("ledger.yaml"))
         .env("RUST_LOG", rust_log)
@@ -171,7 +186,7 @@ impl LedgerProc {
     pub fn start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none());
         let port = self.admin_port;
-        self.child = Some(start_ledger(&self.dir, "warn", || {
+        self.child = Some(start_ledger(&self.dir, None, "warn", || {
             http_status(port, "/ready") == Some(200)
         })?);
         Ok(())
@@ -266,8 +281,14 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
 
 /// Status and body of a plain HTTP GET on loopback.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// Status and body of a plain HTTP GET to `host:port`.
+pub fn http_get_at(host: &str, port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,

@@ -12,13 +12,18 @@ use std::time::{Duration, Instant};
 use medmesh_ledger_client::LedgerClient;
 
 use super::mesh::{
-    ORIGIN, TD, dev_pki, free_port, http_get, ledger_cli, ledger_client, start_ledger, terminate,
+    ORIGIN, TD, dev_pki, free_port, http_get_at, ledger_cli, ledger_client, start_ledger, terminate,
 };
+use super::netns::{ok, require, sh};
 
 /// One replica.
 pub struct Replica {
     pub id: usize,
     pub dir: PathBuf,
+    /// Its address: loopback, or its network namespace's.
+    pub host: String,
+    /// Its network namespace, when it runs in one.
+    pub netns: Option<String>,
     pub api_port: u16,
     pub admin_port: u16,
     pub child: Option<Child>,
@@ -29,17 +34,108 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub replicas: Vec<Replica>,
     pub verifier_key: String,
+    /// The network-namespace pods, when the replicas run in them.
+    pub pods: Option<Pods>,
+}
+
+/// Network namespaces `<tag>-<i>` as pods on one bridge (the "node"): pod `i` has
+/// 10.<n>.<m>.(10+i), the bridge (where the test runs) 10.<n>.<m>.1. Deleted on drop.
+pub struct Pods {
+    pub tag: String,
+    pub bridge: String,
+    pub ips: Vec<String>,
+}
+
+impl Pods {
+    pub fn new(tag: &str, n: usize) -> Self {
+        require(&["ip", "iptables"]);
+        let pid = std::process::id();
+        let net = format!("10.{}.{}", 100 + (pid % 100), (pid / 100) % 250);
+        let bridge = format!("mmbr{}", pid % 100_000);
+        ok(&format!(
+            "ip link add {bridge} type bridge && ip link set {bridge} up && ip addr add {net}.1/24 dev {bridge}"
+        ));
+        let mut ips = Vec::new();
+        for i in 0..n {
+            let ns = format!("{tag}-{i}");
+            let (host_end, pod_end) = (format!("{bridge}h{i}"), format!("{bridge}p{i}"));
+            let ip = format!("{net}.{}", 10 + i);
+            let _ = sh(&format!("ip netns del {ns} 2>/dev/null"));
+            ok(&format!(
+                "ip netns add {ns} && ip link add {host_end} type veth peer name {pod_end} && \
+                 ip link set {pod_end} netns {ns} && ip link set {host_end} master {bridge} && \
+                 ip link set {host_end} up && ip netns exec {ns} ip addr add {ip}/24 dev {pod_end} && \
+                 ip netns exec {ns} ip link set {pod_end} up && ip netns exec {ns} ip link set lo up"
+            ));
+            ips.push(ip);
+        }
+        Self {
+            tag: tag.to_owned(),
+            bridge,
+            ips,
+        }
+    }
+
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}-{i}", self.tag)
+    }
+
+    /// Drops every packet between pod `i` and the other pods (clients on the bridge still
+    /// reach it).
+    pub fn isolate(&self, i: usize) {
+        for (j, ip) in self.ips.iter().enumerate() {
+            if j != i {
+                ok(&format!(
+                    "ip netns exec {ns} iptables -A INPUT -s {ip} -j DROP && \
+                     ip netns exec {ns} iptables -A OUTPUT -d {ip} -j DROP",
+                    ns = self.ns(i)
+                ));
+            }
+        }
+    }
+
+    /// Undoes [`Pods::isolate`].
+    pub fn heal(&self, i: usize) {
+        ok(&format!("ip netns exec {} iptables -F", self.ns(i)));
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        for i in 0..self.ips.len() {
+            let _ = sh(&format!("ip netns del {}", self.ns(i)));
+        }
+        let _ = sh(&format!("ip link del {}", self.bridge));
+    }
 }
 
 impl Cluster {
-    /// Certificates, signing key and `n` configurations in `dir`.
+    /// Certificates, signing key and `n` configurations in `dir`, replicas on loopback.
     pub fn setup(dir: &Path, n: usize) -> Self {
+        Self::setup_on(dir, n, None)
+    }
+
+    /// [`Cluster::setup`] with each replica in its own network-namespace pod.
+    pub fn setup_in_pods(dir: &Path, n: usize, tag: &str) -> Self {
+        Self::setup_on(dir, n, Some(Pods::new(tag, n)))
+    }
+
+    fn setup_on(dir: &Path, n: usize, pods: Option<Pods>) -> Self {
         let verifier_key = dev_pki(dir);
         let (certs, key) = (dir.join("certs"), dir.join("signing.key"));
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let hosts: Vec<String> = match &pods {
+            Some(p) => p.ips.clone(),
+            None => vec!["127.0.0.1".to_owned(); n],
+        };
+        // In pods every replica has its own address: the same ports everywhere.
+        let ports: Vec<(u16, u16)> = match &pods {
+            Some(_) => vec![(8443, 9090); n],
+            None => (0..n).map(|_| (free_port(), free_port())).collect(),
+        };
         let peers = ports
             .iter()
-            .map(|(a, _)| format!("\"127.0.0.1:{a}\""))
+            .zip(&hosts)
+            .map(|((a, _), h)| format!("\"{h}:{a}\""))
             .collect::<Vec<_>>()
             .join(", ");
         let c = certs.display();
@@ -53,19 +149,22 @@ impl Cluster {
                     rdir.join("ledger.yaml"),
                     format!(
                         "node_id: ledger-{i}\npeers: [{peers}]\norigin: {ORIGIN}\ndata_dir: {data}\n\
-                         listen: 127.0.0.1:{api_port}\nadmin_listen: 127.0.0.1:{admin_port}\n\
+                         listen: {host}:{api_port}\nadmin_listen: {host}:{admin_port}\n\
                          trust_domain: {TD}\ncert: {c}/medmesh.ledger.pem\nkey: {c}/medmesh.ledger-key.pem\n\
                          trust_bundle: {c}/ca.pem\nsigning_key: {key}\n\
                          appenders: [\"spiffe://{TD}/ns/pacs/sa/writer\"]\nreaders: [\"spiffe://{TD}/ns/audit/*\"]\n\
                          checkpoint_interval_ms: 100\ndrain_seconds: 2\nraft_snapshot_logs: 200\n",
                         data = rdir.join("data").display(),
                         key = key.display(),
+                        host = hosts[i],
                     ),
                 )
                 .unwrap();
                 Replica {
                     id: i,
                     dir: rdir,
+                    host: hosts[i].clone(),
+                    netns: pods.as_ref().map(|p| p.ns(i)),
                     api_port,
                     admin_port,
                     child: None,
@@ -76,6 +175,7 @@ impl Cluster {
             dir: dir.to_owned(),
             replicas,
             verifier_key,
+            pods,
         }
     }
 
@@ -83,11 +183,12 @@ impl Cluster {
     pub fn start(&mut self, i: usize) {
         let r = &mut self.replicas[i];
         assert!(r.child.is_none(), "replica {i} already running");
-        let port = r.admin_port;
+        let (host, port) = (r.host.clone(), r.admin_port);
         let child = start_ledger(
             &r.dir,
+            r.netns.as_deref(),
             "warn,openraft=error,medmesh_ledger::replication=info",
-            || http_get(port, "/live").is_some(),
+            || http_get_at(&host, port, "/live").is_some(),
         )
         .unwrap_or_else(|e| panic!("replica {i}: {e}"));
         r.child = Some(child);
@@ -104,7 +205,8 @@ impl Cluster {
     pub fn wait_ready(&self, i: usize, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let got = http_get(self.replicas[i].admin_port, "/ready");
+            let r = &self.replicas[i];
+            let got = http_get_at(&r.host, r.admin_port, "/ready");
             if got.as_ref().is_some_and(|(s, _)| *s == 200) {
                 return;
             }
@@ -119,7 +221,8 @@ impl Cluster {
 
     /// `/status` of replica `i`, if it answers.
     pub fn status(&self, i: usize) -> Option<serde_json::Value> {
-        let (code, body) = http_get(self.replicas[i].admin_port, "/status")?;
+        let r = &self.replicas[i];
+        let (code, body) = http_get_at(&r.host, r.admin_port, "/status")?;
         (code == 200).then(|| serde_json::from_str(&body).ok())?
     }
 
@@ -167,7 +270,10 @@ impl Cluster {
     }
 
     pub fn url(&self, i: usize) -> String {
-        format!("https://127.0.0.1:{}", self.replicas[i].api_port)
+        format!(
+            "https://{}:{}",
+            self.replicas[i].host, self.replicas[i].api_port
+        )
     }
 
     /// A library client of replica `i` with workload `who`'s certificate.

@@ -178,7 +178,9 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
                 raft,
                 id: rep.id,
                 peer_id,
-                forwarder: Arc::new(Forwarder::new(tls, Duration::from_secs(10), resolve)),
+                // A leader that does not answer within this is likely gone: the client retries (with
+                // the same record ids) and meets the new leader.
+                forwarder: Arc::new(Forwarder::new(tls, Duration::from_secs(5), resolve)),
                 leader_wait,
             },
             task,

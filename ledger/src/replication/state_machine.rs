@@ -308,7 +308,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, SErr> {
-        let path = self.snapshot_dir.join("receiving.snap");
+        // A fresh file per transfer: a write still in flight on an abandoned transfer's handle
+        // (tokio completes file writes in the background) must not land in this one.
+        if let Some(old) = self.receiving.take() {
+            let _ = tokio::fs::remove_file(old).await;
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = self.snapshot_dir.join(format!("receiving-{nanos}.snap"));
         let f = tokio::fs::File::create(&path)
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, format!("{}: {e}", path.display())))?;
