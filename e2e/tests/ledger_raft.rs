@@ -477,3 +477,155 @@ async fn a_partitioned_leader_acknowledges_nothing_and_the_majority_goes_on() {
     );
     verify_one_log(&c, &acked, seen).await;
 }
+
+/// The sidecar's enforce and spool paths through a failover: unmodified storescu stores
+/// instances through audited sidecars whose ledger is a follower, the leader is killed between
+/// associations, and every store attempt ends as exactly one entry in the one log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audited_stores_through_a_leader_failover_are_recorded_exactly_once() {
+    use std::process::Command;
+    netns::require(&["storescu", "storescp"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut c = three_ready_replicas(d).await;
+    let out = mesh::run(
+        Command::new(mesh::bin("medmesh"))
+            .args(["dev", "certs", "--workload", "radiology/scanner", "--out"])
+            .arg(d.join("certs")),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // storescp keeps every instance it is sent, each in its own file: the oracle of what the
+    // PACS stored.
+    let scp_port = mesh::free_port();
+    let received = d.join("received");
+    std::fs::create_dir_all(&received).unwrap();
+    let _scp = mesh::Kill(
+        Command::new("storescp")
+            .args(["-aet", "STORESCP", "+uf", "-od"])
+            .arg(&received)
+            .arg(scp_port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    mesh::wait_port(scp_port);
+    let policy = d.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!(r#"{{"inbound":[{{"port":{scp_port},"protocol":"dicom","allow":[{{"service_account":"radiology/scanner"}}]}}]}}"#),
+    )
+    .unwrap();
+    std::fs::write(d.join("uid.key"), [9u8; 32]).unwrap();
+    let files_dir = d.join("send");
+    let out = mesh::run(
+        Command::new(mesh::bin("medmesh"))
+            .args(["dev", "dicom", "--count", "10", "--size", "64", "--out"])
+            .arg(&files_dir),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let mut files: Vec<_> = std::fs::read_dir(&files_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+
+    for delivery in ["enforce", "spool"] {
+        let leader = c.wait_leader(Duration::from_secs(20));
+        let follower = (leader + 1) % 3;
+        let sub = d.join(delivery);
+        std::fs::create_dir_all(&sub).unwrap();
+        for f in ["certs", "verifier.key", "uid.key"] {
+            let _ = std::os::unix::fs::symlink(d.join(f), sub.join(f));
+        }
+        let args = mesh::audit_server_args_to(&sub, &c.url(follower), &policy, scp_port, delivery);
+        let (server, sp) = mesh::sidecar(&sub, "server-sidecar", &args);
+        let (client, cp) = mesh::sidecar(
+            &sub,
+            "client-sidecar",
+            &mesh::scanner_client_args(&sub, sp[0]),
+        );
+        // Four associations of ten instances; the leader dies before the second.
+        let mut failed = 0;
+        for round in 0..4 {
+            if round == 1 {
+                c.kill(leader);
+            }
+            let out = mesh::run(
+                Command::new("storescu")
+                    .args(["-aec", "STORESCP", "127.0.0.1", &cp[1].to_string()])
+                    .args(&files),
+            );
+            if !out.status.success() {
+                // enforce: a store the ledger could not acknowledge in time is reported failed
+                // (A700); its record stays in the spool and is delivered later.
+                assert_eq!(
+                    delivery,
+                    "enforce",
+                    "spool mode refused a store: {}",
+                    text(&out)
+                );
+                failed += text(&out).matches("A700").count().max(1);
+            }
+        }
+        println!("{delivery}: {failed} stores reported failed during the failover");
+        c.start(leader);
+        c.wait_ready(leader, Duration::from_secs(30));
+        // Every record reaches the ledger once: the spool drains.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = http_metric(sp[2], "medmesh_sidecar_spool_depth");
+            if m == Some(0.0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{delivery}: spool did not drain ({m:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        drop((server, client));
+    }
+
+    // Every instance the PACS stored is exactly one entry in the one log (association records
+    // come in addition).
+    let stores = std::fs::read_dir(&received).unwrap().count();
+    assert!(
+        stores >= 40,
+        "too few stores (spool mode alone stores 40): {stores}"
+    );
+    let cps = checkpoints_at(&c, &[0, 1, 2], stores as u64).await;
+    let auditor = c.client(0, "audit.auditor");
+    let mut stored = 0;
+    let mut start = 0;
+    let size = cps[0].size;
+    while start < size {
+        let page = auditor
+            .entries(start, (start + 1000).min(size))
+            .await
+            .unwrap();
+        stored += page
+            .entries
+            .iter()
+            .filter(|e| {
+                e.decoded.as_ref().is_some_and(|d| {
+                    d.record.kind == medmesh_core::record::EventKind::InstanceStored
+                })
+            })
+            .count();
+        start += 1000;
+    }
+    assert_eq!(stored, stores, "one instance record per instance stored");
+    println!("{stores} instances stored, each recorded once");
+    for (i, cp) in cps.iter().enumerate() {
+        assert_eq!(cp.root, cps[0].root, "replica {i}");
+    }
+}
+
+/// A gauge's value from a Prometheus text endpoint on loopback.
+fn http_metric(port: u16, name: &str) -> Option<f64> {
+    let (_, body) = mesh::http_get(port, "/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub raft_rpc_seconds: prometheus::HistogramVec,
     /// Replicated: round trip of one Raft RPC sent to a peer, by RPC.
     pub raft_rpc_sent_seconds: prometheus::HistogramVec,
+    /// Replicated: snapshots built here and installed here (sent by a leader).
+    pub raft_snapshots: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -161,6 +163,13 @@ impl Metrics {
                 .buckets(ms(0.000_125, 14)),
                 &["rpc"],
             )),
+            raft_snapshots: must(IntCounterVec::new(
+                Opts::new(
+                    "medmesh_ledger_raft_snapshots_total",
+                    "Raft snapshots built here, and installed here from the leader",
+                ),
+                &["event"],
+            )),
             raft_rpc_sent_seconds: must(prometheus::HistogramVec::new(
                 HistogramOpts::new(
                     "medmesh_ledger_raft_rpc_sent_seconds",
@@ -178,6 +187,7 @@ impl Metrics {
             Box::new(m.propose_seconds.clone()),
             Box::new(m.raft_rpc_seconds.clone()),
             Box::new(m.raft_rpc_sent_seconds.clone()),
+            Box::new(m.raft_snapshots.clone()),
             Box::new(m.tree_size.clone()),
             Box::new(m.checkpoint_size.clone()),
             Box::new(m.checkpoint_time.clone()),

@@ -480,6 +480,17 @@ pub fn audit_server_args(
     app_port: u16,
     delivery: &str,
 ) -> Vec<String> {
+    audit_server_args_to(dir, &ledger.url(), policy, app_port, delivery)
+}
+
+/// [`audit_server_args`] with the ledger at `ledger_url`.
+pub fn audit_server_args_to(
+    dir: &Path,
+    ledger_url: &str,
+    policy: &Path,
+    app_port: u16,
+    delivery: &str,
+) -> Vec<String> {
     let s = |p: PathBuf| p.display().to_string();
     let mut args = identity_args(dir, "pacs.writer");
     args.extend([
@@ -488,7 +499,7 @@ pub fn audit_server_args(
         "--dev-inbound-port".into(),
         app_port.to_string(),
         "--ledger-url".into(),
-        ledger.url(),
+        ledger_url.into(),
         "--ledger-key".into(),
         format!("@{}", s(dir.join("verifier.key"))),
         "--audit-key".into(),

@@ -304,6 +304,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         SnapshotBuilder {
             storage: self.storage.clone(),
             dir: self.snapshot_dir.clone(),
+            metrics: self.shared.metrics.clone(),
         }
     }
 
@@ -367,6 +368,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_log = ?header.meta.last_log_id,
             "installed snapshot"
         );
+        self.shared
+            .metrics
+            .raft_snapshots
+            .with_label_values(&["installed"])
+            .inc();
         self.frontier = frontier;
         self.applied = header.meta.last_log_id;
         self.membership = header.meta.last_membership.clone();
@@ -534,6 +540,7 @@ fn install_blocking(
 pub struct SnapshotBuilder {
     storage: Storage,
     dir: PathBuf,
+    metrics: Metrics,
 }
 
 fn build_blocking(storage: &Storage, dir: &Path) -> Result<SnapshotHeader, String> {
@@ -596,6 +603,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 snap_err(ErrorVerb::Write, e)
             })?;
         tracing::info!(size = header.size, id = %header.meta.snapshot_id, "built snapshot");
+        self.metrics
+            .raft_snapshots
+            .with_label_values(&["built"])
+            .inc();
         let f = tokio::fs::File::open(self.dir.join(CURRENT))
             .await
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
