@@ -168,7 +168,11 @@ struct Load {
 
 impl Load {
     fn start(c: &Cluster) -> Self {
-        let n = c.replicas.len();
+        Self::start_on(c, c.replicas.len())
+    }
+
+    /// Load through the first `n` replicas only.
+    fn start_on(c: &Cluster, n: usize) -> Self {
         let acked: Acked = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         // On a failure, clients retry the same records (same ids) through the next replica.
@@ -235,14 +239,24 @@ impl Load {
 async fn verify_one_log(
     c: &Cluster,
     acked: &HashMap<medmesh_core::record::RecordId, (u64, Hash)>,
+    seen: Vec<Checkpoint>,
+) {
+    let all: Vec<usize> = (0..c.replicas.len()).collect();
+    verify_one_log_on(c, &all, acked, seen).await;
+}
+
+/// [`verify_one_log`] on the replicas in `which`.
+async fn verify_one_log_on(
+    c: &Cluster,
+    which: &[usize],
+    acked: &HashMap<medmesh_core::record::RecordId, (u64, Hash)>,
     mut seen: Vec<Checkpoint>,
 ) {
-    let n = c.replicas.len();
     let total = acked.len() as u64;
-    for i in 0..n {
+    for &i in which {
         c.wait_ready(i, Duration::from_secs(30));
     }
-    let all: Vec<usize> = (0..n).collect();
+    let all = which.to_vec();
     let cps = checkpoints_at(c, &all, total).await;
     for (i, cp) in cps.iter().enumerate() {
         assert_eq!(
@@ -258,7 +272,7 @@ async fn verify_one_log(
             "index {i} acknowledged twice"
         );
     }
-    for i in 0..n {
+    for &i in which {
         for (index, leaf) in leaves(c, i, total).await.iter().enumerate() {
             assert_eq!(
                 by_index.get(&(index as u64)),
@@ -275,7 +289,7 @@ async fn verify_one_log(
     }
     seen.push(cps[0].clone());
     seen.sort_by_key(|cp| cp.size);
-    let prover = c.client(0, "audit.auditor");
+    let prover = c.client(which[0], "audit.auditor");
     for w in seen.windows(2) {
         prover
             .check_extends(&w[0], &w[1])
@@ -628,4 +642,75 @@ fn http_metric(port: u16, name: &str) -> Option<f64> {
     body.lines()
         .find(|l| l.starts_with(&format!("{name} ")))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Scaling 3 → 5 → 3 under load, as the operator does it (the ConfigMap's peers change, then the
+/// StatefulSet's replicas): new replicas join as learners and are promoted once caught up;
+/// removed ones leave the voters; nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_three_to_five_to_three_keeps_one_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::setup(dir.path(), 5);
+    c.set_peers(3);
+    for i in 0..3 {
+        c.start(i);
+    }
+    c.wait_leader(Duration::from_secs(20));
+    for i in 0..3 {
+        c.wait_ready(i, Duration::from_secs(20));
+    }
+    let voters = |c: &Cluster| -> Option<Vec<u64>> {
+        let l = c.leader()?;
+        let s = c.status(l)?;
+        let mut v: Vec<u64> = s["members"]
+            .as_array()?
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .filter_map(|m| m["id"].as_u64())
+            .collect();
+        v.sort_unstable();
+        Some(v)
+    };
+    let wait_voters = |c: &Cluster, want: Vec<u64>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = voters(c);
+            if got.as_ref() == Some(&want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "voters {got:?}, want {want:?}; leader status {:?}",
+                c.leader().and_then(|l| c.status(l))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The writers know only the first three; the new ones serve as they join.
+    let load = Load::start_on(&c, 3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    c.set_peers(5);
+    c.start(3);
+    c.start(4);
+    wait_voters(&c, vec![0, 1, 2, 3, 4]);
+    c.wait_ready(3, Duration::from_secs(30));
+    c.wait_ready(4, Duration::from_secs(30));
+    println!("scaled up to five voters");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    c.set_peers(3);
+    c.stop(4);
+    c.stop(3);
+    wait_voters(&c, vec![0, 1, 2]);
+    println!("scaled down to three voters");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let (acked, retries, seen) = load.finish().await;
+    println!(
+        "{} entries acknowledged, {retries} client retries",
+        acked.len()
+    );
+    assert!(acked.len() > 200, "too little traffic: {}", acked.len());
+    verify_one_log_on(&c, &[0, 1, 2], &acked, seen).await;
 }

@@ -152,6 +152,9 @@ pub struct Replication {
 /// The checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file this configuration was read from, when it was (a replica re-reads its `peers`
+    /// from it: the membership follows the StatefulSet's ConfigMap without restarts).
+    pub source: Option<PathBuf>,
     /// Node name.
     pub node_id: String,
     /// Replication, when this ledger is one replica of several.
@@ -385,6 +388,7 @@ impl Config {
         }
         match (errs.is_empty(), trust_domain) {
             (true, Ok(trust_domain)) => Ok(Self {
+                source: None,
                 node_id: raw.node_id,
                 replication,
                 origin: raw.origin,

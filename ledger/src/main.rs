@@ -67,7 +67,10 @@ fn main() -> ExitCode {
                 }
             };
             let cfg = match Config::from_yaml(&text) {
-                Ok(c) => c,
+                Ok(c) => Config {
+                    source: Some(config.clone()),
+                    ..c
+                },
                 Err(errs) => {
                     eprint!("{errs}");
                     return ExitCode::from(EXIT_CONFIG);

@@ -194,6 +194,33 @@ impl Cluster {
         r.child = Some(child);
     }
 
+    /// Rewrites every replica's configuration to list only the first `k` replicas as peers
+    /// (what a scaled StatefulSet's new ConfigMap does); running replicas re-read it.
+    pub fn set_peers(&self, k: usize) {
+        let list: Vec<String> = self.replicas[..k]
+            .iter()
+            .map(|r| format!("\"{}:{}\"", r.host, r.api_port))
+            .collect();
+        for r in &self.replicas {
+            let path = r.dir.join("ledger.yaml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let new: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("peers: ") {
+                        format!("peers: [{}]", list.join(", "))
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect();
+            // Written aside and renamed, as the kubelet swaps a ConfigMap volume.
+            let tmp = r.dir.join("ledger.yaml.tmp");
+            std::fs::write(&tmp, new.join("\n") + "\n").unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        }
+    }
+
     /// Starts every replica.
     pub fn start_all(&mut self) {
         for i in 0..self.replicas.len() {

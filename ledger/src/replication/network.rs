@@ -86,16 +86,23 @@ impl PeerTls {
 pub struct NetworkFactory {
     tls: Arc<PeerTls>,
     metrics: Metrics,
-    resolve: Arc<BTreeMap<String, String>>,
+    resolve: Resolve,
+}
+
+/// Connect-address overrides (peer address → address to dial), re-read with the configuration.
+pub type Resolve = Arc<std::sync::RwLock<BTreeMap<String, String>>>;
+
+fn dial(resolve: &Resolve, addr: &str) -> String {
+    resolve
+        .read()
+        .ok()
+        .and_then(|r| r.get(addr).cloned())
+        .unwrap_or_else(|| addr.to_owned())
 }
 
 impl NetworkFactory {
     /// A factory whose clients use `tls`, dialling `resolve[addr]` instead of `addr` when set.
-    pub fn new(
-        tls: Arc<PeerTls>,
-        metrics: Metrics,
-        resolve: Arc<BTreeMap<String, String>>,
-    ) -> Self {
+    pub fn new(tls: Arc<PeerTls>, metrics: Metrics, resolve: Resolve) -> Self {
         Self {
             tls,
             metrics,
@@ -111,10 +118,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerNetwork {
             tls: self.tls.clone(),
             metrics: self.metrics.clone(),
-            base: format!(
-                "https://{}",
-                self.resolve.get(&node.addr).unwrap_or(&node.addr)
-            ),
+            base: format!("https://{}", dial(&self.resolve, &node.addr)),
             target,
             node: node.clone(),
         }
@@ -235,7 +239,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 pub struct Forwarder {
     tls: Arc<PeerTls>,
     timeout: Duration,
-    resolve: Arc<BTreeMap<String, String>>,
+    resolve: Resolve,
 }
 
 /// The leader's answer to a forwarded append, passed back to the client as is.
@@ -252,11 +256,7 @@ pub struct Forwarded {
 impl Forwarder {
     /// A forwarder using `tls`, giving up on a leader after `timeout`, dialling `resolve[addr]`
     /// instead of `addr` when set.
-    pub fn new(
-        tls: Arc<PeerTls>,
-        timeout: Duration,
-        resolve: Arc<BTreeMap<String, String>>,
-    ) -> Self {
+    pub fn new(tls: Arc<PeerTls>, timeout: Duration, resolve: Resolve) -> Self {
         Self {
             tls,
             timeout,
@@ -277,8 +277,7 @@ impl Forwarder {
         body: Bytes,
     ) -> Result<Forwarded, String> {
         let client = self.tls.client()?;
-        let addr = self.resolve.get(addr).map_or(addr, String::as_str);
-        let url = format!("https://{addr}{path_and_query}");
+        let url = format!("https://{}{path_and_query}", dial(&self.resolve, addr));
         let resp = client
             .post(&url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")

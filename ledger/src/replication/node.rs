@@ -138,7 +138,7 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
     .validate()
     .map_err(raft_err)?;
     let tls = Arc::new(PeerTls::new(creds.clone()));
-    let resolve = Arc::new(rep.resolve.clone());
+    let resolve = Arc::new(std::sync::RwLock::new(rep.resolve.clone()));
     let raft = Raft::new(
         rep.id,
         Arc::new(config),
@@ -151,6 +151,14 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
     let leader_wait = 2 * Duration::from_millis(2 * election);
     if rep.id == 0 {
         tokio::spawn(initialise(raft.clone(), rep.peers.clone(), leader_wait));
+    }
+    if let Some(path) = cfg.source.clone() {
+        tokio::spawn(follow_membership(
+            raft.clone(),
+            rep.id,
+            path,
+            resolve.clone(),
+        ));
     }
     spawn_metrics(raft.clone(), registry, rep.id);
 
@@ -231,6 +239,104 @@ pub async fn stopped(raft: &Raft) -> String {
         }
         if rx.changed().await.is_err() {
             return "Raft's core task ended".into();
+        }
+    }
+}
+
+/// How often the leader compares the membership with the configuration file.
+const MEMBERSHIP_EVERY: Duration = Duration::from_secs(2);
+/// A learner within this many Raft entries of the leader is promoted.
+const CAUGHT_UP: u64 = 64;
+
+/// On the leader, every [`MEMBERSHIP_EVERY`]: makes the voters exactly the replicas the
+/// configuration file lists in `peers` (re-read, so that a scaled StatefulSet's new ConfigMap
+/// takes effect without restarts). A replica newly listed is added as a learner first and
+/// promoted once it has caught up; a replica no longer listed is removed (joint consensus: a
+/// quorum of the old and of the new set agree). One change at a time; a file that does not
+/// parse changes nothing.
+async fn follow_membership(
+    raft: Raft,
+    me: NodeId,
+    path: std::path::PathBuf,
+    resolve: Arc<std::sync::RwLock<BTreeMap<String, String>>>,
+) {
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(MEMBERSHIP_EVERY).await;
+        let rx = raft.metrics();
+        if rx.has_changed().is_err() {
+            return;
+        }
+        let m = rx.borrow().clone();
+        if m.current_leader != Some(me) {
+            continue;
+        }
+        let rep = match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Config::from_yaml(&t).map_err(|e| e.to_string()))
+        {
+            Ok(cfg) => match cfg.replication {
+                Some(r) => r,
+                None => continue,
+            },
+            Err(e) => {
+                if e != last_error {
+                    tracing::warn!(path = %path.display(), error = %e, "configuration unreadable; membership unchanged");
+                    last_error = e;
+                }
+                continue;
+            }
+        };
+        if let Ok(mut r) = resolve.write() {
+            r.clone_from(&rep.resolve);
+        }
+        let desired: BTreeMap<NodeId, BasicNode> = rep
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| (i as NodeId, BasicNode { addr: addr.clone() }))
+            .collect();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            continue; // a change is being committed
+        }
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known: std::collections::BTreeSet<NodeId> =
+            membership.nodes().map(|(id, _)| *id).collect();
+        let result = if let Some((id, node)) = desired.iter().find(|(id, _)| !known.contains(id)) {
+            tracing::info!(replica = id, addr = %node.addr, "adding a replica as a learner");
+            raft.add_learner(*id, node.clone(), false).await.map(|_| ())
+        } else {
+            let want: std::collections::BTreeSet<NodeId> = desired.keys().copied().collect();
+            let last = m.last_log_index.unwrap_or(0);
+            let caught_up = |id: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).copied().flatten())
+                    .is_some_and(|l| l.index + CAUGHT_UP >= last)
+            };
+            if want != voters {
+                if want.iter().all(|id| voters.contains(id) || caught_up(id)) {
+                    tracing::info!(from = ?voters, to = ?want, "changing the voters");
+                    raft.change_membership(want, false).await.map(|_| ())
+                } else {
+                    Ok(()) // learners still catching up
+                }
+            } else {
+                let extra: std::collections::BTreeSet<NodeId> =
+                    known.difference(&want).copied().collect();
+                if extra.is_empty() {
+                    Ok(())
+                } else {
+                    tracing::info!(replicas = ?extra, "removing replicas no longer listed");
+                    raft.change_membership(openraft::ChangeMembers::RemoveNodes(extra), false)
+                        .await
+                        .map(|_| ())
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "membership change not made; will retry");
         }
     }
 }
