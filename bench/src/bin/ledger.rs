@@ -100,11 +100,18 @@ impl Node {
             .parent()
             .unwrap()
             .join("medmesh-ledger");
+        // Its log beside its configuration (a killed leader's peers log every failed RPC).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.cfg.with_extension("log"))
+            .unwrap();
         let child = Command::new(&exe)
             .args(["run", "--config"])
             .arg(&self.cfg)
             .env("RUST_LOG", "warn,openraft=error")
             .stdout(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("{}: {e} (build it with bench/ledger)", exe.display()));
         let deadline = Instant::now() + Duration::from_secs(20);
