@@ -185,6 +185,10 @@ impl Load {
             .collect();
         let seen: Arc<Mutex<Vec<Checkpoint>>> = Arc::default();
         let auditors: Vec<_> = (0..n).map(|i| c.client(i, "audit.auditor")).collect();
+        // One auditor's trusted checkpoint, moved forward through every replica in turn (as
+        // through the client Service): it must never see a rollback or a fork.
+        let trusted =
+            medmesh_ledger_client::TrustedStore::new(c.dir.join("service-auditor.checkpoint"));
         let collector = {
             let (seen, stop) = (seen.clone(), stop.clone());
             tokio::spawn(async move {
@@ -197,6 +201,18 @@ impl Load {
                             if !s.contains(&cp.checkpoint) {
                                 s.push(cp.checkpoint);
                             }
+                        }
+                        let update = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            a.update_trusted(&trusted),
+                        )
+                        .await;
+                        if let Ok(Err(
+                            e @ (medmesh_ledger_client::ClientError::Rollback { .. }
+                            | medmesh_ledger_client::ClientError::Fork { .. }),
+                        )) = update
+                        {
+                            panic!("an auditor moving through the replicas saw: {e}");
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(30)).await;

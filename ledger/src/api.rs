@@ -119,6 +119,22 @@ enum Role {
     Read,
 }
 
+/// A replica that is not ready (no leader, no recent contact with it, or behind what it
+/// committed) does not serve reads: what it holds may be older than what another replica
+/// already served. 503, so that a client (or the Service) goes to another replica.
+fn serving(state: &AppState) -> ApiResult<()> {
+    match &state.replica {
+        Some(r) => crate::replication::node::ready(r).map_err(|why| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                format!("this replica does not serve reads now: {why}"),
+            )
+        }),
+        None => Ok(()),
+    }
+}
+
 fn authorize(state: &AppState, auth: &PeerAuth, role: Role) -> ApiResult<SpiffeId> {
     let expired;
     let id = match &auth.0 {
@@ -519,6 +535,7 @@ async fn get_entry(
     index: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> ApiResult<Json<EntryView>> {
     authorize(&state, &auth, Role::Read)?;
+    serving(&state)?;
     let Path(index) =
         index.map_err(|e| ApiError::bad("bad_parameter", format!("index: {}", e.body_text())))?;
     let index = parse_index(&index, "index")?;
@@ -551,6 +568,7 @@ async fn get_range(
     params: Result<Query<RangeParams>, QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     authorize(&state, &auth, Role::Read)?;
+    serving(&state)?;
     let p = query(params)?;
     if p.start > p.end {
         return Err(ApiError::bad(
@@ -585,6 +603,7 @@ async fn get_checkpoint(
     axum::Extension(auth): axum::Extension<PeerAuth>,
 ) -> ApiResult<Response> {
     authorize(&state, &auth, Role::Read)?;
+    serving(&state)?;
     match state.seq.head().checkpoint {
         Some(cp) => Ok((
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -607,7 +626,7 @@ async fn status(
     authorize(&state, &auth, Role::Read)?;
     let head = state.seq.head();
     Ok(Json(crate::replication::node::status(
-        state.replica.as_ref().map(|r| &r.raft),
+        state.replica.as_ref(),
         head.size,
         head.checkpoint.as_ref().map(|c| c.checkpoint.size),
     ))
@@ -638,6 +657,7 @@ async fn inclusion(
     params: Result<Query<InclusionParams>, QueryRejection>,
 ) -> ApiResult<Json<InclusionView>> {
     authorize(&state, &auth, Role::Read)?;
+    serving(&state)?;
     let p = query(params)?;
     let leaf = match &p.leaf_hash {
         Some(h) => Some(
@@ -714,6 +734,7 @@ async fn consistency(
     params: Result<Query<ConsistencyParams>, QueryRejection>,
 ) -> ApiResult<Json<ConsistencyView>> {
     authorize(&state, &auth, Role::Read)?;
+    serving(&state)?;
     let p = query(params)?;
     if p.from > p.to {
         return Err(ApiError::bad(
@@ -754,6 +775,7 @@ async fn search(
     params: Result<Query<SearchParams>, QueryRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     authorize(&state, &auth, Role::Read)?;
+    serving(&state)?;
     let p = query(params)?;
     let bad = |e: String| ApiError::bad("bad_parameter", e);
     let key = match (p.sha256, p.cid, p.identity, p.uid) {

@@ -250,7 +250,7 @@ impl Ledger {
                 head: seq.subscribe(),
                 registry,
                 metrics,
-                raft: replicated.as_ref().map(|r| r.0.raft.clone()),
+                replica: replicated.as_ref().map(|r| r.0.clone()),
             }),
             shutdown_rx,
         ));
@@ -319,7 +319,7 @@ struct AdminState {
     head: watch::Receiver<sequencer::Head>,
     registry: prometheus::Registry,
     metrics: metrics::Metrics,
-    raft: Option<replication::Raft>,
+    replica: Option<replication::Replica>,
 }
 
 fn admin_router(state: AdminState) -> Router {
@@ -330,7 +330,7 @@ fn admin_router(state: AdminState) -> Router {
             get(|State(s): State<AdminState>| async move {
                 let head = s.head.borrow().clone();
                 axum::Json(replication::node::status(
-                    s.raft.as_ref(),
+                    s.replica.as_ref(),
                     head.size,
                     head.checkpoint.as_ref().map(|c| c.checkpoint.size),
                 ))
@@ -340,8 +340,8 @@ fn admin_router(state: AdminState) -> Router {
             "/ready",
             get(|State(s): State<AdminState>| async move {
                 let cp = s.head.borrow().checkpoint.clone();
-                if let Some(raft) = &s.raft
-                    && let Err(why) = replication::node::ready(raft)
+                if let Some(replica) = &s.replica
+                    && let Err(why) = replication::node::ready(replica)
                 {
                     return (
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -325,7 +325,11 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for i in 0..self.replicas.len() {
                 let log = self.log(i);
-                for l in log.lines().filter(|l| l.contains("panicked at")).take(3) {
+                for l in log
+                    .lines()
+                    .filter(|l| l.contains("panicked at") || l.contains("quit RaftCore"))
+                    .take(3)
+                {
                     eprintln!("--- replica {i} panicked: {l}");
                 }
                 let tail: Vec<&str> = log.lines().rev().take(40).collect();

@@ -144,6 +144,10 @@ pub struct ProvenEntry {
     pub proof: Vec<Hash>,
 }
 
+/// Longest [`LedgerClient::update_trusted`] waits for a replica serving a checkpoint older than
+/// the trusted one to catch up before reporting a rollback.
+pub const STALE_REPLICA_WAIT: Duration = Duration::from_secs(3);
+
 /// Client of one ledger.
 #[derive(Debug, Clone)]
 pub struct LedgerClient {
@@ -503,9 +507,18 @@ impl LedgerClient {
     /// [`ClientError::Rollback`] or [`ClientError::Fork`] when the log does not extend what was
     /// trusted; any verification or I/O failure.
     pub async fn update_trusted(&self, store: &TrustedStore) -> Result<TrustUpdate, ClientError> {
-        let new = self.checkpoint().await?;
         let old = store.load(&self.verifier, &self.origin)?;
+        let mut new = self.checkpoint().await?;
         if let Some(old) = &old {
+            // Behind a Service, a replicated ledger's replica that is a few entries behind
+            // serves an older checkpoint than one another replica served: give it time to
+            // catch up before calling it a rollback (a rolled-back log never catches up).
+            let deadline = std::time::Instant::now() + STALE_REPLICA_WAIT;
+            while new.checkpoint.size < old.checkpoint.size && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                new = self.checkpoint().await?;
+            }
             self.check_extends(&old.checkpoint, &new.checkpoint).await?;
         }
         if old

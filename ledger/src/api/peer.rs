@@ -94,10 +94,16 @@ async fn raft_rpc(
     let bytes = read_body_limited(MAX_RPC_BYTES, &headers, body).await?;
     let started = std::time::Instant::now();
     let (label, resp) = match format!("{PEER_PATH}/{rpc}").as_str() {
-        APPEND_PATH => (
-            "append",
-            rpc_response(&r.raft.append_entries(rpc_request(&bytes)?).await),
-        ),
+        APPEND_PATH => {
+            let req: openraft::raft::AppendEntriesRequest<crate::replication::TypeConfig> =
+                rpc_request(&bytes)?;
+            let commit = req.leader_commit.map(|l| l.index);
+            let resp = r.raft.append_entries(req).await;
+            if matches!(resp, Ok(openraft::raft::AppendEntriesResponse::Success)) {
+                r.contact.record(commit);
+            }
+            ("append", rpc_response(&resp))
+        }
         VOTE_PATH => (
             "vote",
             rpc_response(&r.raft.vote(rpc_request(&bytes)?).await),

@@ -130,11 +130,38 @@ impl From<WirePlaced> for Placed {
     }
 }
 
+/// When this replica last accepted entries (or a heartbeat) from a leader, and the commit index
+/// that leader announced then: a follower serves only while it hears from a leader and has
+/// applied what that leader had committed.
+#[derive(Debug, Default)]
+pub struct LeaderContact {
+    /// Milliseconds since the Unix epoch of the last accepted AppendEntries.
+    pub at_ms: std::sync::atomic::AtomicU64,
+    /// The leader's commit index announced with it.
+    pub commit: std::sync::atomic::AtomicU64,
+}
+
+impl LeaderContact {
+    /// Records an accepted AppendEntries announcing `commit`.
+    pub fn record(&self, commit: Option<u64>) {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.at_ms.store(now, Ordering::Relaxed);
+        if let Some(c) = commit {
+            self.commit.fetch_max(c, Ordering::Relaxed);
+        }
+    }
+}
+
 /// What the API needs of replication.
 #[derive(Clone)]
 pub struct Replica {
     /// The Raft instance.
     pub raft: Raft,
+    /// The last contact with a leader (followers).
+    pub contact: Arc<LeaderContact>,
     /// This replica's id.
     pub id: NodeId,
     /// The SPIFFE ID every replica presents: the only one allowed on the peer routes.

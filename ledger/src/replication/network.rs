@@ -198,6 +198,10 @@ impl PeerNetwork {
     }
 }
 
+/// Largest AppendEntries body sent: openraft gives one AppendEntries a heartbeat interval to
+/// complete, so a follower catching up gets its entries in pieces that fit.
+pub const MAX_APPEND_BYTES: usize = 512 << 10;
+
 impl RaftNetwork<TypeConfig> for PeerNetwork {
     /// Retries an unreachable peer every 100 ms (openraft's default is 500 ms): a replica
     /// restarting after a crash must hear from the leader before its own election timeout, or

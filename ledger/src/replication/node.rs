@@ -133,6 +133,10 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(rep.snapshot_logs),
         max_in_snapshot_log_to_keep: rep.snapshot_logs / 2,
         max_payload_entries: 64,
+        // openraft times one AppendEntries out after a heartbeat interval: payloads are kept
+        // small enough (see `network::MAX_APPEND_BYTES`); a snapshot chunk gets longer.
+        install_snapshot_timeout: 10_000,
+        snapshot_max_chunk_size: 1 << 20,
         ..Default::default()
     }
     .validate()
@@ -184,6 +188,7 @@ pub async fn start(p: Parts<'_>) -> Result<Started, StartError> {
         replica: (
             Replica {
                 raft,
+                contact: Arc::default(),
                 id: rep.id,
                 peer_id,
                 // A leader that does not answer within this is likely gone: the client retries (with
@@ -341,12 +346,16 @@ async fn follow_membership(
     }
 }
 
+/// A follower this many Raft entries behind its leader's last announced commit still serves.
+const FOLLOWER_SLACK: u64 = 16;
+
 /// Why this replica cannot serve yet, if it cannot: it must know a leader, and a leader must
 /// have heard from a quorum recently; a follower must have applied what it holds.
 ///
 /// # Errors
 /// The reason, for `/ready`.
-pub fn ready(raft: &Raft) -> Result<(), String> {
+pub fn ready(replica: &Replica) -> Result<(), String> {
+    let raft = &replica.raft;
     let rx = raft.metrics();
     if rx.has_changed().is_err() {
         return Err("Raft's core task ended".into());
@@ -373,14 +382,35 @@ pub fn ready(raft: &Raft) -> Result<(), String> {
             "catching up: applied {applied} of {last} Raft entries (leader {leader})"
         ));
     }
+    if m.state != ServerState::Leader {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let since = now.saturating_sub(replica.contact.at_ms.load(Ordering::Relaxed));
+        let limit = 2 * raft.config().election_timeout_max;
+        if since > limit {
+            return Err(format!("no entries from leader {leader} for {since} ms"));
+        }
+        let commit = replica.contact.commit.load(Ordering::Relaxed);
+        if applied + FOLLOWER_SLACK < commit {
+            return Err(format!(
+                "catching up: applied {applied} of the {commit} Raft entries leader {leader} committed"
+            ));
+        }
+    }
     Ok(())
 }
 
 /// This replica's view of the cluster, as `/status` and `/v1/status` serve it (and
 /// `medmesh ledger status` prints): role, leader, term, Raft indexes, and on the leader each
 /// follower's lag.
-pub fn status(raft: Option<&Raft>, tree_size: u64, checkpoint_size: Option<u64>) -> LedgerStatus {
-    let Some(raft) = raft else {
+pub fn status(
+    replica: Option<&Replica>,
+    tree_size: u64,
+    checkpoint_size: Option<u64>,
+) -> LedgerStatus {
+    let Some(replica) = replica else {
         return LedgerStatus {
             replicated: false,
             ready: checkpoint_size.is_some(),
@@ -392,11 +422,11 @@ pub fn status(raft: Option<&Raft>, tree_size: u64, checkpoint_size: Option<u64>)
             ..LedgerStatus::default()
         };
     };
-    let m = raft.metrics().borrow().clone();
+    let m = replica.raft.metrics().borrow().clone();
     let last = m.last_log_index.unwrap_or(0);
     let membership = m.membership_config.membership();
     let voters: Vec<NodeId> = membership.voter_ids().collect();
-    let not_ready = match ready(raft) {
+    let not_ready = match ready(replica) {
         Ok(()) => checkpoint_size
             .is_none()
             .then(|| "no checkpoint yet".to_owned()),
