@@ -50,7 +50,8 @@ impl Pods {
     pub fn new(tag: &str, n: usize) -> Self {
         require(&["ip", "iptables"]);
         let pid = std::process::id();
-        let net = format!("10.{}.{}", 100 + (pid % 100), (pid / 100) % 250);
+        // Another range than `Lab`'s (10.100-199.x): these addresses are on the host side too.
+        let net = format!("10.{}.{}", 200 + (pid % 50), (pid / 50) % 250);
         let bridge = format!("mmbr{}", pid % 100_000);
         ok(&format!(
             "ip link add {bridge} type bridge && ip link set {bridge} up && ip addr add {net}.1/24 dev {bridge}"
