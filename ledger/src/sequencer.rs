@@ -287,8 +287,8 @@ impl Sequencer {
         Ok((Self { tx, head: head_rx }, handle))
     }
 
-    /// A sequencer whose submissions are served by `serve` (the Raft proposer), publishing
-    /// `head`.
+    /// A sequencer whose submissions the caller serves from the returned receiver (the Raft
+    /// proposer), publishing `head`.
     pub fn replicated(head: watch::Receiver<Head>) -> (Self, mpsc::Receiver<Submission>) {
         let (tx, rx) = mpsc::channel(8192);
         (Self { tx, head }, rx)

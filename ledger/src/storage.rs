@@ -601,22 +601,73 @@ pub enum Placed {
     },
 }
 
+/// An entry [`write_batch`] places: what the record-id dedupe compares, and its canonical entry
+/// bytes (made only when the entry is new).
+pub(crate) trait ToPlace {
+    /// The record.
+    fn record(&self) -> &AuditRecord;
+    /// The authenticated submitter.
+    fn submitter(&self) -> &medmesh_core::SpiffeId;
+    /// Receive time (µs since the epoch).
+    fn received_us(&self) -> u64;
+    /// Canonical entry v1 bytes.
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]>;
+}
+
+impl ToPlace for NewEntry {
+    fn record(&self) -> &AuditRecord {
+        &self.record
+    }
+    fn submitter(&self) -> &medmesh_core::SpiffeId {
+        &self.submitter
+    }
+    fn received_us(&self) -> u64 {
+        self.received_us
+    }
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        LogEntry {
+            received_us: self.received_us,
+            submitter: self.submitter.clone(),
+            record: self.record.clone(),
+        }
+        .encode()
+        .into()
+    }
+}
+
+/// An entry already in canonical form (a replicated batch, a snapshot), with its decoding:
+/// stored as received, never re-encoded.
+impl<B: AsRef<[u8]>> ToPlace for (LogEntry, B) {
+    fn record(&self) -> &AuditRecord {
+        &self.0.record
+    }
+    fn submitter(&self) -> &medmesh_core::SpiffeId {
+        &self.0.submitter
+    }
+    fn received_us(&self) -> u64 {
+        self.0.received_us
+    }
+    fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.1.as_ref().into()
+    }
+}
+
 /// Writes one batch into `txn`: entries, nodes, indexes and the new tree size. Advances
 /// `frontier` in place; the caller restores it if the transaction does not commit.
 ///
 /// # Errors
 /// On a database error; the transaction must then be dropped.
-pub(crate) fn write_batch(
+pub(crate) fn write_batch<E: ToPlace>(
     txn: &WriteTransaction,
     frontier: &mut Frontier,
-    batch: &[NewEntry],
+    batch: &[E],
     out: &mut Vec<Placed>,
 ) -> Result<(), StorageError> {
     let mut entries = txn.open_table(ENTRIES)?;
     let mut nodes = txn.open_table(NODES)?;
     let mut ids = txn.open_table(RECORD_IDS)?;
     for e in batch {
-        let id = e.record.record_id;
+        let id = e.record().record_id;
         // A write transaction reads its own inserts: ids earlier in this batch are found too.
         if let Some(index) = ids.get(id.0)?.map(|v| v.value()) {
             let stored = entries
@@ -636,7 +687,7 @@ pub(crate) fn write_batch(
                     size: frontier.size(),
                 })?;
             out.push(match stored {
-                Some(s) if s.record == e.record && s.submitter == e.submitter => {
+                Some(s) if s.record == *e.record() && s.submitter == *e.submitter() => {
                     Placed::Duplicate {
                         index,
                         leaf,
@@ -649,14 +700,9 @@ pub(crate) fn write_batch(
         }
 
         let index = frontier.size();
-        let log_entry = LogEntry {
-            received_us: e.received_us,
-            submitter: e.submitter.clone(),
-            record: e.record.clone(),
-        };
-        let bytes = log_entry.encode();
+        let bytes = e.bytes();
         let leaf = merkle::leaf_hash(&bytes);
-        entries.insert(index, bytes.as_slice())?;
+        entries.insert(index, bytes.as_ref())?;
         let mut err = None;
         frontier.push(leaf, |n| {
             if err.is_none()
@@ -672,7 +718,7 @@ pub(crate) fn write_batch(
         out.push(Placed::Appended {
             index,
             leaf,
-            received_us: e.received_us,
+            received_us: e.received_us(),
         });
     }
     txn.open_table(META)?

@@ -248,10 +248,10 @@ pub(super) async fn append_or_forward(
                             ),
                         )
                     })?;
-                if f.status == StatusCode::SERVICE_UNAVAILABLE
-                    && attempts < 3
-                    && f.body.windows(12).any(|w| w == b"\"not_leader\"")
-                {
+                let moved = f.status == StatusCode::SERVICE_UNAVAILABLE
+                    && serde_json::from_slice::<serde_json::Value>(&f.body)
+                        .is_ok_and(|b| b["reason"] == "not_leader");
+                if moved && attempts < 3 {
                     continue;
                 }
                 let mut resp = (f.status, f.body).into_response();

@@ -51,7 +51,8 @@ fn write_err(e: impl std::fmt::Display) -> SErr {
 
 /// One write, in Raft's order.
 enum Op {
-    Append(Vec<Entry<TypeConfig>>, LogFlushed<TypeConfig>),
+    /// Encoded entries (their log ids, for the memory trim) and the flush callback.
+    Append(Vec<(LogId<NodeId>, Vec<u8>)>, LogFlushed<TypeConfig>),
     Truncate(u64),
     Purge(LogId<NodeId>),
     Vote(Vote<NodeId>, oneshot::Sender<Result<(), String>>),
@@ -179,10 +180,8 @@ fn writer(db: &Database, mem: &Mutex<Mem>, rx: &std::sync::mpsc::Receiver<Op>) {
                 for op in &ops {
                     match op {
                         Op::Append(entries, _) => {
-                            for e in entries {
-                                let b =
-                                    encode(e).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-                                log.insert(e.log_id.index, b.as_slice())?;
+                            for (id, b) in entries {
+                                log.insert(id.index, b.as_slice())?;
                             }
                         }
                         Op::Truncate(from) => {
@@ -225,11 +224,9 @@ fn writer(db: &Database, mem: &Mutex<Mem>, rx: &std::sync::mpsc::Receiver<Op>) {
                 .map_or(0, |last| last.saturating_sub(CACHE as u64));
             for op in &ops {
                 if let Op::Append(entries, _) = op {
-                    for e in entries {
-                        let idx = e.log_id.index;
-                        if idx < keep_from
-                            && m.entries.get(&idx).is_some_and(|x| x.log_id == e.log_id)
-                        {
+                    for (id, _) in entries {
+                        let idx = id.index;
+                        if idx < keep_from && m.entries.get(&idx).is_some_and(|x| x.log_id == *id) {
                             m.entries.remove(&idx);
                         }
                     }
@@ -346,17 +343,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // Encoded here, once; the entries themselves move into memory for readers.
+        let mut rows = Vec::new();
+        let mut decoded = Vec::new();
+        for e in entries {
+            rows.push((e.log_id, encode(&e).map_err(write_err)?));
+            decoded.push(e);
+        }
         {
             let mut m = self.mem();
-            for e in &entries {
-                m.entries.insert(e.log_id.index, e.clone());
-            }
-            if let Some(last) = entries.last() {
+            if let Some(last) = decoded.last() {
                 m.last_log_id = Some(last.log_id);
             }
+            for e in decoded {
+                m.entries.insert(e.log_id.index, e);
+            }
         }
-        self.send(Op::Append(entries, callback))
+        self.send(Op::Append(rows, callback))
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {

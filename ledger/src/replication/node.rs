@@ -360,7 +360,8 @@ pub fn ready(replica: &Replica) -> Result<(), String> {
     if rx.has_changed().is_err() {
         return Err("Raft's core task ended".into());
     }
-    let m = rx.borrow().clone();
+    // Read in place (no await below): this runs on every read request.
+    let m = rx.borrow();
     if let Err(e) = &m.running_state {
         return Err(format!("Raft stopped: {e}"));
     }

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use super::{Applied, Command, NodeId, TypeConfig, WirePlaced, decode, encode};
 use crate::metrics::Metrics;
 use crate::sequencer::{Head, SignedCheckpoint, SignerStateFile};
-use crate::storage::{self, NewEntry, Storage, StorageError as LedgerError};
+use crate::storage::{self, Storage, StorageError as LedgerError};
 
 type SErr = StorageError<NodeId>;
 
@@ -136,18 +136,11 @@ impl StateMachine {
         })
     }
 
-    /// Publishes the tree size and, if larger than the published one, a checkpoint.
-    fn publish(&self, size: u64, checkpoint: Option<(Checkpoint, String)>) {
+    /// Publishes the tree size and, if larger than the published one, a checkpoint already
+    /// recorded in the signer state (see [`record`]).
+    fn publish(&self, size: u64, signed: Option<Arc<SignedCheckpoint>>) {
         let m = &self.shared.metrics;
         m.tree_size.set(size as i64);
-        let signed = checkpoint.and_then(|(checkpoint, note)| {
-            // Recorded before it is served (the file guards against a rolled-back database).
-            if let Err(e) = self.shared.signer_state.record(checkpoint.size, &note) {
-                tracing::error!(error = %e, path = %self.shared.signer_state.path().display(), "cannot record signer state; replicated checkpoint not published");
-                return None;
-            }
-            Some(Arc::new(SignedCheckpoint { checkpoint, note }))
-        });
         self.shared.head.send_modify(|h| {
             h.size = size;
             if let Some(s) = signed
@@ -163,6 +156,21 @@ impl StateMachine {
     }
 }
 
+/// Records a replicated checkpoint in the signer state before it may be served (the file
+/// guards against a rolled-back database); blocking (an fsync), so called on the blocking
+/// threads that committed it. None when it cannot be recorded: it is then not served.
+fn record(
+    shared: &Shared,
+    checkpoint: Option<(Checkpoint, String)>,
+) -> Option<Arc<SignedCheckpoint>> {
+    let (checkpoint, note) = checkpoint?;
+    if let Err(e) = shared.signer_state.record(checkpoint.size, &note) {
+        tracing::error!(error = %e, path = %shared.signer_state.path().display(), "cannot record signer state; replicated checkpoint not published");
+        return None;
+    }
+    Some(Arc::new(SignedCheckpoint { checkpoint, note }))
+}
+
 fn unix_seconds() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -175,7 +183,7 @@ struct ApplyOutcome {
     applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
     results: Vec<Applied>,
-    checkpoint: Option<(Checkpoint, String)>,
+    checkpoint: Option<Arc<SignedCheckpoint>>,
 }
 
 fn apply_blocking(
@@ -201,11 +209,7 @@ fn apply_blocking(
                 let mut batch = Vec::with_capacity(list.len());
                 for (i, bytes) in list.iter().enumerate() {
                     match LogEntry::decode(bytes) {
-                        Ok(le) => batch.push(NewEntry {
-                            record: le.record,
-                            submitter: le.submitter,
-                            received_us: le.received_us,
-                        }),
+                        Ok(le) => batch.push((le, bytes.as_slice())),
                         // The leader encodes these itself; a replica never diverges on it.
                         Err(err) => {
                             return Err(LedgerError::CorruptEntry {
@@ -255,7 +259,7 @@ fn apply_blocking(
         applied,
         membership,
         results,
-        checkpoint,
+        checkpoint: record(shared, checkpoint),
     })
 }
 
@@ -345,17 +349,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let storage = self.storage.clone();
         let frontier = self.frontier.clone();
         let dir = self.snapshot_dir.clone();
-        let verifier = self.shared.verifier.clone();
-        let origin = self.shared.origin.clone();
+        let shared = self.shared.clone();
         let meta = meta.clone();
-        let (frontier, header) = tokio::task::spawn_blocking(move || {
-            install_blocking(&storage, frontier, &path, &meta, &verifier, &origin).and_then(
-                |(f, h)| {
-                    std::fs::rename(&path, dir.join(CURRENT))
-                        .map_err(|e| format!("cannot keep snapshot: {e}"))?;
-                    Ok((f, h))
-                },
-            )
+        let (frontier, header, signed) = tokio::task::spawn_blocking(move || {
+            let (f, h) = install_blocking(
+                &storage,
+                frontier,
+                &path,
+                &meta,
+                &shared.verifier,
+                &shared.origin,
+            )?;
+            std::fs::rename(&path, dir.join(CURRENT))
+                .map_err(|e| format!("cannot keep snapshot: {e}"))?;
+            let cp = h.checkpoint.as_deref().and_then(|n| {
+                Some((
+                    Checkpoint::open(n, &shared.verifier, &shared.origin).ok()?,
+                    n.to_owned(),
+                ))
+            });
+            let signed = record(&shared, cp);
+            Ok::<_, String>((f, h, signed))
         })
         .await
         .map_err(|e| snap_err(ErrorVerb::Write, e))?
@@ -376,13 +390,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.frontier = frontier;
         self.applied = header.meta.last_log_id;
         self.membership = header.meta.last_membership.clone();
-        let cp = header.checkpoint.as_deref().and_then(|n| {
-            Some((
-                Checkpoint::open(n, &self.shared.verifier, &self.shared.origin).ok()?,
-                n.to_owned(),
-            ))
-        });
-        self.publish(self.frontier.size(), cp);
+        self.publish(self.frontier.size(), signed);
         Ok(())
     }
 
@@ -481,7 +489,7 @@ fn install_blocking(
     }
     let reader = storage.reader().map_err(|e| e.to_string())?;
     let mut batch = Vec::with_capacity(INSTALL_CHUNK);
-    let flush = |batch: &mut Vec<NewEntry>, frontier: &mut Frontier, last: bool| {
+    let flush = |batch: &mut Vec<(LogEntry, Vec<u8>)>, frontier: &mut Frontier, last: bool| {
         let txn = storage.begin_write().map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(batch.len());
         storage::write_batch(&txn, frontier, batch, &mut out).map_err(|e| e.to_string())?;
@@ -514,11 +522,7 @@ fn install_blocking(
             continue;
         }
         let le = LogEntry::decode(&bytes).map_err(|e| format!("snapshot entry {i}: {e}"))?;
-        batch.push(NewEntry {
-            record: le.record,
-            submitter: le.submitter,
-            received_us: le.received_us,
-        });
+        batch.push((le, bytes));
         if batch.len() == INSTALL_CHUNK {
             flush(&mut batch, &mut frontier, false)?;
         }
