@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod devca;
 pub mod dicom;
 pub mod merkle;
+pub mod p2p;
 pub mod policy;
 pub mod record;
 pub mod spiffe;

@@ -125,6 +125,10 @@ impl From<SvidError> for rustls::Error {
     }
 }
 
+/// ALPN protocol id that marks medmesh's own mTLS (between sidecars, and from a mesh client such
+/// as the operator to a sidecar's inbound port): a sidecar terminates only TLS that offers it.
+pub const MESH_ALPN: &[u8] = b"medmesh/1";
+
 /// The crypto provider every medmesh TLS configuration uses (aws-lc-rs, post-quantum hybrid first).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())

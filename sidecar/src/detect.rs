@@ -2,7 +2,7 @@
 //! they never panic and ask for more bytes only up to a fixed bound.
 
 /// ALPN protocol id that marks medmesh's own mTLS between sidecars.
-pub const MEDMESH_ALPN: &[u8] = b"medmesh/1";
+pub const MEDMESH_ALPN: &[u8] = medmesh_core::tls::MESH_ALPN;
 /// Most bytes detection ever waits for (one full TLS record).
 pub const MAX_PEEK: usize = 5 + 16 * 1024;
 
