@@ -21,7 +21,7 @@ CONTRACT_ENV = [
     "MEDMESH_IDENTITY_URL", "MEDMESH_SIDECAR_IMAGE", "MEDMESH_LEDGER_IMAGE",
     "MEDMESH_LEASE_NAME", "MEDMESH_CERT_TTL_HOURS",
 ]
-CRD_NAMES = {"auditledgers.medmesh.io", "meshpolicies.medmesh.io"}
+CRD_NAMES = {"auditledgers.medmesh.io", "imagearchives.medmesh.io", "meshpolicies.medmesh.io"}
 KEEP = "helm.sh/resource-policy"
 
 failures = []

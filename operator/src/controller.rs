@@ -1,6 +1,8 @@
 //! The leader-only controllers: [`audit_ledger`] (one `AuditLedger` → its Secret, ConfigMap,
-//! Services, StatefulSet and PodDisruptionBudget) and [`mesh_policy`] (one namespace → its
-//! policy and identity-CA ConfigMaps and the conditions of its `MeshPolicy` objects).
+//! Services, StatefulSet and PodDisruptionBudget), [`image_archive`] (one `ImageArchive` → a
+//! private Kubo + ipfs-cluster StatefulSet with its keys, configuration, Services, MeshPolicy,
+//! NetworkPolicy and PodDisruptionBudget) and [`mesh_policy`] (one namespace → its policy and
+//! identity-CA ConfigMaps and the conditions of its `MeshPolicy` objects).
 //!
 //! Both follow kube-rs/controller-rs: children are written with server-side apply under one
 //! field manager ([`FIELD_MANAGER`]), status goes to `/status`, and every decision is a pure
@@ -28,18 +30,21 @@ use medmesh_core::TrustDomain;
 use tokio::sync::watch;
 use tracing::{Instrument as _, Span};
 
-use crate::crd::{AuditLedger, MeshPolicy};
+use crate::crd::{AuditLedger, ImageArchive, MeshPolicy};
 use crate::events::EventSink;
 use crate::identity::IssuerCa;
 use crate::metrics::{ControllerKind, ReconcileMetrics, ReconcileResult, ReconcileTimer};
 use crate::names::{FIELD_MANAGER, MANAGED_BY};
 
 pub mod audit_ledger;
+pub mod children;
+pub mod image_archive;
 pub mod mesh_policy;
 #[cfg(test)]
 pub(crate) mod mock;
 
 pub use audit_ledger::{CheckpointReader, LedgerCheckpoint, LedgerTarget};
+pub use image_archive::{ArchiveTarget, ClusterPeer, PeerReader};
 
 /// Why a reconcile failed (it is retried after [`RETRY`]).
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +128,10 @@ pub struct Context {
     pub ca: Arc<IssuerCa>,
     /// Reads ledgers' checkpoints; `None` when no reader credentials are configured.
     pub checkpoints: Option<Arc<dyn CheckpointReader>>,
-    /// The operator's own SPIFFE ID, added to every ledger's readers when it reads checkpoints.
+    /// Reads archives' cluster peer views; `None` when no reader credentials are configured.
+    pub archive_peers: Option<Arc<dyn PeerReader>>,
+    /// The operator's own SPIFFE ID, added to every ledger's readers when it reads checkpoints
+    /// (and to every archive's REST port).
     pub reader_id: Option<medmesh_core::SpiffeId>,
     /// PEM of the CA that signs the operator's HTTPS certificate (published as
     /// `medmesh-identity-ca`); `None` until known.
@@ -180,7 +188,7 @@ fn error_policy<K>(kind: ControllerKind) -> impl Fn(Arc<K>, &Error, Arc<Context>
     }
 }
 
-/// Runs both controllers until `shutdown` resolves (then they finish the reconciles in flight).
+/// Runs the controllers until `shutdown` resolves (then they finish the reconciles in flight).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -238,7 +246,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         |c| c.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
     .reconcile_all_on(ca_changes)
-    .graceful_shutdown_on(stopped(stop_rx))
+    .graceful_shutdown_on(stopped(stop_rx.clone()))
     .run(
         |obj, ctx| {
             let span = reconcile_span(ControllerKind::MeshPolicy, obj.as_ref());
@@ -251,11 +259,36 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             .instrument(span)
         },
         error_policy(ControllerKind::MeshPolicy),
+        ctx.clone(),
+    )
+    .for_each(|_| async {});
+
+    let archives = Controller::new(
+        Api::<ImageArchive>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+    )
+    .graceful_shutdown_on(stopped(stop_rx))
+    .run(
+        |obj, ctx| {
+            let span = reconcile_span(ControllerKind::ImageArchive, obj.as_ref());
+            async move {
+                let m = ctx.metrics.start(ControllerKind::ImageArchive);
+                let r = image_archive::reconcile(obj, ctx.clone()).await;
+                finish(m, &r);
+                r
+            }
+            .instrument(span)
+        },
+        error_policy(ControllerKind::ImageArchive),
         ctx,
     )
     .for_each(|_| async {});
 
-    let both = futures::future::join(ledgers, policies);
+    let both = futures::future::join3(ledgers, archives, policies);
     tokio::pin!(both);
     tokio::select! {
         _ = &mut both => {}

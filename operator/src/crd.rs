@@ -12,6 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod audit_ledger;
+mod image_archive;
 mod mesh_policy;
 #[cfg(test)]
 mod tests;
@@ -19,6 +20,10 @@ mod tests;
 pub use audit_ledger::{
     AuditLedger, AuditLedgerSpec, AuditLedgerStatus, CheckpointStatus, FollowerLag, GenerateKey,
     ReplicationStatus, SigningKey, Storage,
+};
+pub use image_archive::{
+    ArchiveImages, ArchivePeer, ArchiveResources, ArchiveStorage, ImageArchive, ImageArchiveSpec,
+    ImageArchiveStatus, MAX_ARCHIVE_REPLICAS, Replication,
 };
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use mesh_policy::{
@@ -119,7 +124,11 @@ pub struct WorkloadIdentity {
 
 /// Every CRD of medmesh, in a stable order (the order of the files in `crds/`).
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![finish(AuditLedger::crd()), finish(MeshPolicy::crd())]
+    vec![
+        finish(AuditLedger::crd()),
+        finish(MeshPolicy::crd()),
+        finish(ImageArchive::crd()),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as committed in `crds/`.

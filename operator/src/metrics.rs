@@ -147,16 +147,19 @@ pub enum ControllerKind {
     AuditLedger,
     /// The `MeshPolicy` (per namespace) controller.
     MeshPolicy,
+    /// The `ImageArchive` controller.
+    ImageArchive,
 }
 
 impl ControllerKind {
-    const ALL: [Self; 2] = [Self::AuditLedger, Self::MeshPolicy];
+    const ALL: [Self; 3] = [Self::AuditLedger, Self::MeshPolicy, Self::ImageArchive];
 
     /// The metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::AuditLedger => "audit_ledger",
             Self::MeshPolicy => "mesh_policy",
+            Self::ImageArchive => "image_archive",
         }
     }
 }

@@ -42,3 +42,7 @@ pub const AUDIT_KEY_SECRET: &str = "medmesh-audit-key";
 pub const AUDIT_KEY_NAME: &str = "key";
 /// Where the sidecar finds that key (the audit settings name the file).
 pub const AUDIT_KEY_MOUNT: &str = "/etc/medmesh/audit";
+
+/// The injected sidecar's admin listener (`/live`, `/ready`, `/metrics`) on the Pod's address:
+/// controllers that write NetworkPolicies let the kubelet reach it.
+pub const SIDECAR_ADMIN_PORT: i32 = 15020;

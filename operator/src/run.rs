@@ -373,6 +373,13 @@ pub async fn run_until(
                 trust_domain: cfg.trust_domain.clone(),
             }) as Arc<dyn controller::CheckpointReader>
         }),
+        archive_peers: reader_id.clone().map(|id| {
+            Arc::new(controller::image_archive::MeshPeerReader {
+                ca: ca.clone(),
+                id,
+                trust_domain: cfg.trust_domain.clone(),
+            }) as Arc<dyn controller::PeerReader>
+        }),
         reader_id,
         serving_ca: ca_rx,
         events,

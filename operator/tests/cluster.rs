@@ -21,6 +21,7 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -52,7 +53,11 @@ async fn refused(ns: &TestNs, obj: Value) -> String {
 async fn crds_are_established_and_the_server_enforces_their_schema_and_cel_rules() {
     let client = Env::client().await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in ["auditledgers.medmesh.io", "meshpolicies.medmesh.io"] {
+    for name in [
+        "auditledgers.medmesh.io",
+        "imagearchives.medmesh.io",
+        "meshpolicies.medmesh.io",
+    ] {
         let c = crds.get(name).await.unwrap();
         let conds = c.status.unwrap().conditions.unwrap();
         for t in ["Established", "NamesAccepted"] {
@@ -106,6 +111,46 @@ async fn crds_are_established_and_the_server_enforces_their_schema_and_cel_rules
         two_peers.contains("exactly one of spiffeId, serviceAccount or namespace must be set"),
         "{two_peers}"
     );
+    // ImageArchive: replication within bounds, and within the replicas.
+    let archive = |name: &str, spec: Value| {
+        json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "ImageArchive", "metadata": {"name": name},
+               "spec": spec})
+    };
+    let storage = json!({"kuboSize": "1Gi", "clusterSize": "1Gi"});
+    let inverted = refused(
+        &ns,
+        archive(
+            "inverted",
+            json!({"storage": storage, "replication": {"min": 3, "max": 2}}),
+        ),
+    )
+    .await;
+    assert!(
+        inverted.contains("replication.min cannot exceed replication.max"),
+        "{inverted}"
+    );
+    let too_few = refused(
+        &ns,
+        archive(
+            "few",
+            json!({"storage": storage, "replicas": 1, "replication": {"min": 2, "max": 2}}),
+        ),
+    )
+    .await;
+    assert!(
+        too_few.contains("replication.min cannot exceed replicas"),
+        "{too_few}"
+    );
+    let many = refused(
+        &ns,
+        archive("many", json!({"storage": storage, "replicas": 16})),
+    )
+    .await;
+    assert!(
+        many.contains("should be less than or equal to 15"),
+        "{many}"
+    );
+
     // Schema (not CEL): a port out of range, an unknown protocol.
     let port = refused(
         &ns,
@@ -339,6 +384,201 @@ async fn audit_ledger_yields_its_children_a_status_and_is_garbage_collected() {
     let kept: Secret = ns.api().get("ledger-signing-key").await.unwrap();
     assert_eq!(kept.metadata.uid, key.metadata.uid);
     assert_eq!(kept.data, key.data);
+}
+
+#[tokio::test]
+async fn image_archive_yields_a_private_cluster_whose_identities_survive_scaling() {
+    use medmesh_operator::controller::image_archive::{CONFIG_DIGEST_ANNOTATION, Identities};
+    use medmesh_operator::crd::ImageArchive;
+
+    let ns = TestNs::new("e2e-archive", true).await;
+    for i in 0..4 {
+        for claim in ["kubo", "cluster"] {
+            support::volume_for(&ns.client, &ns.name, &format!("{claim}-arch-{i}"), "1Gi").await;
+        }
+    }
+    let archives: Api<ImageArchive> = ns.api();
+    archives
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "medmesh.io/v1alpha1", "kind": "ImageArchive", "metadata": {"name": "arch"},
+                "spec": {"storage": {"kuboSize": "1Gi", "clusterSize": "1Gi"},
+                         "adders": [{"serviceAccount": {"name": "orthanc"}}]},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    // The children: generated identities (no owner), the rest owned by the archive.
+    let ids_secret: Secret = get(&ns.api(), "arch-identities").await;
+    assert!(
+        ids_secret.owner_references().is_empty(),
+        "identities outlive the archive"
+    );
+    let ids = Identities::from_secret(&ids_secret).unwrap();
+    assert_eq!(ids.peers.len(), 3, "replicas default to 3");
+    let config: Secret = get(&ns.api(), "arch-config").await;
+    let sa: ServiceAccount = get(&ns.api(), "arch").await;
+    let swarm: Service = get(&ns.api(), "arch-swarm").await;
+    let client_svc: Service = get(&ns.api(), "arch").await;
+    let policy: MeshPolicy = get(&ns.api(), "arch-archive").await;
+    let np: NetworkPolicy = get(&ns.api(), "arch").await;
+    let sts: StatefulSet = get(&ns.api(), "arch").await;
+    let pdb: PodDisruptionBudget = get(&ns.api(), "arch").await;
+    for (kind, refs) in [
+        ("config Secret", config.owner_references()),
+        ("ServiceAccount", sa.owner_references()),
+        ("swarm Service", swarm.owner_references()),
+        ("Service", client_svc.owner_references()),
+        ("MeshPolicy", policy.owner_references()),
+        ("NetworkPolicy", np.owner_references()),
+        ("StatefulSet", sts.owner_references()),
+        ("PDB", pdb.owner_references()),
+    ] {
+        assert_eq!(refs.len(), 1, "{kind}: {refs:?}");
+        assert_eq!(refs[0].kind, "ImageArchive", "{kind}");
+    }
+    assert_eq!(swarm.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    let data = config.data.clone().unwrap();
+    for i in 0..3 {
+        for f in ["kubo.json", "cluster.env", "identity.json"] {
+            assert!(data.contains_key(&format!("arch-{i}.{f}")), "arch-{i}.{f}");
+        }
+    }
+    // The archive's MeshPolicy is compiled into the namespace's policy like any other.
+    let compiled = support::eventually("the policy document with the archive's REST port", || {
+        let cms: Api<ConfigMap> = ns.api();
+        async move {
+            let doc = cms
+                .get("medmesh-policy")
+                .await
+                .ok()?
+                .data?
+                .remove("policy.json")?;
+            (doc.contains("9094") && doc.contains("/orthanc")).then_some(doc)
+        }
+    })
+    .await;
+    assert!(compiled.contains("8080"), "{compiled}");
+
+    // kwok runs the pods; the status lists the generated peers. No cluster answers at the
+    // Service's name from outside: Degraded, saying why.
+    let status = eventually("a status with three ready replicas", || {
+        let archives = archives.clone();
+        async move {
+            archives
+                .get("arch")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.ready_replicas == Some(3))
+        }
+    })
+    .await;
+    let cluster_ids: Vec<String> = ids.cluster_ids(3).iter().map(ToString::to_string).collect();
+    let listed: Vec<String> = status.peers.iter().map(|p| p.peer_id.clone()).collect();
+    assert_eq!(listed, cluster_ids);
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.status, "True", "{degraded:?}");
+    assert_eq!(degraded.reason, "ClusterUnreadable", "{degraded:?}");
+    assert_eq!(
+        status.endpoint.as_deref(),
+        Some(format!("http://arch.{}.svc:9094", ns.name).as_str())
+    );
+
+    // Scale up: identities extended, the first three unchanged, the pods roll.
+    let digest = |s: &StatefulSet| {
+        s.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_DIGEST_ANNOTATION]
+            .clone()
+    };
+    archives
+        .patch(
+            "arch",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .unwrap();
+    let four = support::eventually("four identities", || {
+        let secrets: Api<Secret> = ns.api();
+        async move {
+            let ids = Identities::from_secret(&secrets.get("arch-identities").await.ok()?).ok()?;
+            (ids.peers.len() == 4).then_some(ids)
+        }
+    })
+    .await;
+    for i in 0..3 {
+        assert_eq!(
+            four.peers[i].kubo.to_libp2p_base64(),
+            ids.peers[i].kubo.to_libp2p_base64()
+        );
+        assert_eq!(
+            four.peers[i].cluster.to_libp2p_base64(),
+            ids.peers[i].cluster.to_libp2p_base64()
+        );
+    }
+    assert_eq!(four.swarm_key, ids.swarm_key);
+    let sts4 = support::eventually("the StatefulSet at four replicas", || {
+        let sets: Api<StatefulSet> = ns.api();
+        async move {
+            sets.get("arch")
+                .await
+                .ok()
+                .filter(|s| s.spec.as_ref().and_then(|p| p.replicas) == Some(4))
+        }
+    })
+    .await;
+    assert_ne!(digest(&sts), digest(&sts4), "a new peer set rolls the pods");
+
+    // Scale down: nothing is forgotten; back up, the same identity returns.
+    archives
+        .patch(
+            "arch",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await
+        .unwrap();
+    support::eventually("the StatefulSet at two replicas", || {
+        let sets: Api<StatefulSet> = ns.api();
+        async move {
+            sets.get("arch")
+                .await
+                .ok()
+                .filter(|s| s.spec.as_ref().and_then(|p| p.replicas) == Some(2))
+        }
+    })
+    .await;
+    let kept = Identities::from_secret(&get(&ns.api(), "arch-identities").await).unwrap();
+    assert_eq!(kept.peers.len(), 4);
+    assert_eq!(
+        kept.peers[3].cluster.to_libp2p_base64(),
+        four.peers[3].cluster.to_libp2p_base64()
+    );
+
+    // Deletion: owned children go, the identities stay.
+    delete_and_wait(&archives, "arch").await;
+    gone(&ns.api::<StatefulSet>(), "arch").await;
+    gone(&ns.api::<Secret>(), "arch-config").await;
+    gone(&ns.api::<MeshPolicy>(), "arch-archive").await;
+    gone(&ns.api::<NetworkPolicy>(), "arch").await;
+    let left: Secret = ns.api().get("arch-identities").await.unwrap();
+    assert_eq!(left.metadata.uid, ids_secret.metadata.uid);
 }
 
 #[tokio::test]
@@ -807,6 +1047,12 @@ async fn the_operators_service_account_has_exactly_the_charts_permissions() {
         ("medmesh.io", "auditledgers", "watch"),
         ("medmesh.io", "meshpolicies", "list"),
         ("medmesh.io", "auditledgers/status", "patch"),
+        ("medmesh.io", "imagearchives", "watch"),
+        ("medmesh.io", "imagearchives/status", "patch"),
+        ("medmesh.io", "meshpolicies", "patch"),
+        ("", "secrets", "update"),
+        ("", "serviceaccounts", "create"),
+        ("networking.k8s.io", "networkpolicies", "patch"),
         ("medmesh.io", "meshpolicies/status", "patch"),
         ("", "secrets", "create"),
         ("", "configmaps", "patch"),
@@ -864,6 +1110,14 @@ async fn the_operators_service_account_has_exactly_the_charts_permissions() {
             Some("radiology"),
             None,
         ),
+        (
+            "medmesh.io",
+            "imagearchives",
+            "patch",
+            Some("radiology"),
+            None,
+        ),
+        ("", "serviceaccounts", "delete", Some("radiology"), None),
         (
             "coordination.k8s.io",
             "leases",

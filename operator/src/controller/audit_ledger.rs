@@ -28,22 +28,21 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, Secret,
+    SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ObjectMeta, Patch, PostParams};
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use medmesh_core::checkpoint::NoteSigner;
 use medmesh_core::{SpiffeId, TrustDomain};
 
-use super::{Context, Error, FIELD_MANAGER, MANAGED_BY, apply_params, k8s_time, kube_err};
+use super::children::{self, apply};
+use super::{Context, Error, FIELD_MANAGER, MANAGED_BY, k8s_time, kube_err};
 use crate::crd::{
     AuditLedger, AuditLedgerStatus, CheckpointStatus, Condition, FollowerLag, ReplicationStatus,
     WorkloadIdentity, condition,
@@ -344,13 +343,7 @@ fn selector_labels(names: &Names) -> BTreeMap<String, String> {
 }
 
 fn meta(name: &str, names: &Names, owner: &OwnerReference) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: Some(names.namespace.clone()),
-        labels: Some(labels(names)),
-        owner_references: Some(vec![owner.clone()]),
-        ..ObjectMeta::default()
-    }
+    children::meta(name, &names.namespace, labels(names), owner)
 }
 
 /// A fresh signing key Secret (no owner: see the module documentation).
@@ -677,23 +670,7 @@ pub fn stateful_set(
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 6)),
         resources: ledger.spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(LEDGER_UID),
-            run_as_group: Some(LEDGER_UID),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..SeccompProfile::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(children::restricted_container(LEDGER_UID)),
         volume_mounts: Some(vec![
             mount("data", DATA_DIR),
             mount("config", CONFIG_DIR),
@@ -735,26 +712,12 @@ pub fn stateful_set(
             ..Volume::default()
         },
     ];
-    let claim = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some("data".into()),
-            labels: Some(selector.clone()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: ledger.spec.storage.storage_class_name.clone(),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    ledger.spec.storage.size.clone(),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
-        ..PersistentVolumeClaim::default()
-    };
+    let claim = children::claim(
+        "data",
+        selector.clone(),
+        &ledger.spec.storage.size,
+        ledger.spec.storage.storage_class_name.as_ref(),
+    );
     StatefulSet {
         metadata: meta(&names.ledger, names, owner),
         spec: Some(StatefulSetSpec {
@@ -774,29 +737,8 @@ pub fn stateful_set(
                 spec: Some(PodSpec {
                     // The ledger needs no API access.
                     automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(LEDGER_UID),
-                        run_as_group: Some(LEDGER_UID),
-                        fs_group: Some(LEDGER_UID),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    // Spread replicas across nodes, but still schedule on a single-node
-                    // cluster (DoNotSchedule would leave replicas Pending there).
-                    topology_spread_constraints: Some(vec![TopologySpreadConstraint {
-                        max_skew: 1,
-                        topology_key: "kubernetes.io/hostname".into(),
-                        when_unsatisfiable: "ScheduleAnyway".into(),
-                        label_selector: Some(LabelSelector {
-                            match_labels: Some(selector),
-                            ..LabelSelector::default()
-                        }),
-                        ..TopologySpreadConstraint::default()
-                    }]),
+                    security_context: Some(children::restricted_pod(LEDGER_UID)),
+                    topology_spread_constraints: Some(vec![children::spread(selector)]),
                     termination_grace_period_seconds: Some(30),
                     containers: vec![container],
                     volumes: Some(volumes),
@@ -813,18 +755,7 @@ pub fn stateful_set(
 /// The PodDisruptionBudget: one replica at a time may be evicted (never zero, which would
 /// block every node drain).
 pub fn pdb(names: &Names, owner: &OwnerReference) -> PodDisruptionBudget {
-    PodDisruptionBudget {
-        metadata: meta(&names.ledger, names, owner),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(names)),
-                ..LabelSelector::default()
-            }),
-            ..PodDisruptionBudgetSpec::default()
-        }),
-        ..PodDisruptionBudget::default()
-    }
+    children::one_down_pdb(meta(&names.ledger, names, owner), selector_labels(names))
 }
 
 /// What was observed, for [`status`].
@@ -994,16 +925,6 @@ fn owner_of(ledger: &AuditLedger) -> Result<OwnerReference, Error> {
         .ok_or_else(|| Error::Object(format!("AuditLedger {} has no uid yet", ledger.name_any())))
 }
 
-async fn apply<K>(api: &Api<K>, obj: &K, what: &str) -> Result<K, Error>
-where
-    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &apply_params(), &Patch::Apply(obj))
-        .await
-        .map_err(kube_err(format!("apply {what} {name}")))
-}
-
 /// The signing key: read, or created once.
 async fn signing_key(
     ledger: &AuditLedger,
@@ -1164,16 +1085,5 @@ async fn write_status(
     if ledger.status.as_ref() == Some(&new) {
         return Ok(());
     }
-    let body = serde_json::json!({
-        "apiVersion": "medmesh.io/v1alpha1",
-        "kind": "AuditLedger",
-        "status": new,
-    });
-    api.patch_status(&names.ledger, &apply_params(), &Patch::Apply(&body))
-        .await
-        .map_err(kube_err(format!(
-            "patch status of AuditLedger {}/{}",
-            names.namespace, names.ledger
-        )))?;
-    Ok(())
+    children::apply_status(api, "AuditLedger", &names.namespace, &names.ledger, &new).await
 }

@@ -187,7 +187,11 @@ fn crds_have_status_printer_columns_and_rules() {
         .collect();
     assert_eq!(
         names,
-        ["auditledgers.medmesh.io", "meshpolicies.medmesh.io"]
+        [
+            "auditledgers.medmesh.io",
+            "meshpolicies.medmesh.io",
+            "imagearchives.medmesh.io"
+        ]
     );
     for crd in &crds {
         assert_eq!(crd.spec.group, GROUP);

@@ -26,7 +26,7 @@ pub const PROXY_UID: i64 = 1337;
 /// The sidecar's inbound listener.
 pub const INBOUND_PORT: i32 = 15006;
 /// The sidecar's admin listener (`/live`, `/ready`, `/metrics`).
-pub const ADMIN_PORT: i32 = 15020;
+pub const ADMIN_PORT: i32 = crate::names::SIDECAR_ADMIN_PORT;
 /// Volume of the projected identity token.
 pub const TOKEN_VOLUME: &str = "medmesh-identity-token";
 /// Where the token is mounted in the sidecar.

@@ -88,6 +88,7 @@ fn fixture(ca: Arc<IssuerCa>, with_reader: bool) -> Fixture {
     let reader = Arc::new(FixedReader(Mutex::new(Vec::new())));
     let (_tx, serving_ca) = tokio::sync::watch::channel(None);
     let ctx = Arc::new(Context {
+        archive_peers: None,
         client,
         trust_domain: td(),
         ledger_image: "ghcr.io/medmesh/ledger:test".into(),

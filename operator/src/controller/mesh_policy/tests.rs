@@ -26,6 +26,7 @@ fn context(serving_ca: Option<&str>) -> (Arc<Context>, ApiServer) {
     let td = medmesh_core::TrustDomain::new("cluster.local").unwrap();
     let (_tx, rx) = tokio::sync::watch::channel(serving_ca.map(str::to_owned));
     let ctx = Arc::new(Context {
+        archive_peers: None,
         client,
         ca: Arc::new(IssuerCa::generate(&td, t0()).unwrap()),
         trust_domain: td,

@@ -1,0 +1,284 @@
+//! Archive peers as the operator renders them, run as real Kubo and ipfs-cluster daemons in
+//! network-namespace pods: each pod gets the files of the operator's configuration Secret
+//! (as its volume would hold them), an /etc/hosts that resolves the swarm Service's pod names,
+//! and runs each container's own command with the container's own environment; only the three
+//! path variables point into the test's directories instead of the volumes.
+
+#![allow(dead_code)] // Each test binary uses a different part.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Container, Secret};
+
+use super::netns::{ok, sh};
+
+/// The daemons' directory: `scripts/ipfs env` builds them once per machine (cached outside
+/// the work tree) and prints where. Fails, never skips, when they cannot be built.
+pub fn ipfs_bin() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(root.join("scripts/ipfs"))
+        .arg("env")
+        .output()
+        .expect("running scripts/ipfs");
+    assert!(
+        out.status.success(),
+        "scripts/ipfs could not build Kubo and ipfs-cluster from the Go module proxy:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("export MEDMESH_IPFS_BIN="))
+        .expect("scripts/ipfs env prints MEDMESH_IPFS_BIN");
+    let dir = PathBuf::from(dir.trim_matches('\''));
+    for b in ["ipfs", "ipfs-cluster-service", "ipfs-cluster-ctl"] {
+        assert!(dir.join(b).is_file(), "{b} missing from {}", dir.display());
+    }
+    dir
+}
+
+/// One pod's files and daemons.
+pub struct ArchivePod {
+    pub ns: String,
+    pub ip: String,
+    pub pod: String,
+    pub dir: PathBuf,
+    pub kubo: Option<Child>,
+    pub cluster: Option<Child>,
+}
+
+/// The container `name` of the StatefulSet's pod template.
+pub fn container<'a>(sts: &'a StatefulSet, name: &str) -> &'a Container {
+    sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+impl ArchivePod {
+    pub fn new(ns: &str, ip: &str, pod: &str, dir: &Path) -> Self {
+        let dir = dir.join(pod);
+        for d in ["config", "kubo", "cluster", "tmp"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        Self {
+            ns: ns.into(),
+            ip: ip.into(),
+            pod: pod.into(),
+            dir,
+            kubo: None,
+            cluster: None,
+        }
+    }
+
+    /// Writes every key of the configuration Secret into the pod's config directory (what
+    /// the Secret volume holds).
+    pub fn install_config(&self, config: &Secret) {
+        let cfg = self.dir.join("config");
+        for (k, v) in config.data.as_ref().unwrap() {
+            std::fs::write(cfg.join(k), &v.0).unwrap();
+        }
+    }
+
+    /// The container's environment, fieldRef `metadata.name` resolved to the pod name and the
+    /// volume paths moved into the test directory.
+    pub fn env_of(&self, c: &Container, bin: &Path) -> Vec<(String, String)> {
+        let mut env = vec![
+            (
+                "PATH".to_owned(),
+                format!("{}:/usr/bin:/bin:/usr/sbin:/sbin", bin.display()),
+            ),
+            (
+                "HOME".to_owned(),
+                self.dir.join("tmp").display().to_string(),
+            ),
+            (
+                "TMPDIR".to_owned(),
+                self.dir.join("tmp").display().to_string(),
+            ),
+        ];
+        for e in c.env.as_ref().unwrap() {
+            let value = match (e.name.as_str(), &e.value, &e.value_from) {
+                ("MEDMESH_ARCHIVE_CONFIG", _, _) => self.dir.join("config").display().to_string(),
+                ("IPFS_PATH", _, _) => self.dir.join("kubo").display().to_string(),
+                ("IPFS_CLUSTER_PATH", _, _) => self.dir.join("cluster").display().to_string(),
+                (_, Some(v), _) => v.clone(),
+                (_, None, Some(from)) => {
+                    let f = from.field_ref.as_ref().expect("only fieldRef is used");
+                    assert_eq!(f.field_path, "metadata.name");
+                    self.pod.clone()
+                }
+                _ => panic!("env {} has no value", e.name),
+            };
+            env.push((e.name.clone(), value));
+        }
+        env
+    }
+
+    /// Starts the container's command in the pod (output into `<dir>/<name>.log`).
+    pub fn start(&mut self, sts: &StatefulSet, name: &str, bin: &Path) {
+        let c = container(sts, name);
+        let cmd = c.command.as_ref().unwrap();
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.ns, "env", "-i"])
+            .args(self.env_of(c, bin).iter().map(|(k, v)| format!("{k}={v}")))
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = command.spawn().unwrap();
+        if name == "kubo" {
+            self.kubo = Some(child);
+        } else {
+            self.cluster = Some(child);
+        }
+    }
+
+    /// Runs the container's readiness probe command in the pod; whether it succeeded.
+    pub fn probe(&self, sts: &StatefulSet, name: &str, bin: &Path) -> bool {
+        let c = container(sts, name);
+        let probe = c.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, "env", "-i"])
+            .args(self.env_of(c, bin).iter().map(|(k, v)| format!("{k}={v}")))
+            .args(probe.command.as_ref().unwrap())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    /// SIGKILLs both daemons.
+    pub fn kill(&mut self) {
+        for c in [self.kubo.take(), self.cluster.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // `ip netns exec` execs into env, which execs sh, which execs the daemon: the child
+        // PID is the daemon's. Nothing else is left in the pod.
+    }
+
+    /// SIGTERMs both daemons and waits for them (a rolling restart's stop).
+    pub fn stop(&mut self) {
+        for c in [self.cluster.take(), self.kubo.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut c = c;
+            let _ = sh(&format!("kill -TERM {}", c.id()));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// `curl` inside the pod (the REST API and the RPC listen on the pod's loopback).
+    pub fn curl(&self, args: &str) -> (bool, String) {
+        let o = sh(&format!(
+            "ip netns exec {} curl -sS --max-time 60 {args}",
+            self.ns
+        ));
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    }
+
+    /// `curl` that must succeed with a 2xx answer; its body.
+    pub fn curl_ok(&self, args: &str) -> String {
+        let o = sh(&format!(
+            "ip netns exec {} curl -sS --fail-with-body --max-time 60 {args}",
+            self.ns
+        ));
+        assert!(
+            o.status.success(),
+            "{}: curl {args}: {}{}",
+            self.pod,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for ArchivePod {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Gives network namespace `ns` an /etc/hosts (`ip netns exec` bind-mounts
+/// `/etc/netns/<ns>/hosts` over /etc/hosts): the pods' names as the headless Service's DNS
+/// would answer them. Removed by [`remove_hosts`].
+pub fn write_hosts(ns: &str, entries: &[(String, String)]) {
+    let dir = PathBuf::from("/etc/netns").join(ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = "127.0.0.1 localhost\n".to_owned();
+    for (ip, name) in entries {
+        text.push_str(&format!("{ip} {name}\n"));
+    }
+    std::fs::write(dir.join("hosts"), text).unwrap();
+}
+
+pub fn remove_hosts(ns: &str) {
+    let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
+}
+
+/// Polls `f` every 500 ms until it returns `Some`, or panics with `what` and `diag()`.
+pub fn wait_for<T>(
+    within: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    diag: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("{what}: not within {within:?}\n{}", diag());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs a command (no shell) and asserts success.
+pub fn run_ok(args: &[&str]) -> String {
+    ok(&args
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
