@@ -14,6 +14,7 @@ pub mod policy;
 pub mod record;
 pub mod spiffe;
 pub mod tls;
+pub mod unixfs;
 pub mod wire;
 
 pub use checkpoint::{Checkpoint, NoteError, NoteSigner, NoteVerifier};

@@ -259,6 +259,8 @@ fn the_operators_archive_cluster_forms_is_private_and_survives_a_peer_loss() {
     std::fs::write(&plain, &bytes).unwrap();
     let cid = add(&pods[0], &plain, "a1b2c3", 2, 2);
     assert!(cid.starts_with("bafy"), "CIDv1 dag-pb root: {cid}");
+    // The cluster's DAG builder and medmesh's agree (the archive path recomputes CIDs).
+    assert_eq!(medmesh_core::unixfs::file_cid(&bytes).to_string(), cid);
     let holders = wait_for(
         Duration::from_secs(60),
         "the add pinned on 2 peers",

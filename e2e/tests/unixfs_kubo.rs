@@ -1,0 +1,89 @@
+//! `medmesh_core::unixfs` against Kubo itself: for every boundary of the balanced layout (empty,
+//! one byte, one chunk ± 1, 174 chunks ± 1, two and three tree levels with small chunks, 50 MiB)
+//! the CID computed in Rust equals the one `ipfs add --only-hash --cid-version=1` prints. Kubo is
+//! built from the Go module proxy by `scripts/ipfs`; the test fails, never skips, without it.
+
+// Integration tests: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/ipfs.rs"]
+mod ipfs;
+#[path = "support/mesh.rs"]
+mod mesh;
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::process::Command;
+
+use medmesh_core::unixfs::{CHUNK_SIZE, FileBuilder, MAX_LINKS};
+
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn cids_equal_kubos_at_every_layout_boundary() {
+    let bin = ipfs::ipfs_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let ipfs = |args: &[&str]| {
+        let out = Command::new(bin.join("ipfs"))
+            .args(args)
+            .env("IPFS_PATH", &repo)
+            .env("IPFS_TELEMETRY", "off")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ipfs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    ipfs(&["init", "--profile=test"]);
+    let l = MAX_LINKS;
+    let cases: Vec<(usize, usize)> = vec![
+        (0, CHUNK_SIZE),
+        (1, CHUNK_SIZE),
+        (CHUNK_SIZE - 1, CHUNK_SIZE),
+        (CHUNK_SIZE, CHUNK_SIZE),
+        (CHUNK_SIZE + 1, CHUNK_SIZE),
+        (l * CHUNK_SIZE, CHUNK_SIZE),
+        (l * CHUNK_SIZE + 1, CHUNK_SIZE),
+        (50 << 20, CHUNK_SIZE),
+        (l * l, 1),
+        (l * l + 1, 1),
+        (2 * l * l + l + 3, 1),
+        (l * 7 * 3 + 2, 7),
+    ];
+    for (i, &(size, chunk)) in cases.iter().enumerate() {
+        let data = bytes(size, i as u64 + 1);
+        let path = dir.path().join(format!("f{i}"));
+        std::fs::write(&path, &data).unwrap();
+        let kubo = ipfs(&[
+            "add",
+            "--only-hash",
+            "-Q",
+            "--cid-version=1",
+            "--raw-leaves",
+            &format!("--chunker=size-{chunk}"),
+            path.to_str().unwrap(),
+        ]);
+        let mut b = FileBuilder::with_chunk_size(chunk);
+        let mut blocks = 0usize;
+        for piece in data.chunks(100_000) {
+            b.push(piece, &mut |_, _| blocks += 1);
+        }
+        let ours = b.finish(&mut |_, _| blocks += 1).to_string();
+        assert_eq!(ours, kubo, "size {size}, chunk {chunk}");
+        eprintln!("size {size:>9} chunk {chunk:>6}: {blocks:>6} blocks, {ours}");
+    }
+}
