@@ -12,6 +12,7 @@ pub mod merkle;
 pub mod p2p;
 pub mod policy;
 pub mod record;
+pub mod seal;
 pub mod spiffe;
 pub mod tls;
 pub mod unixfs;

@@ -9,7 +9,7 @@
 //! `bafkrei…`); the empty file is the empty raw block. An internal node is a DAG-PB `PBNode`
 //! whose links (`Hash`, an empty `Name`, `Tsize` = the bytes of the child's whole sub-DAG) come
 //! before its `Data`: a UnixFS `File` with `filesize` and one `blocksizes` entry per child.
-//! `e2e/tests/unixfs_kubo.rs` compares every boundary case with Kubo's `ipfs add --only-hash`.
+//! `e2e/tests/archive_formats.rs` compares every boundary case with Kubo's `ipfs add --only-hash`.
 
 use cid::Cid;
 use sha2::{Digest as _, Sha256};
@@ -234,7 +234,7 @@ mod tests {
     use super::*;
 
     // Kubo's own CIDs (rust-unixfs's interop vectors, captured from `ipfs add --only-hash
-    // --cid-version=1`; e2e/tests/unixfs_kubo.rs compares many more with a live Kubo).
+    // --cid-version=1`; e2e/tests/archive_formats.rs compares many more with a live Kubo).
     #[test]
     fn single_block_files_match_kubo() {
         assert_eq!(

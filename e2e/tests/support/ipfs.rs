@@ -35,7 +35,7 @@ pub fn ipfs_bin() -> PathBuf {
         .find_map(|l| l.strip_prefix("export MEDMESH_IPFS_BIN="))
         .expect("scripts/ipfs env prints MEDMESH_IPFS_BIN");
     let dir = PathBuf::from(dir.trim_matches('\''));
-    for b in ["ipfs", "ipfs-cluster-service", "ipfs-cluster-ctl"] {
+    for b in ["ipfs", "ipfs-cluster-service", "ipfs-cluster-ctl", "age"] {
         assert!(dir.join(b).is_file(), "{b} missing from {}", dir.display());
     }
     dir
