@@ -538,17 +538,7 @@ fn the_operators_archive_cluster_forms_is_private_and_survives_a_peer_loss() {
 }
 
 fn container_annotation(sts: &k8s_openapi::api::apps::v1::StatefulSet) -> String {
-    sts.spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap()
-        .annotations
-        .as_ref()
-        .unwrap()[archive::CONFIG_DIGEST_ANNOTATION]
-        .clone()
+    archive::template_digest(sts).unwrap().to_owned()
 }
 
 /// `medmesh dev certs` identities for the mesh test, readable by the proxy's uid.

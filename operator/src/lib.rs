@@ -10,6 +10,7 @@
 //! - [`controller`]: the leader-only `AuditLedger` and `MeshPolicy` controllers.
 //! - [`leader`]: leader election on a Lease (only the leader runs the controllers).
 //! - [`metrics`]: admission and certificate counters (bounded labels).
+//! - [`security`]: the restricted security contexts of the containers the operator writes.
 //! - [`names`]: the labels, annotations, object names and paths the parts share.
 //! - [`serving`]: the operator's own serving CA and certificate, rotation, `caBundle`.
 //! - [`telemetry`]: the log subscriber and, with an OTLP endpoint, trace export.
@@ -26,6 +27,7 @@ pub mod names;
 pub mod policy;
 pub mod resolve;
 pub mod run;
+pub mod security;
 pub mod serving;
 pub mod telemetry;
 pub mod webhook;

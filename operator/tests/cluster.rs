@@ -388,7 +388,7 @@ async fn audit_ledger_yields_its_children_a_status_and_is_garbage_collected() {
 
 #[tokio::test]
 async fn image_archive_yields_a_private_cluster_whose_identities_survive_scaling() {
-    use medmesh_operator::controller::image_archive::{CONFIG_DIGEST_ANNOTATION, Identities};
+    use medmesh_operator::controller::image_archive::Identities;
     use medmesh_operator::crd::ImageArchive;
 
     let ns = TestNs::new("e2e-archive", true).await;
@@ -494,17 +494,9 @@ async fn image_archive_yields_a_private_cluster_whose_identities_survive_scaling
 
     // Scale up: identities extended, the first three unchanged, the pods roll.
     let digest = |s: &StatefulSet| {
-        s.spec
-            .as_ref()
+        medmesh_operator::controller::image_archive::template_digest(s)
             .unwrap()
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .annotations
-            .as_ref()
-            .unwrap()[CONFIG_DIGEST_ANNOTATION]
-            .clone()
+            .to_owned()
     };
     archives
         .patch(

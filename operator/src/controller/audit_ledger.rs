@@ -553,13 +553,7 @@ pub fn config_map(
 }
 
 fn port(name: &str, port: i32) -> ServicePort {
-    ServicePort {
-        name: Some(name.into()),
-        port,
-        target_port: Some(IntOrString::String(name.into())),
-        protocol: Some("TCP".into()),
-        ..ServicePort::default()
-    }
+    children::service_port(name, port, IntOrString::String(name.into()))
 }
 
 /// The headless Service (stable pod DNS; not-ready pods resolve too, for start-up).
@@ -670,7 +664,7 @@ pub fn stateful_set(
         readiness_probe: Some(http_probe("/ready", 5, 3)),
         liveness_probe: Some(http_probe("/live", 10, 6)),
         resources: ledger.spec.resources.clone(),
-        security_context: Some(children::restricted_container(LEDGER_UID)),
+        security_context: Some(crate::security::restricted_container(LEDGER_UID)),
         volume_mounts: Some(vec![
             mount("data", DATA_DIR),
             mount("config", CONFIG_DIR),
@@ -737,7 +731,7 @@ pub fn stateful_set(
                 spec: Some(PodSpec {
                     // The ledger needs no API access.
                     automount_service_account_token: Some(false),
-                    security_context: Some(children::restricted_pod(LEDGER_UID)),
+                    security_context: Some(crate::security::restricted_pod(LEDGER_UID)),
                     topology_spread_constraints: Some(vec![children::spread(selector)]),
                     termination_grace_period_seconds: Some(30),
                     containers: vec![container],

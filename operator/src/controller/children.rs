@@ -1,12 +1,13 @@
-//! What the controllers' children have in common: object metadata, the restricted security
-//! contexts, volume claims, spreading, the one-down disruption budget, and the server-side
-//! apply of a child and of a status.
+//! What the controllers' children have in common: object metadata, Service ports, volume
+//! claims, spreading, the one-down disruption budget, and the server-side apply of a child and
+//! of a status. (The restricted security contexts are in [`crate::security`], which the webhook
+//! shares.)
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
-    SeccompProfile, SecurityContext, TopologySpreadConstraint, VolumeResourceRequirements,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, ServicePort, TopologySpreadConstraint,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -32,41 +33,15 @@ pub fn meta(
     }
 }
 
-fn seccomp() -> SeccompProfile {
-    SeccompProfile {
-        type_: "RuntimeDefault".into(),
-        ..SeccompProfile::default()
-    }
-}
-
-/// A container security context of the `restricted` Pod Security Standard, running as `uid`,
-/// with a read-only root filesystem.
-pub fn restricted_container(uid: i64) -> SecurityContext {
-    SecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(uid),
-        run_as_group: Some(uid),
-        read_only_root_filesystem: Some(true),
-        allow_privilege_escalation: Some(false),
-        privileged: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Capabilities::default()
-        }),
-        seccomp_profile: Some(seccomp()),
-        ..SecurityContext::default()
-    }
-}
-
-/// The matching pod security context (`uid` also owns the volumes).
-pub fn restricted_pod(uid: i64) -> PodSecurityContext {
-    PodSecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(uid),
-        run_as_group: Some(uid),
-        fs_group: Some(uid),
-        seccomp_profile: Some(seccomp()),
-        ..PodSecurityContext::default()
+/// A TCP Service port `name` forwarding to `target` (a container port's name, or a number when
+/// the container declares no such port).
+pub fn service_port(name: &str, port: i32, target: IntOrString) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(target),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
     }
 }
 

@@ -249,20 +249,7 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
         readiness_probe: Some(probe("/ready", 5, 3)),
         liveness_probe: Some(probe("/live", 10, 3)),
         resources: Some(resources("50m", "32Mi", "256Mi")),
-        security_context: Some(SecurityContext {
-            run_as_user: Some(PROXY_UID),
-            run_as_group: Some(PROXY_UID),
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            seccomp_profile: seccomp(),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(crate::security::restricted_container(PROXY_UID)),
         ..Container::default()
     }
 }

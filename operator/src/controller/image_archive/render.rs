@@ -31,6 +31,10 @@ pub fn storage_max(q: &Quantity) -> String {
 }
 
 /// Replica `i`'s complete Kubo configuration (its `$IPFS_PATH/config`).
+///
+/// # Panics
+/// When `ids` holds fewer identities than `i + 1` (or than the replicas):
+/// [`config_secret`] checks that first.
 pub fn kubo_config(
     archive: &ImageArchive,
     names: &Names,
@@ -108,6 +112,9 @@ pub fn kubo_config(
 
 /// Replica `i`'s ipfs-cluster settings, as `CLUSTER_*` variables (a file the container
 /// sources; values are single words, so no quoting is needed).
+///
+/// # Panics
+/// When `ids` holds fewer identities than the replicas: [`config_secret`] checks that first.
 pub fn cluster_env(archive: &ImageArchive, names: &Names, ids: &Identities, i: usize) -> String {
     let replicas = usize::try_from(archive.spec.replicas.max(1)).unwrap_or(1);
     let trusted: Vec<String> = ids
@@ -167,6 +174,10 @@ pub fn cluster_env(archive: &ImageArchive, names: &Names, ids: &Identities, i: u
 }
 
 /// Replica `i`'s ipfs-cluster `identity.json`.
+///
+/// # Panics
+/// When `ids` holds fewer identities than `i + 1` (or than the replicas):
+/// [`config_secret`] checks that first.
 pub fn cluster_identity(ids: &Identities, i: usize) -> serde_json::Value {
     let p = &ids.peers[i].cluster;
     json!({"id": p.peer_id().to_string(), "private_key": p.to_libp2p_base64()})
@@ -232,14 +243,9 @@ pub fn service_account(names: &Names, owner: &OwnerReference) -> ServiceAccount 
     }
 }
 
+// The REST and gateway ports are not container ports (loopback only): target by number.
 fn service_port(name: &str, port: i32) -> ServicePort {
-    ServicePort {
-        name: Some(name.into()),
-        port,
-        target_port: Some(IntOrString::Int(port)),
-        protocol: Some("TCP".into()),
-        ..ServicePort::default()
-    }
+    children::service_port(name, port, IntOrString::Int(port))
 }
 
 /// The headless Service of the swarm ports (not-ready pods resolve too).
@@ -432,6 +438,19 @@ pub fn config_digest(config: &Secret) -> String {
     hex::encode(h.finalize())
 }
 
+/// The configuration digest a StatefulSet's pod template carries, if any.
+pub fn template_digest(sts: &StatefulSet) -> Option<&str> {
+    sts.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CONFIG_DIGEST_ANNOTATION)
+        .map(String::as_str)
+}
+
 /// The StatefulSet; `digest` is [`config_digest`] of the configuration Secret.
 pub fn stateful_set(
     archive: &ImageArchive,
@@ -477,7 +496,7 @@ pub fn stateful_set(
         readiness_probe: Some(exec_probe("ipfs id >/dev/null", 10, 3)),
         liveness_probe: Some(tcp_probe(KUBO_SWARM_PORT, 10, 6)),
         resources: resources.kubo,
-        security_context: Some(children::restricted_container(ARCHIVE_UID)),
+        security_context: Some(crate::security::restricted_container(ARCHIVE_UID)),
         volume_mounts: Some(vec![
             mount("kubo", KUBO_DIR, false),
             mount("config", CONFIG_DIR, true),
@@ -503,7 +522,7 @@ pub fn stateful_set(
         readiness_probe: Some(exec_probe(CLUSTER_READY_SCRIPT, 10, 3)),
         liveness_probe: Some(tcp_probe(CLUSTER_SWARM_PORT, 10, 6)),
         resources: resources.cluster,
-        security_context: Some(children::restricted_container(ARCHIVE_UID)),
+        security_context: Some(crate::security::restricted_container(ARCHIVE_UID)),
         volume_mounts: Some(vec![
             mount("cluster", CLUSTER_DIR, false),
             mount("config", CONFIG_DIR, true),
@@ -557,7 +576,7 @@ pub fn stateful_set(
                 spec: Some(PodSpec {
                     service_account_name: Some(names.archive.clone()),
                     automount_service_account_token: Some(false),
-                    security_context: Some(children::restricted_pod(ARCHIVE_UID)),
+                    security_context: Some(crate::security::restricted_pod(ARCHIVE_UID)),
                     topology_spread_constraints: Some(vec![children::spread(selector)]),
                     termination_grace_period_seconds: Some(60),
                     containers: vec![kubo, cluster],
