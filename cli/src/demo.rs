@@ -16,7 +16,8 @@ use anyhow::Context as _;
 use medmesh_core::devca::{DevCa, LeafOptions};
 use medmesh_core::dicom::{self, SyntheticInstance};
 use medmesh_core::merkle::sha256;
-use medmesh_core::record::RecordId;
+use medmesh_core::record::{EventKind, RecordId};
+use medmesh_core::seal::ArchiveKey;
 use medmesh_core::tls::{Identity, ServerIdentity, TrustBundle};
 use medmesh_core::{NoteSigner, TrustDomain};
 use medmesh_ledger_client::{LedgerClient, LedgerClientConfig, TrustedStore};
@@ -270,66 +271,14 @@ fn receiver(storage: PathBuf) -> anyhow::Result<u16> {
     Ok(port)
 }
 
-/// A minimal C-STORE SCU (the demo's "scanner"): stores `files` in one association; returns the
-/// response status of each.
+/// The demo's "scanner": stores `files` (Part 10) in one association; returns each status.
 fn sender(addr: String, files: Vec<Vec<u8>>) -> anyhow::Result<Vec<u16>> {
-    use dicom_ul::association::client::ClientAssociationOptions;
-    use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
-    use medmesh_core::dicom::command::{self, Command};
-    let mut assoc = ClientAssociationOptions::new()
-        .calling_ae_title("CTSCANNER")
-        .called_ae_title("ORTHANC")
-        .with_presentation_context(dicom::CT_IMAGE_STORAGE, vec![dicom::EXPLICIT_VR_LE])
-        .establish(addr.as_str())
-        .context("association through the client sidecar")?;
-    let ctx = assoc
-        .presentation_contexts()
-        .first()
-        .map(|c| c.id)
-        .context("no presentation context accepted")?;
-    let max = (assoc.acceptor_max_pdu_length() as usize).clamp(4096, 1 << 20) - 12;
-    let mut statuses = Vec::new();
-    for (n, file) in files.iter().enumerate() {
-        let p10 = dicom::split_part10(file)?.context("not Part 10")?;
-        let id = (n + 1) as u16;
-        let instance = crate::demo_uid::instance_of(p10.dataset).unwrap_or_default();
-        let rq = command::encode(&Command {
-            field: command::C_STORE_RQ,
-            message_id: Some(id),
-            sop_class: Some(dicom::CT_IMAGE_STORAGE.into()),
-            sop_instance: Some(instance),
-            has_dataset: true,
-            ..Default::default()
-        });
-        assoc.send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: ctx,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: rq,
-            }],
-        })?;
-        let chunks: Vec<&[u8]> = p10.dataset.chunks(max).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            assoc.send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: ctx,
-                    value_type: PDataValueType::Data,
-                    is_last: i + 1 == chunks.len(),
-                    data: chunk.to_vec(),
-                }],
-            })?;
-        }
-        match assoc.receive()? {
-            Pdu::PData { data } => {
-                let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
-                statuses.push(command::parse(&bytes)?.status.unwrap_or(0xFFFF));
-            }
-            other => anyhow::bail!("unexpected answer: {}", other.short_description()),
-        }
-    }
-    assoc.release()?;
-    Ok(statuses)
+    let items = files
+        .iter()
+        .map(|f| crate::dimse::StoreItem::from_part10(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    crate::dimse::store(&addr, "CTSCANNER", "ORTHANC", &items)
+        .context("association through the client sidecar")
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -374,6 +323,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut tenant_key = vec![0u8; 32];
     getrandom::fill(&mut tenant_key).map_err(|e| anyhow::anyhow!("random: {e}"))?;
     std::fs::write(dir.join("uid.key"), &tenant_key)?;
+    // The PACS namespace's archive key: sidecars seal to its recipient; only restorers hold it.
+    let archive_key = ArchiveKey::generate();
+    std::fs::write(dir.join("archive.key"), archive_key.to_secret_string())?;
+    let archive_store = dir.join("archive-store");
 
     // The PACS and its sidecar, which audits the DICOM port in enforce mode.
     let storage = dir.join("pacs-storage");
@@ -414,6 +367,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "enforce".into(),
         "--spool-dir".into(),
         p(&dir.join("pacs-spool")),
+        "--archive-store".into(),
+        p(&archive_store),
+        "--archive-recipients".into(),
+        archive_key.recipient().to_string(),
     ]);
     let (_server, server_ports) = start_sidecar(&dir, "pacs-sidecar", &server_args)?;
     let mut client_args = common(&ct_cert, &ct_key);
@@ -423,7 +380,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ]);
     let (_client, client_ports) = start_sidecar(&dir, "scanner-sidecar", &client_args)?;
     println!(
-        "== mesh: scanner sidecar (spiffe://medmesh.local/ns/radiology/sa/ct-scanner) -> mTLS -> PACS sidecar (spiffe://medmesh.local/ns/pacs/sa/orthanc, auditing DICOM, enforce)"
+        "== mesh: scanner sidecar (spiffe://medmesh.local/ns/radiology/sa/ct-scanner) -> mTLS -> PACS sidecar (spiffe://medmesh.local/ns/pacs/sa/orthanc, auditing DICOM, enforce; archiving each instance sealed with age into the local object store {}, CIDs as Kubo computes them)",
+        archive_store.display()
     );
 
     // The scanner sends synthetic CT instances through its sidecar.
@@ -506,6 +464,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         report.entries, report.rebuilt_root, cp.size, report.proofs_checked
     );
 
+    // Each stored instance is archived in the background; its `instance_archived` record
+    // follows once the object is in the store.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let archived = loop {
+        let mut n = 0;
+        for h in &hashes {
+            let (_, hits, _) = auditor.search("sha256", &h.to_hex()).await?;
+            n += usize::from(
+                hits.iter()
+                    .any(|x| x.entry.record.kind == EventKind::InstanceArchived),
+            );
+        }
+        if n == hashes.len() || Instant::now() >= deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "== archive: {archived} of {} instances archived encrypted (instance_archived records in the ledger, objects in {})",
+        hashes.len(),
+        archive_store.display()
+    );
+    let cp = auditor.update_trusted(&store).await?.new.checkpoint;
+
     let mut stored: Vec<PathBuf> = std::fs::read_dir(&storage)?
         .flatten()
         .map(|e| e.path())
@@ -526,14 +508,54 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         *b = b.wrapping_add(7);
     }
     std::fs::write(&stored[0], &bytes)?;
-    println!("   $ medmesh ledger verify-file {}", stored[0].display());
-    let tampered = crate::ledger::verify_file(&auditor, &cp, &stored[0]).await? == 0;
+    let uid_key = dir.join("uid.key");
+    println!(
+        "   $ medmesh ledger verify-file --uid-key {} {}",
+        uid_key.display(),
+        stored[0].display()
+    );
+    let tampered =
+        crate::ledger::verify_file(&auditor, &cp, &stored[0], Some(&uid_key)).await? == 0;
     println!("   $ medmesh ledger verify-file {}", stored[1].display());
-    let intact = crate::ledger::verify_file(&auditor, &cp, &stored[1]).await? > 0;
+    let intact = crate::ledger::verify_file(&auditor, &cp, &stored[1], None).await? > 0;
     anyhow::ensure!(intact, "an unaltered instance did not verify");
+
+    let original = dir.join("recovered.dcm");
+    println!(
+        "== recovery: the original from the archive, verified against the ledger\n   $ medmesh archive get {} --uid-key {} --identity {} --store {} --out {}",
+        stored[0].display(),
+        uid_key.display(),
+        dir.join("archive.key").display(),
+        archive_store.display(),
+        original.display()
+    );
+    let src = medmesh_archive::Source::Store(medmesh_archive::LocalStore::open(&archive_store)?);
+    let recovered = async {
+        let e = crate::archive::find_archived(
+            &auditor,
+            &cp,
+            &stored[0].display().to_string(),
+            Some(&uid_key),
+        )
+        .await?;
+        let rec = crate::archive::recover(&e, &src, &dir.join("archive.key"), &original).await?;
+        crate::archive::write_out(&e, &rec, &original, false)?;
+        anyhow::Ok(())
+    }
+    .await;
+    let recovered = match recovered {
+        Ok(()) => {
+            println!("   $ medmesh ledger verify-file {}", original.display());
+            crate::ledger::verify_file(&auditor, &cp, &original, None).await? > 0
+        }
+        Err(e) => {
+            println!("   NOT RECOVERED: {e:#}");
+            false
+        }
+    };
     println!("== done in {:.1} s", started.elapsed().as_secs_f64());
     println!(
-        "demo transfers={transfers} recorded={recorded} verified={verified} tamper_detected={tampered}"
+        "demo transfers={transfers} recorded={recorded} verified={verified} tamper_detected={tampered} archived={archived} recovered={recovered}"
     );
     Ok(())
 }

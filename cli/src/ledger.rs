@@ -20,7 +20,7 @@ pub struct LedgerArgs {
 }
 
 #[derive(clap::Args)]
-struct Conn {
+pub(crate) struct Conn {
     /// Ledger API base URL.
     #[arg(
         long,
@@ -28,16 +28,16 @@ struct Conn {
         global = true,
         default_value = "https://127.0.0.1:8443"
     )]
-    url: String,
+    pub(crate) url: String,
     /// Client certificate chain (PEM X.509-SVID).
     #[arg(long, env = "MEDMESH_CERT", global = true)]
-    cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// Client private key (PEM).
     #[arg(long, env = "MEDMESH_KEY", global = true)]
-    key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// Trust bundle (PEM).
     #[arg(long, env = "MEDMESH_CA", global = true)]
-    ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Trust domain.
     #[arg(
         long,
@@ -45,19 +45,19 @@ struct Conn {
         global = true,
         default_value = "medmesh.local"
     )]
-    trust_domain: String,
+    pub(crate) trust_domain: String,
     /// Expected SPIFFE ID of the ledger (default: any identity of the trust domain).
     #[arg(long, env = "MEDMESH_LEDGER_ID", global = true)]
-    ledger_id: Option<String>,
+    pub(crate) ledger_id: Option<String>,
     /// The ledger's checkpoint verifier key (`name+id+key`), or `@FILE`.
     #[arg(long, env = "MEDMESH_LEDGER_KEY", global = true)]
-    verifier_key: Option<String>,
+    pub(crate) verifier_key: Option<String>,
     /// Log origin (default: the verifier key's name).
     #[arg(long, env = "MEDMESH_LEDGER_ORIGIN", global = true)]
-    origin: Option<String>,
+    pub(crate) origin: Option<String>,
     /// File holding the last trusted checkpoint.
     #[arg(long, env = "MEDMESH_LEDGER_STATE", global = true)]
-    state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -101,6 +101,10 @@ enum Cmd {
     VerifyFile {
         /// The file.
         file: PathBuf,
+        /// The namespace's UID key: when the file matches no record, look for an archived
+        /// original of its SOP instance.
+        #[arg(long, env = "MEDMESH_AUDIT_KEY")]
+        uid_key: Option<PathBuf>,
     },
     /// Download every entry, rebuild the tree and compare it with the trusted checkpoint;
     /// report the first bad index.
@@ -121,7 +125,7 @@ fn read_verifier(v: &str) -> anyhow::Result<NoteVerifier> {
     Ok(NoteVerifier::parse(text.trim())?)
 }
 
-fn client(conn: &Conn) -> anyhow::Result<(LedgerClient, TrustedStore, String)> {
+pub(crate) fn client(conn: &Conn) -> anyhow::Result<(LedgerClient, TrustedStore, String)> {
     let need = |o: &Option<PathBuf>, flag: &str| -> anyhow::Result<PathBuf> {
         o.clone().with_context(|| {
             format!(
@@ -339,8 +343,8 @@ pub async fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
                 if truncated { " (truncated)" } else { "" }
             );
         }
-        Cmd::VerifyFile { file } => {
-            if verify_file(&client, &cp, &file).await? == 0 {
+        Cmd::VerifyFile { file, uid_key } => {
+            if verify_file(&client, &cp, &file, uid_key.as_deref()).await? == 0 {
                 return Ok(ExitCode::from(2));
             }
         }
@@ -369,7 +373,7 @@ pub async fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
 
 /// Checks that the checkpoint a search answered from and the trusted one are the same log: the
 /// newer must extend the older (the search may race a newer or an older checkpoint).
-async fn check_related(
+pub(crate) async fn check_related(
     client: &LedgerClient,
     trusted: &medmesh_core::Checkpoint,
     answered: &medmesh_core::Checkpoint,
@@ -389,6 +393,7 @@ pub async fn verify_file(
     client: &LedgerClient,
     cp: &medmesh_core::Checkpoint,
     file: &std::path::Path,
+    uid_key: Option<&std::path::Path>,
 ) -> anyhow::Result<usize> {
     let bytes = std::fs::read(file).with_context(|| format!("read {}", file.display()))?;
     let mut digests = vec![("file", merkle::sha256(&bytes))];
@@ -422,8 +427,70 @@ pub async fn verify_file(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        archived_hint(client, cp, &bytes, file, uid_key).await?;
     } else {
         println!("verified: {found} record(s) match {}", file.display());
     }
     Ok(found)
+}
+
+/// After a mismatch: whether the ledger holds an archived original of the file's SOP instance,
+/// and how to restore it.
+async fn archived_hint(
+    client: &LedgerClient,
+    cp: &medmesh_core::Checkpoint,
+    bytes: &[u8],
+    file: &std::path::Path,
+    uid_key: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let Some(key_path) = uid_key else {
+        println!(
+            "  to look for an archived original of this instance, give --uid-key (the namespace's UID key)"
+        );
+        return Ok(());
+    };
+    let key = medmesh_core::record::UidKey::new(
+        std::fs::read(key_path).with_context(|| format!("read {}", key_path.display()))?,
+    )?;
+    let Some(p) = medmesh_core::dicom::split_part10(bytes)? else {
+        println!("  not a DICOM Part 10 file: no SOP instance to look up");
+        return Ok(());
+    };
+    let ts = p
+        .transfer_syntax
+        .as_deref()
+        .unwrap_or(medmesh_core::dicom::EXPLICIT_VR_LE);
+    let Some(uid) = medmesh_core::dicom::dataset_text(p.dataset, ts, 0x0008, 0x0018) else {
+        println!("  the file has no SOP Instance UID: no archived original to look up");
+        return Ok(());
+    };
+    let keyed = key.hash_uid(&uid);
+    let (scp, hits, _) = client.search("uid", &keyed.to_string()).await?;
+    check_related(client, cp, &scp.checkpoint).await?;
+    let archived = hits
+        .iter()
+        .filter(|h| {
+            h.entry.record.kind == medmesh_core::record::EventKind::InstanceArchived
+                && h.entry.record.sop_instance_uid == Some(keyed)
+        })
+        .max_by_key(|h| h.index);
+    match archived {
+        Some(h) => {
+            let r = &h.entry.record;
+            println!(
+                "  ARCHIVED ORIGINAL: entry {} holds an encrypted copy of this SOP instance as received (sha256={}, cid {}), verified in checkpoint size={}",
+                h.index,
+                r.content_sha256.map(|s| s.to_hex()).unwrap_or_default(),
+                r.cid.as_ref().map(ToString::to_string).unwrap_or_default(),
+                scp.checkpoint.size
+            );
+            println!(
+                "  restore it: medmesh archive restore {} --identity <archive identity> --gateway <archive gateway> --archive-id <archive id> --to-file {}.original",
+                h.index,
+                file.display()
+            );
+        }
+        None => println!("  no archived original of this SOP instance is in the ledger"),
+    }
+    Ok(())
 }

@@ -1,9 +1,10 @@
 //! `medmesh`: verify the audit ledger, and set up local meshes.
 
+mod archive;
 mod check;
 mod demo;
-mod demo_uid;
 mod devcerts;
+mod dimse;
 mod ledger;
 
 use std::process::ExitCode;
@@ -25,6 +26,9 @@ struct Cli {
 enum Cmd {
     /// Talk to an audit ledger; every answer is verified locally.
     Ledger(Box<ledger::LedgerArgs>),
+    /// Recover archived originals: found through the ledger, fetched by CID (recomputed),
+    /// decrypted, and checked against the recorded hash.
+    Archive(Box<archive::ArchiveArgs>),
     /// Run a local mesh on loopback: ledger, synthetic CT transfers, verified records, and a
     /// tampered instance caught.
     Demo(demo::DemoArgs),
@@ -66,6 +70,10 @@ fn main() -> ExitCode {
         } => devcerts::dicom(args).map(|()| ExitCode::SUCCESS),
         Cmd::Ledger(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(ledger::run(*args)),
+            Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
+        },
+        Cmd::Archive(args) => match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(archive::run(*args)),
             Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),
         },
         Cmd::Check(args) => match tokio::runtime::Runtime::new() {

@@ -43,22 +43,7 @@ pub fn split_part10(b: &[u8]) -> Result<Option<Part10<'_>>, Part10Error> {
         }
         let element = u16::from_le_bytes([b[pos + 2], b[pos + 3]]);
         let vr = &b[pos + 4..pos + 6];
-        let long = matches!(
-            vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
+        let long = long_vr(vr);
         let (len, header) = if long {
             if pos + 12 > b.len() {
                 return Err(Part10Error::Truncated(pos));
@@ -88,6 +73,83 @@ pub fn split_part10(b: &[u8]) -> Result<Option<Part10<'_>>, Part10Error> {
         transfer_syntax: ts,
         dataset: &b[pos..],
     }))
+}
+
+/// Implicit VR Little Endian: the only uncompressed transfer syntax without VRs on the wire.
+pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+
+fn long_vr(vr: &[u8]) -> bool {
+    matches!(
+        vr,
+        b"OB"
+            | b"OD"
+            | b"OF"
+            | b"OL"
+            | b"OV"
+            | b"OW"
+            | b"SQ"
+            | b"SV"
+            | b"UC"
+            | b"UN"
+            | b"UR"
+            | b"UT"
+            | b"UV"
+    )
+}
+
+/// The value of a top-level text element (`group`, `element`) of a little-endian data set in
+/// `transfer_syntax`, padding removed; `None` when it is absent, or when an element before it
+/// has an undefined length or the bytes end (this reads only the start of a data set, where
+/// identifying UIDs are). Big-endian data sets are not read.
+pub fn dataset_text(
+    dataset: &[u8],
+    transfer_syntax: &str,
+    group: u16,
+    element: u16,
+) -> Option<String> {
+    let explicit = transfer_syntax != IMPLICIT_VR_LE;
+    let want = (u32::from(group) << 16) | u32::from(element);
+    let b = dataset;
+    let mut pos = 0usize;
+    while pos + 8 <= b.len() {
+        let g = u16::from_le_bytes([b[pos], b[pos + 1]]);
+        let e = u16::from_le_bytes([b[pos + 2], b[pos + 3]]);
+        let tag = (u32::from(g) << 16) | u32::from(e);
+        if tag > want {
+            return None;
+        }
+        let (len, header) = if explicit {
+            let vr = &b[pos + 4..pos + 6];
+            if long_vr(vr) {
+                if pos + 12 > b.len() {
+                    return None;
+                }
+                let l = u32::from_le_bytes([b[pos + 8], b[pos + 9], b[pos + 10], b[pos + 11]]);
+                (l, 12)
+            } else {
+                (u32::from(u16::from_le_bytes([b[pos + 6], b[pos + 7]])), 8)
+            }
+        } else {
+            (
+                u32::from_le_bytes([b[pos + 4], b[pos + 5], b[pos + 6], b[pos + 7]]),
+                8,
+            )
+        };
+        if len == u32::MAX {
+            return None;
+        }
+        let start = pos + header;
+        let end = start.checked_add(len as usize).filter(|e| *e <= b.len())?;
+        if tag == want {
+            return Some(
+                String::from_utf8_lossy(&b[start..end])
+                    .trim_end_matches(['\0', ' '])
+                    .to_owned(),
+            );
+        }
+        pos = end;
+    }
+    None
 }
 
 /// Options of a synthetic instance.
@@ -283,6 +345,33 @@ mod tests {
         assert!(
             p.dataset.len() > 16 * 16 * 2,
             "pixel data is in the data set"
+        );
+        assert_eq!(
+            dataset_text(p.dataset, EXPLICIT_VR_LE, 0x0008, 0x0018).as_deref(),
+            Some("2.25.1.1.1")
+        );
+        assert_eq!(
+            dataset_text(p.dataset, EXPLICIT_VR_LE, 0x0008, 0x0017),
+            None
+        );
+        for n in 0..200 {
+            // Every cut is an answer or None, never a panic.
+            let _ = dataset_text(&p.dataset[..n], EXPLICIT_VR_LE, 0x0020, 0x000D);
+        }
+    }
+
+    #[test]
+    fn reads_implicit_vr_data_sets() {
+        let mut ds = Vec::new();
+        for (e, v) in [(0x0016u16, &b"1.2.3\0"[..]), (0x0018, b"9.8.7.6\0")] {
+            ds.extend_from_slice(&8u16.to_le_bytes());
+            ds.extend_from_slice(&e.to_le_bytes());
+            ds.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            ds.extend_from_slice(v);
+        }
+        assert_eq!(
+            dataset_text(&ds, IMPLICIT_VR_LE, 0x0008, 0x0018).as_deref(),
+            Some("9.8.7.6")
         );
     }
 }

@@ -311,6 +311,13 @@ byte_enum!(
         Verification = 7 => "verification",
         /// An association ended (A-RELEASE or A-ABORT).
         AssociationClosed = 8 => "association_closed",
+        /// A stored instance was archived, encrypted, and confirmed pinned: `archived_record`
+        /// names the instance's record, `content_sha256` its plaintext hash, `cid` and `bytes`
+        /// the ciphertext.
+        InstanceArchived = 9 => "instance_archived",
+        /// An archive key was destroyed (crypto-shredding): what was archived under it can no
+        /// longer be decrypted.
+        ArchiveKeyShredded = 10 => "archive_key_shredded",
     }
 );
 
@@ -398,6 +405,10 @@ pub struct AuditRecord {
     /// Where the instance was archived in IPFS, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cid: Option<ContentId>,
+    /// The record this one is about (`instance_archived`: the instance's `instance_stored`
+    /// record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_record: Option<RecordId>,
 }
 
 /// A record as the ledger stores it: the record plus what the ledger itself vouches for.
@@ -489,7 +500,8 @@ const F_CALLED: u16 = 1 << 6;
 const F_SOP_CLASS: u16 = 1 << 7;
 const F_TSYNTAX: u16 = 1 << 8;
 const F_CID: u16 = 1 << 9;
-const F_ALL: u16 = (1 << 10) - 1;
+const F_ARCHIVED: u16 = 1 << 10;
+const F_ALL: u16 = (1 << 11) - 1;
 
 fn put_str16(out: &mut Vec<u8>, s: &str) {
     // SPIFFE IDs are at most 2048 bytes (checked at parse), so the length fits in u16.
@@ -521,6 +533,7 @@ impl AuditRecord {
             (F_SOP_CLASS, self.sop_class_uid.is_some()),
             (F_TSYNTAX, self.transfer_syntax_uid.is_some()),
             (F_CID, self.cid.is_some()),
+            (F_ARCHIVED, self.archived_record.is_some()),
         ];
         for (bit, present) in opt {
             if present {
@@ -561,6 +574,9 @@ impl AuditRecord {
             let b = c.to_bytes();
             out.extend_from_slice(&(b.len() as u16).to_be_bytes());
             out.extend_from_slice(&b);
+        }
+        if let Some(id) = &self.archived_record {
+            out.extend_from_slice(&id.0);
         }
     }
 
@@ -647,6 +663,11 @@ impl AuditRecord {
         } else {
             None
         };
+        let archived_record = if has(F_ARCHIVED) {
+            Some(RecordId(r.array("archived record")?))
+        } else {
+            None
+        };
         Ok(Self {
             record_id,
             kind,
@@ -666,6 +687,7 @@ impl AuditRecord {
             sop_class_uid,
             transfer_syntax_uid,
             cid,
+            archived_record,
         })
     }
 }

@@ -187,6 +187,29 @@ pub struct SidecarAudit {
     pub delivery: String,
     /// File holding the keyed-hash (HMAC) key.
     pub key_file: String,
+    /// Archiving of stored instances, when the namespace's policy names an archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<SidecarArchive>,
+}
+
+/// Where and how a sidecar archives stored instances (part of [`SidecarAudit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarArchive {
+    /// The archive cluster's REST API (`http://<archive>.<namespace>.svc:9094`), reached
+    /// through the mesh.
+    pub url: String,
+    /// The archive's SPIFFE ID.
+    pub id: String,
+    /// The age recipients instances are sealed to: the namespace's archive key, then the
+    /// break-glass key if any.
+    pub recipients: Vec<String>,
+    /// `async` or `required`.
+    pub mode: String,
+    /// Least number of peers that must pin an instance.
+    pub replication_min: u32,
+    /// Most peers that pin an instance.
+    pub replication_max: u32,
 }
 
 /// `GET /v1/status` (and the admin `/status`): one ledger replica's view of the ledger and,

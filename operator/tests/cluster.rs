@@ -1287,6 +1287,7 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
         sop_class_uid: None,
         transfer_syntax_uid: None,
         cid: None,
+        archived_record: None,
     };
     let appended = client.append(&rec, true).await.unwrap();
     eprintln!("appended as {id}: {appended:?}");

@@ -70,6 +70,7 @@ pub fn dimse_record(
         sop_class_uid: t.sop_class.as_deref().and_then(|u| u.parse().ok()),
         transfer_syntax_uid: t.transfer_syntax.as_deref().and_then(|u| u.parse().ok()),
         cid: None,
+        archived_record: None,
     })
 }
 
@@ -122,6 +123,7 @@ pub fn dicomweb_record(
             .and_then(|u| u.parse().ok()),
         transfer_syntax_uid: part.transfer_syntax.as_deref().and_then(|u| u.parse().ok()),
         cid: None,
+        archived_record: None,
     })
 }
 
@@ -150,6 +152,7 @@ mod tests {
             }),
             status: Some(0xB000),
             message_id: Some(1),
+            staged: None,
         };
         let scanner: SpiffeId = "spiffe://td/ns/radiology/sa/ct".parse().unwrap();
         let pacs: SpiffeId = "spiffe://td/ns/pacs/sa/orthanc".parse().unwrap();

@@ -110,6 +110,41 @@ pub struct RawConfig {
     /// Enforce mode: how long a response may wait for the ledger.
     #[arg(long, env = "MEDMESH_AUDIT_DEADLINE_MS", default_value = "5000")]
     pub audit_deadline_ms: String,
+    /// The archive cluster's REST API (`http://host:port`, reached through the mesh): stored
+    /// instances are archived, encrypted, when set (needs auditing).
+    #[arg(long, env = "MEDMESH_ARCHIVE_URL")]
+    pub archive_url: Option<String>,
+    /// The archive's SPIFFE ID (required with --archive-url).
+    #[arg(long, env = "MEDMESH_ARCHIVE_ID")]
+    pub archive_id: Option<String>,
+    /// A local object store directory instead of an archive cluster (demo, development).
+    #[arg(long, env = "MEDMESH_ARCHIVE_STORE")]
+    pub archive_store: Option<PathBuf>,
+    /// age recipients (`age1…`, comma-separated, or `@FILE` with one per line) that archived
+    /// instances are sealed to.
+    #[arg(long, env = "MEDMESH_ARCHIVE_RECIPIENTS")]
+    pub archive_recipients: Option<String>,
+    /// `async` (stores never wait for the archive; the default) or `required` (a store whose
+    /// instance cannot be staged fails).
+    #[arg(long, env = "MEDMESH_ARCHIVE_MODE")]
+    pub archive_mode: Option<String>,
+    /// Least number of archive peers that must pin an instance.
+    #[arg(long, env = "MEDMESH_ARCHIVE_REPLICATION_MIN")]
+    pub archive_replication_min: Option<String>,
+    /// Most archive peers that pin an instance.
+    #[arg(long, env = "MEDMESH_ARCHIVE_REPLICATION_MAX")]
+    pub archive_replication_max: Option<String>,
+    /// The archive staging directory (default: `archive/` in the spool directory).
+    #[arg(long, env = "MEDMESH_ARCHIVE_STAGING_DIR")]
+    pub archive_staging_dir: Option<PathBuf>,
+    /// Most ciphertext bytes staged before archiving falls behind (then `async` skips and
+    /// `required` fails stores).
+    #[arg(
+        long,
+        env = "MEDMESH_ARCHIVE_STAGING_MAX_BYTES",
+        default_value = "4294967296"
+    )]
+    pub archive_staging_max_bytes: String,
 }
 
 /// Checked audit settings.
@@ -133,6 +168,8 @@ pub struct AuditConfig {
     pub spool_max_bytes: u64,
     /// Enforce deadline.
     pub deadline: Duration,
+    /// Archiving of stored instances, when configured.
+    pub archive: Option<crate::archive::ArchiveConfig>,
 }
 
 /// Where the workload's credentials come from.
@@ -370,10 +407,170 @@ fn merge_audit_file(raw: &mut RawConfig, errs: &mut Vec<String>) {
     raw.ledger_origin.get_or_insert(a.ledger_origin);
     raw.audit_key.get_or_insert(PathBuf::from(a.key_file));
     raw.audit_delivery.get_or_insert(a.delivery);
+    if let Some(ar) = a.archive {
+        raw.archive_url.get_or_insert(ar.url);
+        raw.archive_id.get_or_insert(ar.id);
+        raw.archive_recipients
+            .get_or_insert(ar.recipients.join(","));
+        raw.archive_mode.get_or_insert(ar.mode);
+        raw.archive_replication_min
+            .get_or_insert(ar.replication_min.to_string());
+        raw.archive_replication_max
+            .get_or_insert(ar.replication_max.to_string());
+    }
+}
+
+fn check_archive(
+    raw: &RawConfig,
+    spool_dir: Option<&std::path::Path>,
+    errs: &mut Vec<String>,
+) -> Option<crate::archive::ArchiveConfig> {
+    use crate::archive::{ArchiveConfig, Mode, Target};
+    if raw.archive_url.is_none() && raw.archive_store.is_none() {
+        for (set, flag) in [
+            (raw.archive_id.is_some(), "archive-id"),
+            (raw.archive_recipients.is_some(), "archive-recipients"),
+            (raw.archive_mode.is_some(), "archive-mode"),
+        ] {
+            if set {
+                errs.push(format!("{flag}: needs archive-url or archive-store"));
+            }
+        }
+        return None;
+    }
+    let before = errs.len();
+    let mode = raw
+        .archive_mode
+        .as_deref()
+        .unwrap_or("async")
+        .parse::<Mode>()
+        .map_err(|e| errs.push(format!("archive-mode {e}")))
+        .ok();
+    let count = |flag: &str, v: &Option<String>, default: u32, errs: &mut Vec<String>| match v
+        .as_deref()
+        .map(str::parse::<u32>)
+    {
+        None => default,
+        Some(Ok(n)) if (1..=15).contains(&n) => n,
+        _ => {
+            errs.push(format!("{flag} {v:?}: must be 1 to 15"));
+            default
+        }
+    };
+    let rmin = count(
+        "archive-replication-min",
+        &raw.archive_replication_min,
+        2,
+        errs,
+    );
+    let rmax = count(
+        "archive-replication-max",
+        &raw.archive_replication_max,
+        3,
+        errs,
+    );
+    if rmin > rmax {
+        errs.push(format!(
+            "archive-replication-min {rmin} is above archive-replication-max {rmax}"
+        ));
+    }
+    let target = match (&raw.archive_url, &raw.archive_store) {
+        (Some(_), Some(_)) => {
+            errs.push("archive-url and archive-store exclude each other".into());
+            None
+        }
+        (Some(url), None) => {
+            if let Err(e) = medmesh_archive::MeshEndpoint::new(url, None, Duration::from_secs(1)) {
+                errs.push(format!("archive-url: {e}"));
+            }
+            match raw
+                .archive_id
+                .as_deref()
+                .map(str::parse::<medmesh_core::SpiffeId>)
+            {
+                None => {
+                    errs.push("archive-id: required with archive-url".into());
+                    None
+                }
+                Some(Err(e)) => {
+                    errs.push(format!("archive-id: {e}"));
+                    None
+                }
+                Some(Ok(id)) => Some(Target::Cluster {
+                    url: url.clone(),
+                    id,
+                    replication_min: rmin,
+                    replication_max: rmax,
+                }),
+            }
+        }
+        (None, Some(dir)) => Some(Target::Store(dir.clone())),
+        (None, None) => None,
+    };
+    let recipients = match raw.archive_recipients.as_deref() {
+        None => {
+            errs.push("archive-recipients: required to archive (age1… recipients)".into());
+            Vec::new()
+        }
+        Some(v) => {
+            let text = match v.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| errs.push(format!("archive-recipients {path}: {e}")))
+                    .unwrap_or_default(),
+                None => v.replace(',', "\n"),
+            };
+            let mut out = Vec::new();
+            for r in text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            {
+                match r.parse::<medmesh_core::seal::Recipient>() {
+                    Ok(r) => out.push(r),
+                    Err(e) => errs.push(format!("archive-recipients: {e}")),
+                }
+            }
+            if out.is_empty() {
+                errs.push("archive-recipients: no recipient given".into());
+            }
+            out
+        }
+    };
+    let staging_dir = raw
+        .archive_staging_dir
+        .clone()
+        .or_else(|| spool_dir.map(|d| d.join("archive")));
+    let staging_max_bytes = raw
+        .archive_staging_max_bytes
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n >= 1 << 20)
+        .or_else(|| {
+            errs.push(format!(
+                "archive-staging-max-bytes {:?}: must be at least 1048576",
+                raw.archive_staging_max_bytes
+            ));
+            None
+        });
+    if errs.len() > before {
+        return None;
+    }
+    Some(ArchiveConfig {
+        mode: mode?,
+        target: target?,
+        recipients,
+        staging_dir: staging_dir?,
+        staging_max_bytes: staging_max_bytes?,
+    })
 }
 
 fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
-    let url = raw.ledger_url.clone()?;
+    let Some(url) = raw.ledger_url.clone() else {
+        if raw.archive_url.is_some() || raw.archive_store.is_some() {
+            errs.push("archive-url/archive-store: archiving needs auditing (ledger-url)".into());
+        }
+        return None;
+    };
     let before = errs.len();
     if !url.starts_with("https://") {
         errs.push(format!("ledger-url {url:?}: must be an https:// URL"));
@@ -456,6 +653,7 @@ fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
         120_000,
         errs,
     );
+    let archive = check_archive(raw, spool_dir.as_deref(), errs);
     if errs.len() > before {
         return None;
     }
@@ -473,6 +671,7 @@ fn check_audit(raw: &RawConfig, errs: &mut Vec<String>) -> Option<AuditConfig> {
         spool_dir: spool_dir?,
         spool_max_bytes: spool_max_bytes?,
         deadline,
+        archive,
     })
 }
 
@@ -505,6 +704,7 @@ mod tests {
             ledger_origin: "td/ns/l".into(),
             delivery: "enforce".into(),
             key_file: d.join("hmac").display().to_string(),
+            archive: None,
         };
         std::fs::write(d.join("audit.json"), serde_json::to_string(&audit).unwrap()).unwrap();
         let args = |file: &str| {
@@ -569,6 +769,15 @@ mod tests {
             spool_dir: None,
             spool_max_bytes: "1".into(),
             audit_deadline_ms: "5000".into(),
+            archive_url: Some("https://archive:9094".into()),
+            archive_id: None,
+            archive_store: None,
+            archive_recipients: Some("age1notarecipient".into()),
+            archive_mode: Some("sometimes".into()),
+            archive_replication_min: Some("0".into()),
+            archive_replication_max: None,
+            archive_staging_dir: None,
+            archive_staging_max_bytes: "12".into(),
         };
         let errs = Config::check(raw).unwrap_err();
         let text = errs.join("\n");
@@ -591,6 +800,12 @@ mod tests {
             "audit-key: required",
             "spool-dir: required",
             "spool-max-bytes",
+            "archive-url: archive URL \"https://archive:9094\": the scheme must be http",
+            "archive-id: required with archive-url",
+            "archive-recipients: ",
+            "archive-mode \"sometimes\": must be async or required",
+            "archive-replication-min Some(\"0\"): must be 1 to 15",
+            "archive-staging-max-bytes \"12\"",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

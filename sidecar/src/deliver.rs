@@ -220,6 +220,17 @@ impl Delivery {
         }
     }
 
+    /// A record spooled durably (one fsync) for background delivery; the caller learns whether
+    /// it was.
+    ///
+    /// # Errors
+    /// When the spool refused it.
+    pub async fn later_durable(&self, rec: AuditRecord) -> Result<(), DeliveryError> {
+        tokio::task::block_in_place(|| self.spool_all(std::slice::from_ref(&rec)))?;
+        self.metrics.records.with_label_values(&["spooled"]).inc();
+        Ok(())
+    }
+
     /// Records that need no gate (associations, queries, retrievals): spooled, delivered later.
     pub async fn later(&self, rec: AuditRecord) {
         self.later_all(vec![rec]).await;

@@ -10,6 +10,7 @@ use medmesh_core::SpiffeId;
 use medmesh_core::record::UidKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::archive::Archiver;
 use crate::audit;
 use crate::deliver::Delivery;
 use crate::dicom::command;
@@ -36,6 +37,8 @@ pub struct AuditCtx {
     pub acceptor: SpiffeId,
     /// Metrics.
     pub metrics: Metrics,
+    /// Archiving of stored instances, when configured.
+    pub archive: Option<Arc<Archiver>>,
 }
 
 /// Microseconds since the Unix epoch (record times).
@@ -95,35 +98,61 @@ fn gated(t: &Transfer) -> bool {
 async fn gate(ctx: &AuditCtx, o: Observed) -> (Vec<u16>, Vec<Transfer>) {
     let mut failed = o.unmatched;
     let mut later = Vec::new();
-    for t in o.done {
+    for mut t in o.done {
         if !gated(&t) {
             later.push(t);
             continue;
         }
+        let staged = t.staged.take();
         let rec = match audit::dimse_record(&t, &ctx.requestor, &ctx.acceptor, &ctx.key, now_us()) {
             Ok(r) => r,
             Err(_) => {
+                if let Some(a) = &ctx.archive {
+                    a.discard(staged);
+                }
                 failed.extend(t.message_id);
                 continue;
             }
         };
+        // The archive copy is made durable first, so that a success the client sees is never
+        // missing it when the mode requires it.
+        let mut archived = None;
+        if let Some(a) = &ctx.archive {
+            archived = staged.as_ref().and_then(|s| s.as_ref().ok()).map(|s| s.id);
+            if let Err(e) = a.settle(staged, &rec).await {
+                tracing::warn!(error = %e, "archive copy not safe (archive mode required): the store is reported as failed");
+                keep_failed(ctx, rec).await;
+                failed.extend(t.message_id);
+                continue;
+            }
+        }
         if let Err(e) = ctx.delivery.commit(rec.clone()).await {
+            if let (Some(a), Some(id)) = (&ctx.archive, archived) {
+                a.staging.withdraw(&id);
+            }
             tracing::warn!(error = %e, "record not safe: the store is reported as failed");
-            // Keep what the client is told: a failure.
-            let mut kept = rec;
-            kept.status = Some(STATUS_OUT_OF_RESOURCES);
-            kept.outcome = medmesh_core::record::Outcome::Failure;
-            ctx.delivery.later(kept).await;
+            keep_failed(ctx, rec).await;
             failed.extend(t.message_id);
         }
     }
     (failed, later)
 }
 
+/// Records a store as the client is told it: a failure (out of resources).
+async fn keep_failed(ctx: &AuditCtx, mut rec: medmesh_core::AuditRecord) {
+    rec.status = Some(STATUS_OUT_OF_RESOURCES);
+    rec.outcome = medmesh_core::record::Outcome::Failure;
+    ctx.delivery.later(rec).await;
+}
+
 /// Spools the records of `ts` with one fsync.
 async fn record_later(ctx: &AuditCtx, ts: Vec<Transfer>) {
     let mut recs = Vec::with_capacity(ts.len());
-    for t in ts {
+    for mut t in ts {
+        // Not a store the client takes as done: its archive copy goes.
+        if let Some(a) = &ctx.archive {
+            a.discard(t.staged.take());
+        }
         match audit::dimse_record(&t, &ctx.requestor, &ctx.acceptor, &ctx.key, now_us()) {
             Ok(rec) => recs.push(rec),
             Err(e) => tracing::error!(error = %e, "cannot make a record id"),
@@ -139,7 +168,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,
 {
-    let tracker = Mutex::new(Tracker::new());
+    let tracker = Mutex::new(Tracker::with_archive(
+        ctx.archive.as_ref().map(|a| a.staging.clone()),
+    ));
     let (abort_tx, abort_rx) = tokio::sync::watch::channel(false);
     // Set when the requestor side ended; lets the application side stop waiting for it.
     let (up_done_tx, up_done_rx) = tokio::sync::watch::channel(false);

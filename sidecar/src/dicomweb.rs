@@ -28,6 +28,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use medmesh_core::record::{AuditRecord, EventKind, Outcome, RecordId};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::archive::staging::StagedSet;
+use crate::archive::{StageWriter, Staging};
 use crate::audit;
 use crate::dicom::part10::{Part10Observed, Part10Observer};
 use crate::dicom_proxy::{AuditCtx, now_us};
@@ -170,8 +172,15 @@ pub struct Parts {
     /// Observe every part, whatever its declared type (a store: the application decides).
     every_part: bool,
     current: Option<Part10Observer>,
+    /// Where stored instances are sealed for the archive, when archiving a store.
+    staging: Option<Arc<Staging>>,
+    /// The archive copy of the current part.
+    current_stage: Option<StageWriter>,
     /// Completed instances, in order.
     pub done: Vec<Part10Observed>,
+    /// Their archive copies (same order as `done`), when archiving; whoever takes them commits
+    /// or discards them (what is left is discarded when the parts are dropped).
+    pub staged: StagedSet,
     /// A part that the body ended inside (cut short).
     pub cut: Option<Part10Observed>,
     /// The body ended where it should (closing delimiter, or end of a single instance).
@@ -218,6 +227,16 @@ impl Parts {
         }
     }
 
+    /// Seals every instance of the body into `staging` too (a store, when archiving).
+    pub fn with_archive(mut self, staging: Option<Arc<Staging>>) -> Self {
+        if self.reader.is_none() && self.current.is_some() {
+            self.current_stage = staging.as_ref().map(|s| s.begin());
+        }
+        self.staged = StagedSet::new(staging.clone());
+        self.staging = staging;
+        self
+    }
+
     /// Observes the next bytes of the body.
     pub fn feed(&mut self, b: &[u8]) {
         if self.error.is_some() || self.complete && self.reader.is_some() {
@@ -227,9 +246,17 @@ impl Parts {
             if let Some(c) = self.current.as_mut() {
                 c.feed(b);
             }
+            if let Some(w) = self.current_stage.as_mut() {
+                w.write(b);
+            }
             return;
         };
         let (current, done, complete) = (&mut self.current, &mut self.done, &mut self.complete);
+        let (stage, staged, staging) = (
+            &mut self.current_stage,
+            &mut self.staged,
+            self.staging.as_ref(),
+        );
         let every_part = self.every_part;
         let mut dup = false;
         let r = reader.feed(b, |p| match p {
@@ -240,15 +267,22 @@ impl Parts {
                 let dicom =
                     every_part || first.is_none_or(|(_, v)| media_type(v) == "application/dicom");
                 *current = dicom.then(Part10Observer::new);
+                *stage = staging.filter(|_| dicom).map(|s| s.begin());
             }
             Part::Data(d) => {
                 if let Some(c) = current.as_mut() {
                     c.feed(d);
                 }
+                if let Some(w) = stage.as_mut() {
+                    w.write(d);
+                }
             }
             Part::End => {
                 if let Some(c) = current.take() {
                     done.push(c.finish());
+                    if staging.is_some() {
+                        staged.push(stage.take().map(StageWriter::finish));
+                    }
                 }
             }
             Part::Finished => *complete = true,
@@ -266,6 +300,10 @@ impl Parts {
             if let Some(c) = self.current.take() {
                 if clean {
                     self.done.push(c.finish());
+                    if self.staging.is_some() {
+                        self.staged
+                            .push(self.current_stage.take().map(StageWriter::finish));
+                    }
                     self.complete = true;
                 } else {
                     self.cut = Some(c.finish());
@@ -540,7 +578,10 @@ where
         Some(Transaction::Stow) => {
             let values: Vec<&HeaderValue> =
                 req.headers().get_all(header::CONTENT_TYPE).iter().collect();
-            let parts = stow_content_type(&values).and_then(|ct| Parts::store(&ct));
+            let staging = ctx.archive.as_ref().map(|a| a.staging.clone());
+            let parts = stow_content_type(&values)
+                .and_then(|ct| Parts::store(&ct))
+                .map(|p| p.with_archive(staging));
             match parts {
                 Ok(p) => Some(Arc::new(Mutex::new(p))),
                 Err(e) => {
@@ -661,6 +702,12 @@ async fn record_unconfirmed(parts: &Shared, ctx: &AuditCtx) {
         let mut p = lock(parts);
         let mut v = std::mem::take(&mut p.done);
         v.extend(p.cut.take());
+        let staged = p.staged.take();
+        if let Some(a) = &ctx.archive {
+            for s in staged {
+                a.discard(s);
+            }
+        }
         v
     };
     let recs: Vec<AuditRecord> = seen
@@ -723,16 +770,23 @@ async fn stow_response(
     } else {
         None
     };
-    let (done, complete, error) = {
+    let (done, complete, error, mut staged) = {
         let mut p = lock(&parts);
-        (std::mem::take(&mut p.done), p.complete, p.error.take())
+        (
+            std::mem::take(&mut p.done),
+            p.complete,
+            p.error.take(),
+            p.staged.take(),
+        )
     };
+    staged.resize_with(done.len(), || None);
+    let mut gated_staged = Vec::new();
     let requestor = &ctx.requestor;
     let acceptor = &ctx.acceptor;
     let mut gated = Vec::new();
     let mut later = Vec::new();
     let mut no_id = false;
-    for part in &done {
+    for (part, staged) in done.iter().zip(staged) {
         let uid = part
             .dataset
             .as_ref()
@@ -752,14 +806,21 @@ async fn stow_response(
             Err(e) => {
                 tracing::error!(error = %e, "cannot make a record id");
                 no_id = true;
+                if let Some(a) = &ctx.archive {
+                    a.discard(staged);
+                }
                 continue;
             }
         };
         // Only what the client takes as stored waits for its record.
         if status.is_success() && matches!(outcome, Outcome::Success | Outcome::Warning) {
             gated.push(rec);
+            gated_staged.push(staged);
         } else {
             later.push(rec);
+            if let Some(a) = &ctx.archive {
+                a.discard(staged);
+            }
         }
     }
     // Every instance the application says it stored must be one the sidecar saw.
@@ -791,9 +852,32 @@ async fn stow_response(
     if let Some(why) = why {
         tracing::warn!(reason = %why, "STOW-RS request could not be followed: the success is withheld");
     }
+    // The archive copies are made durable first (see `dicom_proxy::gate`).
+    let mut archived = Vec::new();
+    if let Some(a) = &ctx.archive {
+        for (rec, staged) in gated.iter().zip(gated_staged) {
+            if failed {
+                a.discard(staged);
+                continue;
+            }
+            let id = staged.as_ref().and_then(|s| s.as_ref().ok()).map(|s| s.id);
+            match a.settle(staged, rec).await {
+                Ok(()) => archived.extend(id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "archive copy not safe (archive mode required): the success is withheld");
+                    failed = true;
+                }
+            }
+        }
+    }
     if !failed && let Err(e) = ctx.delivery.commit_all(gated.clone()).await {
         tracing::warn!(error = %e, "STOW-RS records not safe: the success is withheld");
         failed = true;
+    }
+    if failed && let Some(a) = &ctx.archive {
+        for id in &archived {
+            a.staging.withdraw(id);
+        }
     }
     if failed {
         ctx.metrics

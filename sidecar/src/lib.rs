@@ -6,6 +6,7 @@
 //! then cuts what is left.
 
 pub mod admin;
+pub mod archive;
 pub mod audit;
 pub mod config;
 pub mod deliver;
@@ -181,9 +182,24 @@ impl Sidecar {
                     metrics.clone(),
                 );
                 delivery.spawn(stop.clone());
+                let archive = match &a.archive {
+                    None => None,
+                    Some(ac) => {
+                        let archiver = archive::Archiver::open(ac.clone(), metrics.clone())
+                            .map_err(|e| StartError::Audit(e.to_string()))?;
+                        archiver.spawn_uploader(
+                            delivery.clone(),
+                            identity.credentials(),
+                            metrics.clone(),
+                            stop.clone(),
+                        );
+                        Some(archiver)
+                    }
+                };
                 Some(Arc::new(proxy::Audit {
                     delivery,
                     key: Arc::new(key),
+                    archive,
                 }))
             }
         };

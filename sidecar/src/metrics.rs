@@ -38,6 +38,17 @@ pub struct Metrics {
     pub spool_depth: IntGauge,
     /// Responses turned into failures because their record could not be made safe.
     pub failed_responses: IntCounter,
+    /// Archived objects by what happened to them (staged, archived, skipped_full,
+    /// staging_failed, discarded, corrupt).
+    pub archive_objects: IntCounterVec,
+    /// Ciphertext bytes in the archive staging area (committed and being written).
+    pub archive_staged_bytes: IntGauge,
+    /// Objects committed to staging and not yet confirmed archived.
+    pub archive_backlog: IntGauge,
+    /// Limit of the staging area, in bytes.
+    pub archive_staging_limit_bytes: IntGauge,
+    /// Upload or pin-confirmation attempts that failed (retried with backoff).
+    pub archive_upload_failures: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -130,6 +141,27 @@ impl Metrics {
                 "medmesh_sidecar_audit_failed_responses_total",
                 "Success responses replaced by failures because their record could not be made safe",
             )),
+            archive_objects: counter(
+                "medmesh_sidecar_archive_objects_total",
+                "Archived instances by outcome",
+                &["result"],
+            ),
+            archive_staged_bytes: must(IntGauge::new(
+                "medmesh_sidecar_archive_staged_bytes",
+                "Ciphertext bytes in the archive staging area",
+            )),
+            archive_backlog: must(IntGauge::new(
+                "medmesh_sidecar_archive_backlog",
+                "Instances staged and not yet confirmed archived",
+            )),
+            archive_staging_limit_bytes: must(IntGauge::new(
+                "medmesh_sidecar_archive_staging_limit_bytes",
+                "Limit of the archive staging area",
+            )),
+            archive_upload_failures: must(IntCounter::new(
+                "medmesh_sidecar_archive_upload_failures_total",
+                "Archive uploads or pin confirmations that failed and will be retried",
+            )),
         };
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -148,6 +180,11 @@ impl Metrics {
             Box::new(m.records.clone()),
             Box::new(m.spool_depth.clone()),
             Box::new(m.failed_responses.clone()),
+            Box::new(m.archive_objects.clone()),
+            Box::new(m.archive_staged_bytes.clone()),
+            Box::new(m.archive_backlog.clone()),
+            Box::new(m.archive_staging_limit_bytes.clone()),
+            Box::new(m.archive_upload_failures.clone()),
         ] {
             must(registry.register(c));
         }

@@ -58,6 +58,8 @@ pub struct Audit {
     pub delivery: Arc<crate::deliver::Delivery>,
     /// The tenant's UID key.
     pub key: Arc<medmesh_core::record::UidKey>,
+    /// Archiving of stored instances, when configured.
+    pub archive: Option<Arc<crate::archive::Archiver>>,
 }
 
 /// Counts open connections; the drain waits for zero.
@@ -356,6 +358,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                         requestor: peer,
                         acceptor: creds.identity.id().clone(),
                         metrics: sh.metrics.clone(),
+                        archive: audit.archive.clone(),
                     };
                     audited(tls, upstream, app, sh, hint, "mtls", ctx).await;
                 }
@@ -406,6 +409,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
                     requestor,
                     acceptor: creds.identity.id().clone(),
                     metrics: sh.metrics.clone(),
+                    archive: audit.archive.clone(),
                 };
                 audited(
                     Prefixed::new(buf, tcp),

@@ -408,6 +408,7 @@ mod tests {
             sop_class_uid: None,
             transfer_syntax_uid: None,
             cid: None,
+            archived_record: None,
         }
     }
 

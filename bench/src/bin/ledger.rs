@@ -258,6 +258,7 @@ fn record(td: &TrustDomain, i: u64) -> AuditRecord {
         sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".parse().unwrap()),
         transfer_syntax_uid: Some("1.2.840.10008.1.2.1".parse().unwrap()),
         cid: None,
+        archived_record: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn sample() -> AuditRecord {
         sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".parse().unwrap()),
         transfer_syntax_uid: Some("1.2.840.10008.1.2.1".parse().unwrap()),
         cid: None,
+        archived_record: None,
     }
 }
 
@@ -181,6 +182,7 @@ prop_compose! {
         ae in prop::option::of(arb_hash()),
         class in prop::option::of("[1-9][0-9]{0,5}(\\.[0-9]{1,5}){0,8}"),
         with_cid in any::<bool>(),
+        archived in prop::option::of(any::<[u8; 16]>()),
     ) -> AuditRecord {
         AuditRecord {
             record_id: RecordId(id), kind, protocol, outcome, time_us, bytes, status,
@@ -195,6 +197,7 @@ prop_compose! {
             sop_class_uid: class.map(|c| c.parse().unwrap()),
             transfer_syntax_uid: None,
             cid: with_cid.then(|| "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy".parse().unwrap()),
+            archived_record: archived.map(RecordId),
         }
     }
 }

@@ -213,6 +213,7 @@ pub fn record(i: u64, src: &SpiffeId, dst: &SpiffeId) -> AuditRecord {
         sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".parse().unwrap()),
         transfer_syntax_uid: None,
         cid: None,
+        archived_record: None,
     }
 }
 

@@ -116,6 +116,7 @@ pub fn sidecar_audit(
             crate::crd::AuditDelivery::Spool => "spool".into(),
         },
         key_file: format!("{}/{}", AUDIT_KEY_MOUNT, AUDIT_KEY_NAME),
+        archive: None,
     })
 }
 

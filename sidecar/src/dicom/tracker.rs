@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use super::command::{self, Command};
 use super::dataset::{DataSetObserver, Observed};
 use super::pdu::{Association, Event};
+use crate::archive::{StageError, StageWriter, Staged, Staging};
+use std::sync::Arc;
 
 /// Which side sent the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,6 +60,9 @@ pub struct Transfer {
     pub status: Option<u16>,
     /// Message ID of the request.
     pub message_id: Option<u16>,
+    /// The instance sealed into the archive staging area as it streamed (stores, when
+    /// archiving): to be committed or discarded by whoever takes the transfer.
+    pub staged: Option<Result<Staged, StageError>>,
 }
 
 /// Largest command set assembled from fragments.
@@ -68,8 +73,9 @@ struct Flow {
     ctx: u8,
     cmd_buf: Vec<u8>,
     cmd_too_large: bool,
-    /// A command that announced a data set, waiting for (or receiving) it.
-    pending_data: Option<(Command, DataSetObserver)>,
+    /// A command that announced a data set, waiting for (or receiving) it, and the archive
+    /// copy being sealed (stores).
+    pending_data: Option<(Command, DataSetObserver, Option<StageWriter>)>,
 }
 
 #[derive(Debug)]
@@ -78,6 +84,7 @@ struct Outstanding {
     command: Command,
     transfer_syntax: Option<String>,
     dataset: Option<Observed>,
+    staged: Option<Result<Staged, StageError>>,
 }
 
 /// The state of one association.
@@ -95,6 +102,8 @@ pub struct Tracker {
     /// The association broke an assumption auditing relies on (two outstanding requests with
     /// one message id): the proxy must abort it.
     poisoned: bool,
+    /// Where stored instances are sealed for the archive, when archiving.
+    staging: Option<Arc<Staging>>,
 }
 
 /// How a DIMSE status reads (PS3.7 Annex C).
@@ -129,6 +138,14 @@ impl Tracker {
         Self::default()
     }
 
+    /// A tracker that also seals every instance the requestor stores into `staging`.
+    pub fn with_archive(staging: Option<Arc<Staging>>) -> Self {
+        Self {
+            staging,
+            ..Self::default()
+        }
+    }
+
     fn aes(&self) -> (String, String) {
         self.rq
             .as_ref()
@@ -138,15 +155,16 @@ impl Tracker {
 
     fn push(&mut self, kind: Kind, o: Option<Outstanding>, status: Option<u16>) {
         let (calling_ae, called_ae) = self.aes();
-        let (sop_class, sop_instance, transfer_syntax, dataset, message_id) = match o {
+        let (sop_class, sop_instance, transfer_syntax, dataset, message_id, staged) = match o {
             Some(o) => (
                 o.command.sop_class,
                 o.command.sop_instance,
                 o.transfer_syntax,
                 o.dataset,
                 o.command.message_id,
+                o.staged,
             ),
-            None => (None, None, None, None, None),
+            None => (None, None, None, None, None, None),
         };
         self.out.push(Transfer {
             kind,
@@ -158,6 +176,7 @@ impl Tracker {
             dataset,
             status,
             message_id,
+            staged,
         });
     }
 
@@ -260,25 +279,40 @@ impl Tracker {
                 // A request whose data set follows (C-STORE-RQ, C-FIND-RQ, C-GET-RQ, C-MOVE-RQ).
                 let obs =
                     DataSetObserver::new(ts.as_deref().unwrap_or(super::dataset::IMPLICIT_VR_LE));
-                flow.pending_data = Some((cmd, obs));
+                let stage = match (&self.staging, cmd.field, dir) {
+                    (Some(s), command::C_STORE_RQ, Dir::FromRequestor) => Some(s.begin()),
+                    _ => None,
+                };
+                flow.pending_data = Some((cmd, obs, stage));
                 return;
             }
-            self.on_command(dir, ctx, cmd, None);
+            self.on_command(dir, ctx, cmd, None, None);
             return;
         }
-        let Some((_, obs)) = flow.pending_data.as_mut() else {
+        let Some((_, obs, stage)) = flow.pending_data.as_mut() else {
             return;
         };
         obs.feed(data);
+        if let Some(w) = stage {
+            w.write(data);
+        }
         if last
             && end
-            && let Some((cmd, obs)) = flow.pending_data.take()
+            && let Some((cmd, obs, stage)) = flow.pending_data.take()
         {
-            self.on_command(dir, ctx, cmd, Some(obs.finish()));
+            let staged = stage.map(StageWriter::finish);
+            self.on_command(dir, ctx, cmd, Some(obs.finish()), staged);
         }
     }
 
-    fn on_command(&mut self, dir: Dir, ctx: u8, cmd: Command, dataset: Option<Observed>) {
+    fn on_command(
+        &mut self,
+        dir: Dir,
+        ctx: u8,
+        cmd: Command,
+        dataset: Option<Observed>,
+        staged: Option<Result<Staged, StageError>>,
+    ) {
         let transfer_syntax = self.accepted.get(&ctx).map(|(_, ts)| ts.clone());
         let abstract_syntax = self.accepted.get(&ctx).and_then(|(a, _)| a.clone());
         let other = match dir {
@@ -297,7 +331,12 @@ impl Tracker {
                     (command::C_ECHO_RQ, _) => Kind::Echo,
                     _ => Kind::Query,
                 };
-                let Some(id) = cmd.message_id else { return };
+                let Some(id) = cmd.message_id else {
+                    if let (Some(Ok(s)), Some(st)) = (&staged, &self.staging) {
+                        st.discard(s);
+                    }
+                    return;
+                };
                 let mut command = cmd;
                 if kind == Kind::Query {
                     // Nothing of a query's keys is kept: only that it happened.
@@ -318,8 +357,17 @@ impl Tracker {
                         command,
                         transfer_syntax,
                         dataset,
+                        staged,
                     },
                 );
+                if let Some(Outstanding {
+                    staged: Some(Ok(s)),
+                    ..
+                }) = &previous
+                    && let Some(st) = &self.staging
+                {
+                    st.discard(s);
+                }
                 if previous.is_some() {
                     // PS3.7 requires distinct ids among outstanding requests; which response
                     // answers which instance is now ambiguous.

@@ -41,6 +41,7 @@ fn unrecordable(dir: &std::path::Path) -> AuditCtx {
         requestor: "spiffe://td/ns/a/sa/scanner".parse().unwrap(),
         acceptor: "spiffe://td/ns/b/sa/pacs".parse().unwrap(),
         metrics,
+        archive: None,
     }
 }
 

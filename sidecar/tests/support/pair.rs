@@ -90,6 +90,15 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         spool_dir: None,
         spool_max_bytes: "268435456".into(),
         audit_deadline_ms: "5000".into(),
+        archive_url: None,
+        archive_id: None,
+        archive_store: None,
+        archive_recipients: None,
+        archive_mode: None,
+        archive_replication_min: None,
+        archive_replication_max: None,
+        archive_staging_dir: None,
+        archive_staging_max_bytes: "4294967296".into(),
     }
 }
 

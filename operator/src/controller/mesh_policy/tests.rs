@@ -382,6 +382,7 @@ async fn mock_api_policy_audit_settings_and_key_are_published_for_sidecars() {
             ledger_origin: "cluster.local/radiology/l".into(),
             delivery: "enforce".into(),
             key_file: "/etc/medmesh/audit/key".into(),
+            archive: None,
         }
     );
     assert!(cm.body["data"]["policy.json"].is_string());
