@@ -133,9 +133,15 @@ impl<W: Write> Sealer<W> {
         if recipients.is_empty() {
             return Err(SealError::NoRecipients);
         }
+        // age's own messages are localized at run time: describe errors here instead.
         let enc =
             age::Encryptor::with_recipients(recipients.iter().map(|r| &r.0 as &dyn age::Recipient))
-                .map_err(|e| SealError::Open(e.to_string()))?;
+                .map_err(|e| {
+                    SealError::Open(match e {
+                        age::EncryptError::Io(e) => e.to_string(),
+                        _ => "the recipients cannot be combined".into(),
+                    })
+                })?;
         Ok(Self {
             inner: enc.wrap_output(out)?,
             sha: Sha256::new(),
@@ -178,9 +184,25 @@ impl<W: Write> Write for Sealer<W> {
 /// # Errors
 /// When the header is not age, or no stanza opens with `key`.
 pub fn open<'k, R: Read + 'k>(input: R, key: &'k ArchiveKey) -> Result<impl Read + 'k, SealError> {
-    let dec = age::Decryptor::new(input).map_err(|e| SealError::Open(e.to_string()))?;
+    let dec = age::Decryptor::new(input).map_err(decrypt_error)?;
     dec.decrypt(std::iter::once(&key.0 as &dyn age::Identity))
-        .map_err(|e| SealError::Open(e.to_string()))
+        .map_err(decrypt_error)
+}
+
+/// age's own messages are localized at run time: describe its errors here instead.
+fn decrypt_error(e: age::DecryptError) -> SealError {
+    use age::DecryptError as E;
+    SealError::Open(match e {
+        E::NoMatchingKeys => "it was not sealed to this key".into(),
+        E::InvalidHeader | E::UnknownFormat => "not an age file (bad header)".into(),
+        E::InvalidMac => "its header does not authenticate (edited)".into(),
+        E::DecryptionFailed | E::KeyDecryptionFailed => {
+            "decryption failed (edited or truncated)".into()
+        }
+        E::ExcessiveWork { .. } => "its header demands excessive work".into(),
+        E::Io(e) => format!("reading its header: {e}"),
+        _ => "unsupported age file".into(),
+    })
 }
 
 #[cfg(test)]

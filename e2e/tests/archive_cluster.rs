@@ -25,7 +25,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use ipfs::{ArchivePod, ipfs_bin, remove_hosts, wait_for, write_hosts};
+use ipfs::{
+    ArchivePod, add, allocations, cat, diag, ipfs_bin, json_lines, kube_owner, pinned_on,
+    remove_hosts, seen_peers, start_pod_sidecar, wait_for, write_hosts, write_pod_policy,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use medmesh_operator::controller::image_archive::{
     self as archive, CLUSTER_READY_SCRIPT, Identities, Names, config_secret, stateful_set,
@@ -78,100 +81,6 @@ fn render(replicas: i32, ids: &Identities) -> Rendered {
         config,
         sts,
     }
-}
-
-fn kube_owner(a: &ImageArchive) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-    use kube::Resource as _;
-    a.controller_owner_ref(&()).unwrap()
-}
-
-fn json_lines(body: &str) -> Vec<Value> {
-    serde_json::Deserializer::from_str(body)
-        .into_iter::<Value>()
-        .flat_map(|v| match v.unwrap() {
-            Value::Array(a) => a,
-            o => vec![o],
-        })
-        .collect()
-}
-
-/// The healthy cluster peer IDs `pod` sees.
-fn seen_peers(pod: &ArchivePod) -> BTreeSet<String> {
-    let (ok, body) = pod.curl("http://127.0.0.1:9094/peers");
-    if !ok {
-        return BTreeSet::new();
-    }
-    json_lines(&body)
-        .iter()
-        .filter(|p| p["error"].as_str().unwrap_or("").is_empty())
-        .filter_map(|p| p["id"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Peer IDs whose status for `cid` is `pinned`, as `pod` reports.
-fn pinned_on(pod: &ArchivePod, cid: &str) -> BTreeSet<String> {
-    let (ok, body) = pod.curl(&format!("http://127.0.0.1:9094/pins/{cid}"));
-    if !ok {
-        return BTreeSet::new();
-    }
-    let Ok(v) = serde_json::from_str::<Value>(&body) else {
-        return BTreeSet::new();
-    };
-    v["peer_map"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter(|(_, s)| s["status"] == "pinned")
-                .map(|(k, _)| k.clone())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The CIDs in `pod`'s shared pin set.
-fn allocations(pod: &ArchivePod) -> BTreeSet<String> {
-    let (ok, body) = pod.curl("http://127.0.0.1:9094/allocations");
-    if !ok {
-        return BTreeSet::new();
-    }
-    json_lines(&body)
-        .iter()
-        .filter_map(|p| p["cid"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Adds `file` through `pod`'s REST API with the given replication; the root CID.
-fn add(pod: &ArchivePod, file: &Path, name: &str, rmin: u32, rmax: u32) -> String {
-    let body = pod.curl_ok(&format!(
-        "-X POST -F 'file=@{};filename={name}.age;type=application/octet-stream' \
-         'http://127.0.0.1:9094/add?cid-version=1&raw-leaves=true&chunker=size-262144&name={name}&replication-min={rmin}&replication-max={rmax}&stream-channels=false'",
-        file.display()
-    ));
-    let out = json_lines(&body);
-    out.last().unwrap()["cid"].as_str().unwrap().to_owned()
-}
-
-fn cat(pod: &ArchivePod, cid: &str, timeout: &str) -> Option<Vec<u8>> {
-    let o = sh(&format!(
-        "ip netns exec {} curl -sS --fail --max-time 90 -X POST 'http://127.0.0.1:5001/api/v0/cat?arg={cid}&timeout={timeout}'",
-        pod.ns
-    ));
-    o.status.success().then_some(o.stdout)
-}
-
-fn diag(pods: &[ArchivePod]) -> String {
-    pods.iter()
-        .map(|p| {
-            let tail = |s: String| s.lines().rev().take(15).collect::<Vec<_>>().join("\n");
-            format!(
-                "--- {} kubo:\n{}\n--- {} cluster:\n{}\n",
-                p.pod,
-                tail(p.log("kubo")),
-                p.pod,
-                tail(p.log("ipfs-cluster"))
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -566,7 +475,7 @@ fn identity(certs: &Path, who: &str) -> medmesh_core::tls::Identity {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_archive_apis_are_reached_only_through_the_mesh_by_the_named_identities() {
     use medmesh_core::TrustDomain;
-    use medmesh_operator::controller::image_archive::{mesh_get, mesh_policy, parse_peers};
+    use medmesh_operator::controller::image_archive::{mesh_get, parse_peers};
 
     require(&["ip", "iptables-legacy", "curl", "setpriv"]);
     let bin = ipfs_bin();
@@ -617,27 +526,8 @@ async fn the_archive_apis_are_reached_only_through_the_mesh_by_the_named_identit
     // The sidecar with the operator's policy for this pod (compiled as the namespace's
     // ConfigMap would be), the pod's workload identity, and the pod annotations' skips.
     let td = TrustDomain::new("medmesh.local").unwrap();
-    let operator_id = td.workload("medmesh-system", "medmesh-operator").unwrap();
-    let policy = mesh_policy(&a, &names, &owner, Some(&operator_id));
-    let tpl = sts
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .metadata
-        .as_ref()
-        .unwrap();
-    let snap = medmesh_operator::policy::Snapshot {
-        namespace: NS,
-        trust_domain: &td,
-        policies: &[policy],
-        ledgers: &Default::default(),
-        secrets: &Default::default(),
-    };
-    let compiled =
-        medmesh_operator::policy::compile_for_labels(&snap, tpl.labels.as_ref().unwrap());
     let policy_file = dir.path().join("policy.json");
-    std::fs::write(&policy_file, serde_json::to_vec(&compiled.doc).unwrap()).unwrap();
+    write_pod_policy(&a, &sts, &td, &policy_file);
     let certs = dev_certs(
         dir.path(),
         &[
@@ -648,50 +538,14 @@ async fn the_archive_apis_are_reached_only_through_the_mesh_by_the_named_identit
             "radiology/scanner",
         ],
     );
-    let skips = &tpl.annotations.as_ref().unwrap()["medmesh.io/skip-inbound-ports"];
-    let sidecar = mesh::bin("medmesh-sidecar");
-    let sidecar = sidecar.to_str().unwrap();
-    netns::ok(&format!(
-        "ip netns exec {ns0} {sidecar} init --mode legacy --skip-inbound-ports {skips} --skip-outbound-ports {skips}"
+    let _sidecar = mesh::Kill(start_pod_sidecar(
+        &pod,
+        &sts,
+        &certs,
+        "imaging.pacs-archive",
+        &policy_file,
+        "legacy",
     ));
-    let c = certs.display();
-    let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
-    let _sidecar = mesh::Kill(
-        std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns0,
-                "setpriv",
-                "--reuid",
-                "1337",
-                "--regid",
-                "1337",
-                "--clear-groups",
-            ])
-            .arg(sidecar)
-            .args([
-                "run",
-                "--trust-domain",
-                "medmesh.local",
-                "--reload-ms",
-                "200",
-            ])
-            .arg(format!("--cert={c}/imaging.pacs-archive.pem"))
-            .arg(format!("--key={c}/imaging.pacs-archive-key.pem"))
-            .arg(format!("--ca={c}/ca.pem"))
-            .arg(format!("--policy={}", policy_file.display()))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(
-        Duration::from_secs(30),
-        "the sidecar is ready",
-        || pod.curl("-f http://127.0.0.1:15020/ready").0.then_some(()),
-        || std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default(),
-    );
 
     let bundle = medmesh_core::tls::TrustBundle::from_pem(
         &std::fs::read(certs.join("ca.pem")).unwrap(),
@@ -713,8 +567,7 @@ async fn the_archive_apis_are_reached_only_through_the_mesh_by_the_named_identit
     };
 
     // The operator reads the peer view as the controller does: the generated identity.
-    let sidecar_log =
-        || std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default();
+    let sidecar_log = || std::fs::read_to_string(pod.dir.join("sidecar.log")).unwrap_or_default();
     let peers = get("medmesh-system.medmesh-operator", &rest, "/peers")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", sidecar_log()));
@@ -762,7 +615,7 @@ async fn the_archive_apis_are_reached_only_through_the_mesh_by_the_named_identit
         !plain.status.success() || !String::from_utf8_lossy(&plain.stdout).contains("peername"),
         "plaintext reached the REST API"
     );
-    let log = std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(pod.dir.join("sidecar.log")).unwrap_or_default();
     eprintln!(
         "sidecar: {} denial(s) logged",
         log.matches("denied").count() + log.matches("refused").count()

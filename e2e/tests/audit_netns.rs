@@ -18,8 +18,6 @@ mod mesh;
 #[path = "support/netns.rs"]
 mod netns;
 
-use std::collections::{BTreeMap, HashMap};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use medmesh_core::dicom::split_part10;
@@ -192,20 +190,6 @@ fn setup() -> Pods {
     pods
 }
 
-fn samples(dir: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dicom_samples.py");
-    let out =
-        mesh::run(Command::new("python3").args([script, dir.to_str().unwrap(), &n.to_string()]));
-    assert!(
-        out.status.success(),
-        "pydicom samples: {}",
-        mesh::text(&out)
-    );
-    let m: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(m.len() >= n, "only {} samples", m.len());
-    m
-}
-
 /// The parts of a multipart body (boundary from its content type).
 fn parts<'a>(body: &'a [u8], content_type: &str) -> Vec<&'a [u8]> {
     let boundary = content_type
@@ -244,65 +228,17 @@ fn dimse_and_dicomweb_transfers_between_pods_are_recorded() {
     let pods = setup();
     let lab = &pods.lab;
     let (a, b, ip_b) = (lab.a.clone(), lab.b.clone(), lab.ip_b.clone());
-    let manifest = samples(&lab.path("samples"), 120);
+    let manifest = dicom_samples(&lab.path("samples"), 120);
     let (dimse, stow) = manifest.split_at(60);
 
-    // --- DIMSE: storescu in A → Orthanc in B, one association per transfer-syntax family.
-    let mut groups: BTreeMap<Option<&str>, Vec<&str>> = BTreeMap::new();
-    for m in dimse {
-        groups
-            .entry(mesh::storescu_option(
-                m["transfer_syntax"].as_str().unwrap(),
-            ))
-            .or_default()
-            .push(m["path"].as_str().unwrap());
-    }
-    assert!(
-        groups.len() >= 5,
-        "too few transfer syntaxes: {:?}",
-        groups.keys()
-    );
-    // The oracle of the bytes as sent: the same storescu runs against storescp +B.
-    let oracle_dir = lab.path("oracle");
-    std::fs::create_dir_all(&oracle_dir).unwrap();
-    let oracle_port = mesh::free_port();
-    let oracle = mesh::Kill(
-        Command::new("storescp")
-            .args(["+B", "+xa", "-aet", "ORACLE", "-od"])
-            .arg(&oracle_dir)
-            .arg(oracle_port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    mesh::wait_port(oracle_port);
-    for (opt, files) in &groups {
-        let opt = opt.unwrap_or("");
-        let files = files.join(" ");
-        ok(&format!(
-            "storescu -nh -aec ORACLE 127.0.0.1 {oracle_port} {opt} {files}"
-        ));
-        let out = lab.exec(
-            &a,
-            &format!("storescu -nh -aec ORTHANC {ip_b} 4242 {opt} {files}"),
-        );
-        assert!(
-            out.status.success() && !mesh::text(&out).contains("Store Failed"),
-            "storescu {opt}: {}\nB: {}",
-            mesh::text(&out),
-            lab.log("sidecar-b")
-        );
-    }
-    drop(oracle);
-    let mut as_sent = HashMap::new();
-    for e in std::fs::read_dir(&oracle_dir).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        let uid = name.split_once('.').map(|(_, u)| u.to_owned()).unwrap();
-        let bytes = std::fs::read(e.path()).unwrap();
-        as_sent.insert(uid, sha256(split_part10(&bytes).unwrap().unwrap().dataset));
-    }
+    // --- DIMSE: storescu in A → Orthanc in B, one association per transfer-syntax family,
+    // each after the same storescu against a bit-preserving storescp (the bytes as sent).
+    let dimse_refs: Vec<&serde_json::Value> = dimse.iter().collect();
+    let (as_sent, families) =
+        storescu_with_oracle(lab, &dimse_refs, &format!("{ip_b}:4242"), "1", || {
+            format!("B: {}", lab.log("sidecar-b"))
+        });
+    assert!(families >= 5, "too few transfer syntaxes: {families}");
     assert!(as_sent.len() >= 50, "only {} instances sent", as_sent.len());
     let mut proven = Vec::new();
     for m in dimse {

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, Secret};
 
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
 use super::netns::{ok, sh};
 
 /// The daemons' directory: `scripts/ipfs env` builds them once per machine (cached outside
@@ -281,4 +285,195 @@ pub fn run_ok(args: &[&str]) -> String {
         .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
         .collect::<Vec<_>>()
         .join(" "))
+}
+
+pub fn kube_owner(
+    a: &medmesh_operator::crd::ImageArchive,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+    use kube::Resource as _;
+    a.controller_owner_ref(&()).unwrap()
+}
+
+pub fn json_lines(body: &str) -> Vec<Value> {
+    serde_json::Deserializer::from_str(body)
+        .into_iter::<Value>()
+        .flat_map(|v| match v.unwrap() {
+            Value::Array(a) => a,
+            o => vec![o],
+        })
+        .collect()
+}
+
+/// The healthy cluster peer IDs `pod` sees.
+pub fn seen_peers(pod: &ArchivePod) -> BTreeSet<String> {
+    // ipfs-cluster 1.1.6 serves its REST API before it has an RPC client, and a request in that
+    // window crashes it (nil pointer in go-libp2p-gorpc): ask only once it logged that it is
+    // ready. (In a cluster, the container would restart; the readiness probe asks the same way.)
+    if !pod.log("ipfs-cluster").contains("IPFS Cluster is READY") {
+        return BTreeSet::new();
+    }
+    let (ok, body) = pod.curl("http://127.0.0.1:9094/peers");
+    if !ok {
+        return BTreeSet::new();
+    }
+    json_lines(&body)
+        .iter()
+        .filter(|p| p["error"].as_str().unwrap_or("").is_empty())
+        .filter_map(|p| p["id"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Peer IDs whose status for `cid` is `pinned`, as `pod` reports.
+pub fn pinned_on(pod: &ArchivePod, cid: &str) -> BTreeSet<String> {
+    let (ok, body) = pod.curl(&format!("http://127.0.0.1:9094/pins/{cid}"));
+    if !ok {
+        return BTreeSet::new();
+    }
+    let Ok(v) = serde_json::from_str::<Value>(&body) else {
+        return BTreeSet::new();
+    };
+    v["peer_map"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, s)| s["status"] == "pinned")
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The CIDs in `pod`'s shared pin set.
+pub fn allocations(pod: &ArchivePod) -> BTreeSet<String> {
+    let (ok, body) = pod.curl("http://127.0.0.1:9094/allocations");
+    if !ok {
+        return BTreeSet::new();
+    }
+    json_lines(&body)
+        .iter()
+        .filter_map(|p| p["cid"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Adds `file` through `pod`'s REST API with the given replication; the root CID.
+pub fn add(pod: &ArchivePod, file: &Path, name: &str, rmin: u32, rmax: u32) -> String {
+    let body = pod.curl_ok(&format!(
+        "-X POST -F 'file=@{};filename={name}.age;type=application/octet-stream' \
+         'http://127.0.0.1:9094/add?cid-version=1&raw-leaves=true&chunker=size-262144&name={name}&replication-min={rmin}&replication-max={rmax}&stream-channels=false'",
+        file.display()
+    ));
+    let out = json_lines(&body);
+    out.last().unwrap()["cid"].as_str().unwrap().to_owned()
+}
+
+pub fn cat(pod: &ArchivePod, cid: &str, timeout: &str) -> Option<Vec<u8>> {
+    let o = sh(&format!(
+        "ip netns exec {} curl -sS --fail --max-time 90 -X POST 'http://127.0.0.1:5001/api/v0/cat?arg={cid}&timeout={timeout}'",
+        pod.ns
+    ));
+    o.status.success().then_some(o.stdout)
+}
+
+pub fn diag(pods: &[ArchivePod]) -> String {
+    pods.iter()
+        .map(|p| {
+            let tail = |s: String| s.lines().rev().take(15).collect::<Vec<_>>().join("\n");
+            format!(
+                "--- {} kubo:\n{}\n--- {} cluster:\n{}\n",
+                p.pod,
+                tail(p.log("kubo")),
+                p.pod,
+                tail(p.log("ipfs-cluster"))
+            )
+        })
+        .collect()
+}
+
+/// The sidecar policy of the archive's pods: the operator's MeshPolicy for `a`, compiled for
+/// the pod template's labels as the namespace's ConfigMap would hold it; written to `file`.
+pub fn write_pod_policy(
+    a: &medmesh_operator::crd::ImageArchive,
+    sts: &StatefulSet,
+    td: &medmesh_core::TrustDomain,
+    file: &Path,
+) {
+    use medmesh_operator::controller::image_archive::{Names, mesh_policy};
+    let names = Names::of(a).unwrap();
+    let owner = kube_owner(a);
+    let operator_id = td.workload("medmesh-system", "medmesh-operator").unwrap();
+    let policy = mesh_policy(a, &names, &owner, Some(&operator_id));
+    let tpl = template_meta(sts);
+    let ns = a.metadata.namespace.as_deref().unwrap();
+    let snap = medmesh_operator::policy::Snapshot {
+        namespace: ns,
+        trust_domain: td,
+        policies: &[policy],
+        ledgers: &Default::default(),
+        secrets: &Default::default(),
+    };
+    let compiled =
+        medmesh_operator::policy::compile_for_labels(&snap, tpl.labels.as_ref().unwrap());
+    std::fs::write(file, serde_json::to_vec(&compiled.doc).unwrap()).unwrap();
+}
+
+/// Starts the pod's sidecar as injection would: `init` (iptables `mode`) with the pod
+/// annotations' skips, then `run` as uid 1337 with the identity `who` (`<ns>.<sa>` files of
+/// `medmesh dev certs` in `certs`) and `policy`; waits until it is ready. Logs to
+/// `<pod dir>/sidecar.log`.
+pub fn start_pod_sidecar(
+    pod: &ArchivePod,
+    sts: &StatefulSet,
+    certs: &Path,
+    who: &str,
+    policy: &Path,
+    mode: &str,
+) -> Child {
+    let tpl = template_meta(sts);
+    let skips = &tpl.annotations.as_ref().unwrap()["medmesh.io/skip-inbound-ports"];
+    let sidecar = super::mesh::bin("medmesh-sidecar");
+    let sidecar = sidecar.to_str().unwrap();
+    let ns = &pod.ns;
+    ok(&format!(
+        "ip netns exec {ns} {sidecar} init --mode {mode} --skip-inbound-ports {skips} --skip-outbound-ports {skips}"
+    ));
+    let c = certs.display();
+    let log_path = pod.dir.join("sidecar.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = super::netns::as_proxy(ns)
+        .arg(sidecar)
+        .args([
+            "run",
+            "--trust-domain",
+            "medmesh.local",
+            "--reload-ms",
+            "200",
+        ])
+        .arg(format!("--cert={c}/{who}.pem"))
+        .arg(format!("--key={c}/{who}-key.pem"))
+        .arg(format!("--ca={c}/ca.pem"))
+        .arg(format!("--policy={}", policy.display()))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{}'s sidecar is ready", pod.pod),
+        || pod.curl("-f http://127.0.0.1:15020/ready").0.then_some(()),
+        || std::fs::read_to_string(&log_path).unwrap_or_default(),
+    );
+    child
+}
+
+/// The pod template's metadata (labels, annotations).
+pub fn template_meta(
+    sts: &StatefulSet,
+) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
 }

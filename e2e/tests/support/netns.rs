@@ -107,18 +107,13 @@ impl Lab {
     /// Starts a long-running process in `ns` (optionally as uid 1337), logging to `<name>.log`.
     pub fn spawn(&mut self, ns: &str, name: &str, as_proxy: bool, cmd: &[&str]) {
         let log = std::fs::File::create(self.path(&format!("{name}.log"))).unwrap();
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]);
-        if as_proxy {
-            c.args([
-                "setpriv",
-                "--reuid",
-                "1337",
-                "--regid",
-                "1337",
-                "--clear-groups",
-            ]);
-        }
+        let mut c = if as_proxy {
+            self::as_proxy(ns)
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]);
+            c
+        };
         c.args(cmd).stdout(log.try_clone().unwrap()).stderr(log);
         self.children.push(c.spawn().unwrap());
     }
@@ -149,6 +144,11 @@ impl Lab {
     /// ledger's `signing.key` and `verifier.key`, B's `uid.key` (filled with `uid_key_byte`) and
     /// a `spool/` directory. Returns (certs, signing key).
     pub fn mesh_files(&self, uid_key_byte: u8) -> (PathBuf, PathBuf) {
+        self.mesh_files_with(uid_key_byte, &[])
+    }
+
+    /// [`Lab::mesh_files`] with certificates for the `extra` workloads (`ns/sa`) too.
+    pub fn mesh_files_with(&self, uid_key_byte: u8, extra: &[&str]) -> (PathBuf, PathBuf) {
         use crate::mesh::{bin, run, text};
         let certs = self.path("certs");
         let mut cmd = Command::new(bin("medmesh"));
@@ -158,7 +158,10 @@ impl Lab {
             "pacs/orthanc",
             "medmesh/ledger",
             "medmesh/auditor",
-        ] {
+        ]
+        .iter()
+        .chain(extra)
+        {
             cmd.args(["--workload", w]);
         }
         let out = run(&mut cmd);
@@ -270,4 +273,110 @@ impl Drop for Lab {
 /// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `ip netns exec <ns> setpriv …` as the proxy's uid (1337): what a sidecar runs as, and what
+/// iptables does not redirect.
+pub fn as_proxy(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        ns,
+        "setpriv",
+        "--reuid",
+        "1337",
+        "--regid",
+        "1337",
+        "--clear-groups",
+    ]);
+    c
+}
+
+/// DICOM instances derived from pydicom's samples (`e2e/scripts/dicom_samples.py`) in `dir`:
+/// the manifest (path, source, transfer syntax, UIDs, identifying values).
+pub fn dicom_samples(dir: &Path, n: usize) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/dicom_samples.py");
+    let out = crate::mesh::run(Command::new("python3").args([
+        script,
+        dir.to_str().unwrap(),
+        &n.to_string(),
+    ]));
+    assert!(
+        out.status.success(),
+        "pydicom samples: {}",
+        crate::mesh::text(&out)
+    );
+    let m: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(m.len() >= n, "only {} samples", m.len());
+    m
+}
+
+/// storescu in `lab.a` of `files` to `ORTHANC` at `to` (host:port), one association per
+/// transfer-syntax family, each after the same storescu against a local bit-preserving
+/// storescp: the oracle of the bytes sent. Returns the SHA-256 of each data set as sent, by
+/// SOP Instance UID, and the number of families. `context` explains a failure.
+pub fn storescu_with_oracle(
+    lab: &Lab,
+    files: &[&serde_json::Value],
+    to: &str,
+    tag: &str,
+    context: impl Fn() -> String,
+) -> (
+    std::collections::HashMap<String, medmesh_core::merkle::Hash>,
+    usize,
+) {
+    use crate::mesh;
+    let mut groups: std::collections::BTreeMap<Option<&str>, Vec<&str>> = Default::default();
+    for m in files {
+        groups
+            .entry(mesh::storescu_option(
+                m["transfer_syntax"].as_str().unwrap(),
+            ))
+            .or_default()
+            .push(m["path"].as_str().unwrap());
+    }
+    let oracle_dir = lab.path(&format!("oracle-{tag}"));
+    std::fs::create_dir_all(&oracle_dir).unwrap();
+    let port = mesh::free_port();
+    let oracle = mesh::Kill(
+        Command::new("storescp")
+            .args(["+B", "+xa", "-aet", "ORACLE", "-od"])
+            .arg(&oracle_dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    mesh::wait_port(port);
+    let (host, to_port) = to.rsplit_once(':').unwrap();
+    for (opt, paths) in &groups {
+        let opt = opt.unwrap_or("");
+        let paths = paths.join(" ");
+        ok(&format!(
+            "storescu -nh -aec ORACLE 127.0.0.1 {port} {opt} {paths}"
+        ));
+        let out = lab.exec(
+            &lab.a,
+            &format!("storescu -nh -aec ORTHANC {host} {to_port} {opt} {paths}"),
+        );
+        assert!(
+            out.status.success() && !mesh::text(&out).contains("Store Failed"),
+            "storescu {opt}: {}\n{}",
+            mesh::text(&out),
+            context()
+        );
+    }
+    drop(oracle);
+    let mut sent = std::collections::HashMap::new();
+    for e in std::fs::read_dir(&oracle_dir).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let uid = name.split_once('.').map(|(_, u)| u.to_owned()).unwrap();
+        let bytes = std::fs::read(e.path()).unwrap();
+        let p10 = medmesh_core::dicom::split_part10(&bytes).unwrap().unwrap();
+        sent.insert(uid, medmesh_core::merkle::sha256(p10.dataset));
+    }
+    (sent, groups.len())
 }
