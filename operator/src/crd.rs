@@ -27,8 +27,8 @@ pub use image_archive::{
 };
 pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 pub use mesh_policy::{
-    AuditDelivery, LedgerRef, MeshPolicy, MeshPolicySpec, MeshPolicyStatus, Peer, PolicyAudit,
-    PolicyMode, PortProtocol, PortRule,
+    ArchiveMode, ArchiveRef, AuditDelivery, LedgerRef, MeshPolicy, MeshPolicySpec,
+    MeshPolicyStatus, Peer, PolicyArchive, PolicyAudit, PolicyMode, PortProtocol, PortRule,
 };
 
 /// The API group of every medmesh resource.

@@ -42,6 +42,15 @@ pub const AUDIT_KEY_SECRET: &str = "medmesh-audit-key";
 pub const AUDIT_KEY_NAME: &str = "key";
 /// Where the sidecar finds that key (the audit settings name the file).
 pub const AUDIT_KEY_MOUNT: &str = "/etc/medmesh/audit";
+/// Secret with a namespace's archive key pair (generated once, never owned: deleting it is
+/// crypto-shredding everything archived under it).
+pub const ARCHIVE_KEY_SECRET: &str = "medmesh-archive-key";
+/// Key of the private identity (`AGE-SECRET-KEY-1…`) in [`ARCHIVE_KEY_SECRET`].
+pub const ARCHIVE_IDENTITY_KEY: &str = "identity";
+/// Key of the public recipient (`age1…`) in [`ARCHIVE_KEY_SECRET`].
+pub const ARCHIVE_RECIPIENT_KEY: &str = "recipient";
+/// Role (and RoleBinding) that lets a policy's `restorers` read [`ARCHIVE_KEY_SECRET`].
+pub const ARCHIVE_RESTORER_ROLE: &str = "medmesh-archive-restorer";
 
 /// The injected sidecar's admin listener (`/live`, `/ready`, `/metrics`) on the Pod's address:
 /// controllers that write NetworkPolicies let the kubelet reach it.

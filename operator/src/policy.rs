@@ -56,7 +56,7 @@ pub struct Snapshot<'a> {
 }
 
 /// Where the selected pods' audit records go (sidecar settings, not part of the document).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditBinding {
     /// Name of the `AuditLedger`.
     pub ledger: String,
@@ -66,6 +66,9 @@ pub struct AuditBinding {
     pub delivery: AuditDelivery,
     /// The keyed-hash key.
     pub key: SecretKeyRef,
+    /// Archiving of stored instances, as the policy asks for it (the archive is resolved by
+    /// the controller).
+    pub archive: Option<crate::crd::PolicyArchive>,
 }
 
 /// Why a policy was refused or degraded: a bounded reason for the condition.
@@ -134,7 +137,7 @@ impl Outcome {
 }
 
 /// The compiled namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Compiled {
     /// The union of the (selected) accepted policies: what a pod selected by all of them gets.
     pub doc: PolicyDoc,
@@ -230,7 +233,7 @@ fn compile_selected(snap: &Snapshot<'_>, labels: Option<&BTreeMap<String, String
             && mine != have
         {
             conflicts.push(format!(
-                "audit settings differ from policy {owner} (one ledger, delivery and key per namespace)"
+                "audit settings differ from policy {owner} (one ledger, delivery, key and archive per namespace)"
             ));
         }
         if !conflicts.is_empty() {
@@ -475,6 +478,7 @@ fn check(snap: &Snapshot<'_>, p: &MeshPolicy) -> Result<Checked, Vec<String>> {
             endpoint,
             delivery: a.delivery,
             key: key.clone(),
+            archive: a.archive.clone(),
         })
     });
     // The document must also pass the sidecar's own checks, or every sidecar would refuse it.

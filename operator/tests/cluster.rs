@@ -1045,6 +1045,8 @@ async fn the_operators_service_account_has_exactly_the_charts_permissions() {
         ("", "secrets", "update"),
         ("", "serviceaccounts", "create"),
         ("networking.k8s.io", "networkpolicies", "patch"),
+        ("rbac.authorization.k8s.io", "roles", "patch"),
+        ("rbac.authorization.k8s.io", "rolebindings", "create"),
         ("medmesh.io", "meshpolicies/status", "patch"),
         ("", "secrets", "create"),
         ("", "configmaps", "patch"),

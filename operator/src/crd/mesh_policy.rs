@@ -125,7 +125,7 @@ pub enum PolicyMode {
 }
 
 /// Auditing settings of the selected pods.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyAudit {
     /// The `AuditLedger` (in this namespace) that receives the records.
@@ -135,6 +135,55 @@ pub struct PolicyAudit {
     pub delivery: AuditDelivery,
     /// The tenant key (at least 32 bytes) under which UIDs and AE titles are hashed.
     pub key_secret_ref: SecretKeyRef,
+    /// Archiving: every instance recorded as stored is also sealed and archived into an
+    /// `ImageArchive` of this namespace, linked to its record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<PolicyArchive>,
+}
+
+/// Archiving of the stored instances of the selected pods.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyArchive {
+    /// The `ImageArchive` (in this namespace) that receives the sealed instances; its `adders`
+    /// must name the selected pods' identities.
+    pub archive_ref: ArchiveRef,
+    /// `async`: stores never wait for the archive; `required`: a store whose instance cannot
+    /// be staged durably fails.
+    #[serde(default)]
+    pub mode: ArchiveMode,
+    /// An extra age recipient (`age1…`) every instance is also sealed to: a break-glass key
+    /// the hospital keeps offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 59, max = 100),
+        regex(pattern = r"^age1[02-9ac-hj-np-z]+$")
+    )]
+    pub break_glass_recipient: Option<String>,
+    /// Who may read the namespace's archive identity (Secret `medmesh-archive-key`): RBAC
+    /// subjects, bound to a Role that can get only that Secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub restorers: Vec<k8s_openapi::api::rbac::v1::Subject>,
+}
+
+/// A reference to an `ImageArchive` in the same namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+pub struct ArchiveRef {
+    /// Name of the `ImageArchive`.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What a store waits for.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveMode {
+    /// Stores never wait for the archive.
+    #[default]
+    Async,
+    /// A store whose instance cannot be staged durably fails.
+    Required,
 }
 
 /// A reference to an `AuditLedger` in the same namespace.

@@ -101,6 +101,7 @@ fn compiles_into_a_document_the_sidecar_accepts() {
                 name: "audit-key".into(),
                 key: "key".into()
             },
+            archive: None,
         })
     );
     // What the sidecar reads back from the ConfigMap behaves as the policy says, for a pod the

@@ -330,31 +330,14 @@ async fn mock_api_policy_audit_settings_and_key_are_published_for_sidecars() {
     let (r, (secret, cm)) = mock::run(
         reconcile(namespace(true), ctx),
         async {
-            api.expect("GET", POLICIES, 200, move |_| list(vec![audited])).await;
-            api.expect("GET", "/apis/medmesh.io/v1alpha1/namespaces/radiology/auditledgers", 200, |_| {
-                json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedgerList", "metadata": {}, "items": [
-                    {"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedger",
-                     "metadata": {"name": "l", "namespace": "radiology"},
-                     "spec": {"replicas": 1, "storage": {"size": "1Gi"}, "signingKey": {"generate": {}}},
-                     "status": {"endpoint": "https://l.radiology.svc:8443"}}
-                ]})
-            })
-            .await;
-            api.expect("GET", "/api/v1/namespaces/radiology/secrets", 200, |_| {
-                json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": [
-                    {"metadata": {"name": "k", "namespace": "radiology"},
-                     "data": {"hmac": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}}
-                ]})
-            })
-            .await;
-            api.expect("GET", "/api/v1/namespaces/radiology/configmaps/l-config", 200, move |_| {
-                json!({"apiVersion": "v1", "kind": "ConfigMap",
-                       "metadata": {"name": "l-config", "namespace": "radiology"},
-                       "data": {"origin": "cluster.local/radiology/l", "verifier.key": v2}})
-            })
-            .await;
+            api.expect("GET", POLICIES, 200, move |_| list(vec![audited]))
+                .await;
+            ledger_key_and_config(&mut api, v2).await;
             let secret = api
-                .apply("/api/v1/namespaces/radiology/secrets/medmesh-audit-key", json!({}))
+                .apply(
+                    "/api/v1/namespaces/radiology/secrets/medmesh-audit-key",
+                    json!({}),
+                )
                 .await;
             let cm = api.apply(CM, json!({})).await;
             status_patch(&mut api, &stored).await;
@@ -386,4 +369,130 @@ async fn mock_api_policy_audit_settings_and_key_are_published_for_sidecars() {
         }
     );
     assert!(cm.body["data"]["policy.json"].is_string());
+}
+
+#[tokio::test]
+async fn mock_api_policy_archive_key_is_made_once_and_published_with_the_archive() {
+    let (ctx, mut api) = context(None);
+    let break_glass = medmesh_core::seal::ArchiveKey::generate()
+        .recipient()
+        .to_string();
+    let archiving = policy(
+        "pacs",
+        "u-pacs",
+        json!({
+            "podSelector": {},
+            "ports": [{"port": 4242, "protocol": "dicom"}],
+            "audit": {"ledgerRef": {"name": "l"}, "delivery": "enforce",
+                      "keySecretRef": {"name": "k", "key": "hmac"},
+                      "archive": {"archiveRef": {"name": "pacs-archive"}, "mode": "required",
+                                  "breakGlassRecipient": break_glass,
+                                  "restorers": [{"kind": "Group", "name": "hospital:restorers",
+                                                 "apiGroup": "rbac.authorization.k8s.io"}]}},
+        }),
+    );
+    let verifier =
+        medmesh_core::checkpoint::NoteSigner::from_seed("cluster.local/radiology/l", [3; 32])
+            .unwrap()
+            .verifier_key();
+    let stored = archiving.clone();
+    let (r, (key, role, binding, cm)) = mock::run(
+        reconcile(namespace(true), ctx),
+        async {
+            api.expect("GET", POLICIES, 200, move |_| list(vec![archiving])).await;
+            ledger_key_and_config(&mut api, verifier).await;
+            api.expect("GET", "/apis/medmesh.io/v1alpha1/namespaces/radiology/imagearchives/pacs-archive", 200, |_| {
+                json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "ImageArchive",
+                       "metadata": {"name": "pacs-archive", "namespace": "radiology"},
+                       "spec": {"replicas": 3, "replication": {"min": 2, "max": 3},
+                                "storage": {"kuboSize": "10Gi", "clusterSize": "1Gi"}},
+                       "status": {"endpoint": "http://pacs-archive.radiology.svc:9094"}})
+            })
+            .await;
+            // No key yet: one is generated and created (never applied, so never replaced).
+            api.not_found("/api/v1/namespaces/radiology/secrets/medmesh-archive-key").await;
+            let key = api
+                .expect("POST", "/api/v1/namespaces/radiology/secrets", 201, |s| s.body.clone())
+                .await;
+            let role = api
+                .apply("/apis/rbac.authorization.k8s.io/v1/namespaces/radiology/roles/medmesh-archive-restorer", json!({}))
+                .await;
+            let binding = api
+                .apply("/apis/rbac.authorization.k8s.io/v1/namespaces/radiology/rolebindings/medmesh-archive-restorer", json!({}))
+                .await;
+            api.apply("/api/v1/namespaces/radiology/secrets/medmesh-audit-key", json!({}))
+                .await;
+            let cm = api.apply(CM, json!({})).await;
+            status_patch(&mut api, &stored).await;
+            api.quiet(Duration::from_millis(100)).await;
+            (key, role, binding, cm)
+        },
+        Duration::from_secs(10),
+    )
+    .await;
+    r.unwrap();
+    // The key pair: the identity for restorers, the recipient for sidecars; owned by nobody.
+    let data = &key.body["stringData"];
+    let identity: medmesh_core::seal::ArchiveKey =
+        data["identity"].as_str().unwrap().parse().unwrap();
+    let recipient = identity.recipient().to_string();
+    assert_eq!(data["recipient"], recipient);
+    assert!(key.body["metadata"]["ownerReferences"].is_null());
+    // Restorers may get that one Secret, nothing else.
+    assert_eq!(
+        role.body["rules"],
+        json!([{"apiGroups": [""], "resources": ["secrets"],
+                "resourceNames": ["medmesh-archive-key"], "verbs": ["get"]}])
+    );
+    assert_eq!(binding.body["subjects"][0]["name"], "hospital:restorers");
+    assert_eq!(binding.body["roleRef"]["name"], "medmesh-archive-restorer");
+    // The sidecars' settings: the archive's endpoint and identity, both recipients, the mode
+    // and the archive's replication.
+    let audit: medmesh_core::wire::SidecarAudit =
+        serde_json::from_str(cm.body["data"]["audit.json"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        audit.archive,
+        Some(medmesh_core::wire::SidecarArchive {
+            url: "http://pacs-archive.radiology.svc:9094".into(),
+            id: "spiffe://cluster.local/ns/radiology/sa/pacs-archive".into(),
+            recipients: vec![recipient, break_glass],
+            mode: "required".into(),
+            replication_min: 2,
+            replication_max: 3,
+        })
+    );
+    // Nothing secret in the ConfigMap.
+    assert!(!cm.body.to_string().contains("AGE-SECRET-KEY"));
+}
+
+/// The reads of an audited namespace after its policies: the ledger `l` (up), the Secret `k`
+/// with key `hmac`, and the ledger's published ConfigMap with `verifier`.
+async fn ledger_key_and_config(api: &mut ApiServer, verifier: String) {
+    api.expect("GET", "/apis/medmesh.io/v1alpha1/namespaces/radiology/auditledgers", 200, |_| {
+        json!({"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedgerList", "metadata": {}, "items": [
+            {"apiVersion": "medmesh.io/v1alpha1", "kind": "AuditLedger",
+             "metadata": {"name": "l", "namespace": "radiology"},
+             "spec": {"replicas": 1, "storage": {"size": "1Gi"}, "signingKey": {"generate": {}}},
+             "status": {"endpoint": "https://l.radiology.svc:8443"}}
+        ]})
+    })
+    .await;
+    api.expect("GET", "/api/v1/namespaces/radiology/secrets", 200, |_| {
+        json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": [
+            {"metadata": {"name": "k", "namespace": "radiology"},
+             "data": {"hmac": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="}}
+        ]})
+    })
+    .await;
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/radiology/configmaps/l-config",
+        200,
+        move |_| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "l-config", "namespace": "radiology"},
+               "data": {"origin": "cluster.local/radiology/l", "verifier.key": verifier}})
+        },
+    )
+    .await;
 }
