@@ -95,3 +95,59 @@ pub async fn fetch_verified(
     }
     outcome
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn what_a_store_serves_is_checked_against_the_cid_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path().join("store")).unwrap();
+        let object: Vec<u8> = (0..700_000u32).map(|i| (i % 253) as u8).collect();
+        let src = dir.path().join("object");
+        std::fs::write(&src, &object).unwrap();
+        let cid = store.put_file(&src).unwrap();
+        // Named by the CID Kubo would give the bytes (medmesh_core::unixfs).
+        assert_eq!(
+            cid.to_bytes(),
+            medmesh_core::unixfs::file_cid(&object).to_bytes()
+        );
+        let out = dir.path().join("out");
+        let source = Source::Store(store.clone());
+        assert_eq!(
+            fetch_verified(&source, &cid, &out).await.unwrap(),
+            object.len() as u64
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), object);
+        // A store (or gateway) serving other bytes under that CID is refused, nothing kept.
+        let mut other = object.clone();
+        other[400_000] ^= 1;
+        std::fs::write(store.path(&cid), &other).unwrap();
+        let err = fetch_verified(&source, &cid, &out).await.unwrap_err();
+        assert!(matches!(err, ArchiveError::CidMismatch { .. }), "{err}");
+        assert!(!out.exists());
+        // An object the store does not have.
+        let missing =
+            ContentId::from_bytes(&medmesh_core::unixfs::file_cid(b"x").to_bytes()).unwrap();
+        let err = fetch_verified(&source, &missing, &out).await.unwrap_err();
+        assert!(matches!(err, ArchiveError::NotFound { .. }), "{err}");
+    }
+
+    #[test]
+    fn endpoints_take_only_http_origins() {
+        use crate::MeshEndpoint;
+        use std::time::Duration;
+        for bad in ["https://a:1", "http://a:1/path", "a:1", "http://"] {
+            assert!(
+                MeshEndpoint::new(bad, None, Duration::from_secs(1)).is_err(),
+                "{bad}"
+            );
+        }
+        let ep =
+            MeshEndpoint::new("http://archive.ns.svc:9094", None, Duration::from_secs(1)).unwrap();
+        assert_eq!(ep.authority(), "archive.ns.svc:9094");
+    }
+}

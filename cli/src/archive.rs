@@ -85,6 +85,21 @@ enum Cmd {
         #[arg(long, group = "to")]
         stow: Option<String>,
     },
+    /// Crypto-shredding: record in the ledger, then delete, the archive key of a namespace
+    /// (the Secret `medmesh-archive-key`, through the current kubeconfig). Everything archived
+    /// under it becomes unreadable forever; the ciphertexts stay in the archive. Needs an SVID
+    /// the ledger accepts as an appender.
+    Shred {
+        /// The namespace whose key is destroyed.
+        #[arg(long)]
+        namespace: String,
+        /// The `ImageArchive` the key served (default: the one the namespace's policies name).
+        #[arg(long)]
+        archive: Option<String>,
+        /// Confirms without a prompt: must repeat the namespace.
+        #[arg(long)]
+        confirm: Option<String>,
+    },
 }
 
 /// The `instance_archived` entry for `what`.
@@ -357,6 +372,20 @@ pub(crate) fn write_out(
 }
 
 pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
+    if let Cmd::Shred {
+        namespace,
+        archive,
+        confirm,
+    } = &args.cmd
+    {
+        return shred(
+            &args.conn,
+            namespace,
+            archive.as_deref(),
+            confirm.as_deref(),
+        )
+        .await;
+    }
     let (client, store, _origin) = crate::ledger::client(&args.conn)?;
     let cp = client.update_trusted(&store).await?.new.checkpoint;
     let src = source(&args.conn, &args.src)?;
@@ -367,6 +396,7 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
         .context("--identity (the namespace's archive identity file) is required")?;
     let what = match &args.cmd {
         Cmd::Get { what, .. } | Cmd::Restore { what, .. } => what.clone(),
+        Cmd::Shred { .. } => unreachable!("handled above"),
     };
     let e = find_archived(&client, &cp, &what, args.src.uid_key.as_deref()).await?;
     let r = &e.entry.record;
@@ -437,6 +467,7 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("give --to-file, --dicom or --stow");
             }
         }
+        Cmd::Shred { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -469,4 +500,143 @@ async fn stow_rs(base: &str, file: Vec<u8>) -> anyhow::Result<u16> {
         String::from_utf8_lossy(&answer[..answer.len().min(300)])
     );
     Ok(status)
+}
+
+/// `medmesh dev archive-key`: a new key pair; the identity into `out` (0600, never replaced),
+/// the recipient printed.
+pub fn keygen(out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let key = ArchiveKey::generate();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("create {}", out.display()))?;
+    f.write_all(format!("{}\n", key.to_secret_string()).as_bytes())?;
+    f.sync_all()?;
+    println!("{}", key.recipient());
+    Ok(())
+}
+
+/// The `archive_key_shredded` record: this identity destroyed the key whose recipient hashes to
+/// `content_sha256`, which served `archive`.
+pub fn shred_record(
+    me: &medmesh_core::SpiffeId,
+    archive: &medmesh_core::SpiffeId,
+    recipient: &str,
+) -> anyhow::Result<medmesh_core::AuditRecord> {
+    use medmesh_core::record::{Outcome, RecordId};
+    let mut rec = medmesh_core::AuditRecord::event(
+        RecordId::new()?,
+        EventKind::ArchiveKeyShredded,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros() as u64,
+        me.clone(),
+        archive.clone(),
+        Protocol::Opaque,
+        Outcome::Success,
+    );
+    rec.content_sha256 = Some(merkle::sha256(recipient.as_bytes()));
+    Ok(rec)
+}
+
+async fn shred(
+    conn: &crate::ledger::Conn,
+    namespace: &str,
+    archive: Option<&str>,
+    confirm: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, DeleteParams, ListParams, Preconditions};
+    use medmesh_operator::names::{ARCHIVE_KEY_SECRET, ARCHIVE_RECIPIENT_KEY};
+    let kube = kube::Client::try_default()
+        .await
+        .context("connect to the API server of the current kubeconfig")?;
+    let secrets: Api<Secret> = Api::namespaced(kube.clone(), namespace);
+    let secret = secrets
+        .get_opt(ARCHIVE_KEY_SECRET)
+        .await?
+        .with_context(|| format!("{namespace} has no archive key (Secret {ARCHIVE_KEY_SECRET})"))?;
+    let recipient = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(ARCHIVE_RECIPIENT_KEY))
+        .and_then(|v| std::str::from_utf8(&v.0).ok())
+        .map(|s| s.trim().to_owned())
+        .context("the archive key Secret has no recipient")?;
+    let archive = match archive {
+        Some(a) => a.to_owned(),
+        None => {
+            let policies: Api<medmesh_operator::crd::MeshPolicy> =
+                Api::namespaced(kube.clone(), namespace);
+            let names: std::collections::BTreeSet<String> = policies
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter_map(|p| p.spec.audit?.archive.map(|a| a.archive_ref.name))
+                .collect();
+            match names.len() {
+                1 => names.into_iter().next().unwrap_or_default(),
+                0 => anyhow::bail!("no MeshPolicy of {namespace} archives: give --archive"),
+                _ => anyhow::bail!(
+                    "the policies of {namespace} name several archives {names:?}: give --archive"
+                ),
+            }
+        }
+    };
+    let td = TrustDomain::new(&conn.trust_domain)?;
+    let archive_id = td.workload(namespace, &archive)?;
+    println!(
+        "This destroys the archive key of namespace {namespace} (recipient {recipient}): everything archived under it into {archive_id} becomes unreadable, forever."
+    );
+    let typed = match confirm {
+        Some(c) => c.to_owned(),
+        None => {
+            print!("Type the namespace to confirm: ");
+            std::io::stdout().flush()?;
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim().to_owned()
+        }
+    };
+    anyhow::ensure!(typed == namespace, "not confirmed: nothing was changed");
+    // Recorded first: a key is never destroyed without the ledger saying so.
+    let (client, _store, _origin) = crate::ledger::client(conn)?;
+    let me = Identity::from_pem(
+        &std::fs::read(conn.cert.as_ref().context("--cert is required")?)?,
+        &std::fs::read(conn.key.as_ref().context("--key is required")?)?,
+    )?
+    .id()
+    .clone();
+    let rec = shred_record(&me, &archive_id, &recipient)?;
+    let appended = client
+        .append(&rec, true)
+        .await
+        .context("record the shredding in the ledger (is this identity an appender?)")?;
+    println!(
+        "recorded: entry {} (archive_key_shredded by {me}, key sha256={})",
+        appended.result.index,
+        merkle::sha256(recipient.as_bytes())
+    );
+    // Only the Secret that was read and recorded: a newer key is never deleted by mistake.
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: secret.metadata.uid.clone(),
+            resource_version: secret.metadata.resource_version.clone(),
+        }),
+        ..DeleteParams::default()
+    };
+    secrets.delete(ARCHIVE_KEY_SECRET, &dp).await.with_context(|| {
+        format!(
+            "the ledger records the shredding (entry {}) but Secret {namespace}/{ARCHIVE_KEY_SECRET} could not be deleted: delete it by hand",
+            appended.result.index
+        )
+    })?;
+    println!(
+        "deleted Secret {namespace}/{ARCHIVE_KEY_SECRET}: the archive key is gone; the operator makes a new one for what is archived next"
+    );
+    Ok(ExitCode::SUCCESS)
 }

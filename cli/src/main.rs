@@ -48,6 +48,13 @@ enum DevCmd {
     Certs(devcerts::CertsArgs),
     /// Write synthetic CT instances (Part 10 files) for tests and benchmarks.
     Dicom(devcerts::DicomArgs),
+    /// Generate an archive key pair (age X25519): the identity into --out, the recipient to
+    /// stdout. In a cluster the operator makes each namespace's.
+    ArchiveKey {
+        /// Where to write the identity (created, mode 0600).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +75,9 @@ fn main() -> ExitCode {
         Cmd::Dev {
             cmd: DevCmd::Dicom(args),
         } => devcerts::dicom(args).map(|()| ExitCode::SUCCESS),
+        Cmd::Dev {
+            cmd: DevCmd::ArchiveKey { out },
+        } => archive::keygen(&out).map(|()| ExitCode::SUCCESS),
         Cmd::Ledger(args) => match tokio::runtime::Runtime::new() {
             Ok(rt) => rt.block_on(ledger::run(*args)),
             Err(e) => Err(anyhow::anyhow!("cannot start runtime: {e}")),

@@ -510,6 +510,39 @@ fn put_str16(out: &mut Vec<u8>, s: &str) {
 }
 
 impl AuditRecord {
+    /// A record of `kind` with every optional field absent (set those that apply).
+    pub fn event(
+        record_id: RecordId,
+        kind: EventKind,
+        time_us: u64,
+        source: SpiffeId,
+        destination: SpiffeId,
+        protocol: Protocol,
+        outcome: Outcome,
+    ) -> Self {
+        Self {
+            record_id,
+            kind,
+            time_us,
+            source,
+            destination,
+            protocol,
+            outcome,
+            status: None,
+            bytes: 0,
+            content_sha256: None,
+            study_uid: None,
+            series_uid: None,
+            sop_instance_uid: None,
+            calling_ae: None,
+            called_ae: None,
+            sop_class_uid: None,
+            transfer_syntax_uid: None,
+            cid: None,
+            archived_record: None,
+        }
+    }
+
     /// Appends the canonical encoding (docs/ledger-format.md, "Record v1") to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(RECORD_VERSION);

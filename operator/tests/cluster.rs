@@ -1293,4 +1293,103 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
     };
     let appended = client.append(&rec, true).await.unwrap();
     eprintln!("appended as {id}: {appended:?}");
+
+    // Crypto-shredding with `medmesh archive shred`, as this appender: refused without the
+    // right confirmation; then recorded in the ledger, and the namespace's archive key deleted.
+    let key = medmesh_core::seal::ArchiveKey::generate();
+    let recipient = key.recipient().to_string();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = ns.api();
+    secrets
+        .create(
+            &PostParams::default(),
+            &medmesh_operator::controller::mesh_policy::archive_key_secret(&ns.name, &key),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let w = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (cert, keyf, ca, vk) = (
+        w("svid.pem", &chain),
+        w("svid-key.pem", &key_pem),
+        w("bundle.pem", &bundle),
+        w("verifier.key", data["verifier.key"].trim()),
+    );
+    let ledger_id = format!("spiffe://cluster.local/ns/{}/ledger/ledger", ns.name);
+    let shred = |confirm: &str| {
+        std::process::Command::new(support::target_bin("medmesh"))
+            .args([
+                "archive",
+                "shred",
+                "--namespace",
+                &ns.name,
+                "--archive",
+                "pacs-archive",
+            ])
+            .args(["--confirm", confirm, "--url", &format!("https://{addr}")])
+            .args(["--cert", &cert, "--key", &keyf, "--ca", &ca])
+            .args(["--trust-domain", "cluster.local", "--ledger-id", &ledger_id])
+            .args([
+                "--verifier-key",
+                &format!("@{vk}"),
+                "--origin",
+                &data["origin"],
+            ])
+            .arg("--state")
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap()
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let out = shred("not-the-namespace");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not confirmed"), "{}", text(&out));
+    assert!(
+        secrets
+            .get_opt("medmesh-archive-key")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let out = shred(&ns.name);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("recorded: entry "), "{}", text(&out));
+    assert!(
+        secrets
+            .get_opt("medmesh-archive-key")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The ledger says who destroyed which key (by the hash of its public half) for which archive.
+    let fingerprint = medmesh_core::merkle::sha256(recipient.as_bytes());
+    let (_, hits, _) = support::eventually_for(
+        "the shredding is searchable",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                let r = client.search("sha256", &fingerprint.to_hex()).await.ok()?;
+                (!r.1.is_empty()).then_some(r)
+            }
+        },
+    )
+    .await;
+    let r = &hits[0].entry.record;
+    assert_eq!(r.kind, EventKind::ArchiveKeyShredded);
+    assert_eq!(r.source.as_str(), id);
+    assert_eq!(
+        r.destination.as_str(),
+        format!("spiffe://cluster.local/ns/{}/sa/pacs-archive", ns.name)
+    );
+    assert!(!text(&out).contains("AGE-SECRET-KEY"));
 }

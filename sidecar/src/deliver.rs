@@ -220,14 +220,20 @@ impl Delivery {
         }
     }
 
-    /// A record spooled durably (one fsync) for background delivery; the caller learns whether
-    /// it was.
+    /// Records spooled durably (one fsync) for background delivery; the caller learns whether
+    /// they were.
     ///
     /// # Errors
-    /// When the spool refused it.
-    pub async fn later_durable(&self, rec: AuditRecord) -> Result<(), DeliveryError> {
-        tokio::task::block_in_place(|| self.spool_all(std::slice::from_ref(&rec)))?;
-        self.metrics.records.with_label_values(&["spooled"]).inc();
+    /// When the spool refused them.
+    pub async fn later_durable_all(&self, recs: Vec<AuditRecord>) -> Result<(), DeliveryError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| self.spool_all(&recs))?;
+        self.metrics
+            .records
+            .with_label_values(&["spooled"])
+            .inc_by(recs.len() as u64);
         Ok(())
     }
 

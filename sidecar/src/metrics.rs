@@ -49,6 +49,8 @@ pub struct Metrics {
     pub archive_staging_limit_bytes: IntGauge,
     /// Upload or pin-confirmation attempts that failed (retried with backoff).
     pub archive_upload_failures: IntCounter,
+    /// Ciphertext bytes confirmed archived.
+    pub archive_bytes: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -162,6 +164,10 @@ impl Metrics {
                 "medmesh_sidecar_archive_upload_failures_total",
                 "Archive uploads or pin confirmations that failed and will be retried",
             )),
+            archive_bytes: must(IntCounter::new(
+                "medmesh_sidecar_archive_bytes_total",
+                "Ciphertext bytes confirmed archived",
+            )),
         };
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -185,6 +191,7 @@ impl Metrics {
             Box::new(m.archive_backlog.clone()),
             Box::new(m.archive_staging_limit_bytes.clone()),
             Box::new(m.archive_upload_failures.clone()),
+            Box::new(m.archive_bytes.clone()),
         ] {
             must(registry.register(c));
         }

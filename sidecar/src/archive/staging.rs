@@ -87,6 +87,10 @@ pub struct Staging {
     failed: PathBuf,
     limit: u64,
     used: AtomicU64,
+    /// Objects being written now (instances streaming through the proxy).
+    active: AtomicU64,
+    /// When an object last started or ended being written (ms since the epoch).
+    last_activity_ms: AtomicU64,
     recipients: Vec<Recipient>,
     metrics: Metrics,
 }
@@ -99,6 +103,12 @@ impl std::fmt::Debug for Staging {
             .field("used", &self.used.load(Ordering::Relaxed))
             .finish()
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn sync_dir(p: &Path) -> std::io::Result<()> {
@@ -159,6 +169,8 @@ impl Staging {
             failed,
             limit,
             used: AtomicU64::new(used),
+            active: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
             recipients,
             metrics,
         }))
@@ -184,6 +196,23 @@ impl Staging {
         self.used.load(Ordering::Acquire)
     }
 
+    /// Whether instances are streaming through the proxy, or did within `quiet` (the uploader
+    /// yields to them).
+    pub fn busy(&self, quiet: std::time::Duration) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+            || now_ms().saturating_sub(self.last_activity_ms.load(Ordering::Acquire))
+                < quiet.as_millis() as u64
+    }
+
+    /// The limit of the staging area.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms.store(now_ms(), Ordering::Release);
+    }
+
     /// Starts sealing one object into `tmp/`. Errors are kept in the writer and reported by
     /// [`StageWriter::finish`]: the transfer itself is never disturbed by them.
     pub fn begin(self: &Arc<Self>) -> StageWriter {
@@ -204,14 +233,19 @@ impl Staging {
             reserved: reserved.clone(),
         };
         match Sealer::new(&self.recipients, tee) {
-            Ok(sealer) => StageWriter {
-                staging: self.clone(),
-                id,
-                path: Some(path),
-                sealer: Some(sealer),
-                reserved,
-                error: None,
-            },
+            Ok(sealer) => {
+                self.active.fetch_add(1, Ordering::AcqRel);
+                self.touch();
+                StageWriter {
+                    staging: self.clone(),
+                    id,
+                    path: Some(path),
+                    sealer: Some(sealer),
+                    reserved,
+                    error: None,
+                    counted: true,
+                }
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 self.release(reserved.swap(0, Ordering::AcqRel));
@@ -346,9 +380,10 @@ impl Staging {
         let age = self.object_path(id);
         let len = std::fs::metadata(&age).map(|m| m.len()).unwrap_or(0);
         // Meta first: an object without its meta is not committed, and is swept at start-up.
+        // No directory sync: a removal lost to a crash only replays an idempotent upload and a
+        // record the ledger deduplicates.
         let _ = std::fs::remove_file(self.ready.join(format!("{id}.meta")));
         let _ = std::fs::remove_file(&age);
-        let _ = sync_dir(&self.ready);
         self.release(len);
         self.metrics.archive_backlog.dec();
     }
@@ -408,6 +443,8 @@ pub struct StageWriter {
     /// Bytes reserved for this object so far.
     reserved: Arc<AtomicU64>,
     error: Option<StageError>,
+    /// Counted in [`Staging::busy`].
+    counted: bool,
 }
 
 impl std::fmt::Debug for StageWriter {
@@ -428,6 +465,15 @@ impl StageWriter {
             sealer: None,
             reserved: Arc::new(AtomicU64::new(0)),
             error: Some(e),
+            counted: false,
+        }
+    }
+
+    /// No longer being written: the uploader need not yield to it.
+    fn done(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.staging.active.fetch_sub(1, Ordering::AcqRel);
+            self.staging.touch();
         }
     }
 
@@ -465,6 +511,7 @@ impl StageWriter {
     /// # Errors
     /// The first failure met while writing, or one finishing now.
     pub fn finish(mut self) -> Result<Staged, StageError> {
+        self.done();
         let r = self.finish_inner();
         if let Err(e) = &r {
             self.fail(e.clone());
@@ -511,6 +558,7 @@ impl StageWriter {
 
 impl Drop for StageWriter {
     fn drop(&mut self) {
+        self.done();
         // Never finished (the association ended mid-instance): nothing to archive.
         if self.path.is_some() {
             self.fail(StageError::Io("abandoned".into()));

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use medmesh_archive::{AddOptions, ClusterClient, LocalStore, MeshEndpoint, MeshTls};
 use medmesh_core::record::{AuditRecord, ContentId, EventKind, Outcome, RecordId};
 use tokio::sync::watch;
@@ -16,6 +17,13 @@ use crate::metrics::Metrics;
 
 /// How long pins may take to reach the minimum before the object is retried later.
 const PIN_WAIT: Duration = Duration::from_secs(30);
+/// Objects uploaded at once.
+const UPLOAD_CONCURRENCY: usize = 4;
+/// How long after the last instance streamed through the proxy uploads resume.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// What uploading one object gave: its ciphertext size and its record, or why not.
+type Uploaded = Result<(u64, AuditRecord), Failure>;
 
 /// Why one object was not archived this time.
 enum Failure {
@@ -75,6 +83,16 @@ impl Archiver {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
+                // Transfers come first: while instances stream through the proxy (or did in
+                // the last QUIET), uploads wait, unless the backlog passes a quarter of the
+                // staging area (then archiving keeps pace with a sustained load, one at a time).
+                let busy = this.staging.busy(QUIET);
+                if busy && this.staging.used() < this.staging.limit() / 4 {
+                    tokio::select! {
+                        _ = tokio::time::sleep(QUIET / 2) => continue,
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
                 let ids = tokio::task::block_in_place(|| this.staging.pending(64));
                 if ids.is_empty() {
                     tokio::select! {
@@ -83,19 +101,27 @@ impl Archiver {
                         _ = stop.wait_for(|s| *s) => return,
                     }
                 }
+                // A few objects in flight when the proxy is idle: each add and pin confirmation
+                // is mostly waiting (TLS, the cluster's DAG import, its pin tracker). Under a
+                // sustained load (past the backlog threshold above), one at a time.
+                let n = if this.staging.busy(QUIET) {
+                    1
+                } else {
+                    UPLOAD_CONCURRENCY
+                };
+                let done: Vec<(RecordId, Uploaded)> = futures::stream::iter(ids)
+                    .map(|id| {
+                        let (this, creds) = (&this, &creds);
+                        async move { (id, this.archive_one(&id, creds).await) }
+                    })
+                    .buffer_unordered(n)
+                    .collect()
+                    .await;
                 let mut retry = None;
-                for id in ids {
-                    if *stop.borrow() {
-                        return;
-                    }
-                    match this.archive_one(&id, &delivery, &creds).await {
-                        Ok(()) => {
-                            backoff = Duration::from_millis(200);
-                            metrics
-                                .archive_objects
-                                .with_label_values(&["archived"])
-                                .inc();
-                        }
+                let mut archived = Vec::new();
+                for (id, r) in done {
+                    match r {
+                        Ok(x) => archived.push((id, x)),
                         Err(Failure::Corrupt(why)) => {
                             tracing::error!(object = %id, reason = %why, "archive object cannot be archived; moved to failed/");
                             tokio::task::block_in_place(|| this.staging.quarantine(&id));
@@ -103,9 +129,33 @@ impl Archiver {
                         Err(Failure::Retry(why)) => {
                             metrics.archive_upload_failures.inc();
                             retry = Some(why);
-                            break;
                         }
                     }
+                }
+                // The batch's records are spooled with one fsync before their objects go: from
+                // there the ledger delivery retries them.
+                let recs: Vec<AuditRecord> = archived.iter().map(|(_, (_, r))| r.clone()).collect();
+                match delivery.later_durable_all(recs).await {
+                    Err(e) => {
+                        metrics.archive_upload_failures.inc();
+                        retry = Some(format!("spooling the archived records: {e}"));
+                    }
+                    Ok(()) => tokio::task::block_in_place(|| {
+                        for (id, (bytes, _)) in &archived {
+                            this.staging.remove(id);
+                            metrics
+                                .archive_objects
+                                .with_label_values(&["archived"])
+                                .inc();
+                            metrics.archive_bytes.inc_by(*bytes);
+                        }
+                    }),
+                }
+                if !archived.is_empty() && retry.is_none() {
+                    backoff = Duration::from_millis(200);
+                }
+                if *stop.borrow() {
+                    return;
                 }
                 if let Some(why) = retry {
                     tracing::warn!(reason = %why, retry_in = ?backoff, "archiving delayed");
@@ -122,9 +172,8 @@ impl Archiver {
     async fn archive_one(
         &self,
         id: &RecordId,
-        delivery: &Delivery,
         creds: &watch::Receiver<Option<Arc<Credentials>>>,
-    ) -> Result<(), Failure> {
+    ) -> Uploaded {
         let meta = tokio::task::block_in_place(|| self.staging.load(id))
             .map_err(|e| Failure::Corrupt(e.to_string()))?;
         let path = self.staging.object_path(id);
@@ -176,20 +225,18 @@ impl Archiver {
                 meta.cid
             )));
         }
-        let rec = archived_record(&meta, &cid, &archive_id, crate::dicom_proxy::now_us());
-        // Spooled (fsync) before the object goes: from here the ledger delivery retries it.
-        delivery
-            .later_durable(rec)
-            .await
-            .map_err(|e| Failure::Retry(format!("spooling the archived record: {e}")))?;
-        tokio::task::block_in_place(|| self.staging.remove(id));
-        Ok(())
+        Ok((
+            meta.cipher_len,
+            archived_record(&meta, &cid, &archive_id, crate::dicom_proxy::now_us()),
+        ))
     }
 }
 
 async fn wait_pinned(client: &ClusterClient, cid: &ContentId, min: u32) -> Result<(), Failure> {
     let deadline = tokio::time::Instant::now() + PIN_WAIT;
-    let mut pause = Duration::from_millis(50);
+    // The add already put the blocks in the adding peer's Kubo: the first answer often says
+    // pinned, so ask at once, then back off.
+    let mut pause = Duration::from_millis(10);
     loop {
         let s = client
             .pin_status(cid)

@@ -12,27 +12,19 @@ fn area(dir: &Path, limit: u64) -> (Arc<Staging>, ArchiveKey, Metrics) {
 }
 
 fn record() -> AuditRecord {
-    AuditRecord {
-        record_id: RecordId::new().unwrap(),
-        kind: EventKind::InstanceStored,
-        time_us: 1,
-        source: "spiffe://td/ns/a/sa/scanner".parse().unwrap(),
-        destination: "spiffe://td/ns/b/sa/pacs".parse().unwrap(),
-        protocol: Protocol::Dimse,
-        outcome: Outcome::Success,
-        status: Some(0),
-        bytes: 3,
-        content_sha256: Some(sha256(b"abc")),
-        study_uid: None,
-        series_uid: None,
-        sop_instance_uid: None,
-        calling_ae: None,
-        called_ae: None,
-        sop_class_uid: None,
-        transfer_syntax_uid: None,
-        cid: None,
-        archived_record: None,
-    }
+    let mut r = AuditRecord::event(
+        RecordId::new().unwrap(),
+        EventKind::InstanceStored,
+        1,
+        "spiffe://td/ns/a/sa/scanner".parse().unwrap(),
+        "spiffe://td/ns/b/sa/pacs".parse().unwrap(),
+        Protocol::Dimse,
+        Outcome::Success,
+    );
+    r.status = Some(0);
+    r.bytes = 3;
+    r.content_sha256 = Some(sha256(b"abc"));
+    r
 }
 
 fn stage(s: &Arc<Staging>, data: &[u8]) -> Result<Staged, StageError> {
