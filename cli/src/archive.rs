@@ -431,7 +431,11 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
             stow,
             ..
         } => {
-            let near = to_file.clone().unwrap_or_else(|| PathBuf::from("restore"));
+            // Fetched and decrypted beside the file, or in a private temporary directory.
+            let tmp = tempfile::tempdir()?;
+            let near = to_file
+                .clone()
+                .unwrap_or_else(|| tmp.path().join("restore"));
             let rec = recover(&e, &src, &identity, &near).await?;
             if let Some(out) = to_file {
                 let how = write_out(&e, &rec, &out, false)?;

@@ -371,6 +371,19 @@ fn setup() -> World {
             || diag(&peers),
         );
     }
+    // Kubo's private swarm too (the peers fetch each other's blocks to pin them).
+    for p in &peers {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("{}'s Kubo is connected to the two others", p.pod),
+            || {
+                let (ok, body) = p.curl("-X POST http://127.0.0.1:5001/api/v0/swarm/peers");
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                (ok && v["Peers"].as_array().is_some_and(|a| a.len() >= 2)).then_some(())
+            },
+            || diag(&peers),
+        );
+    }
     wait_for(
         Duration::from_secs(60),
         "free-space metrics of three peers",
@@ -564,6 +577,60 @@ fn stored_instances_are_archived_encrypted_and_recovered_from_a_real_cluster() {
         };
         assert_eq!(&got_sha.to_hex(), sha, "entry {index}");
     }
+
+    // Restore: the archived original of a DIMSE instance sent back to a PACS by C-STORE
+    // (a bit-preserving storescp in B), and to a file.
+    let restored = w.lab.path("restored");
+    std::fs::create_dir_all(&restored).unwrap();
+    let b_ns = w.lab.b.clone();
+    let rdir = restored.display().to_string();
+    w.lab.spawn(
+        &b_ns,
+        "restore-scp",
+        false,
+        &[
+            "storescp", "-d", "+B", "+xa", "-aet", "RESTORE", "-od", &rdir, "11112",
+        ],
+    );
+    w.lab.wait(
+        &b_ns,
+        "bash -c 'echo > /dev/tcp/127.0.0.1/11112'",
+        "the restore target",
+    );
+    let (dimse_sha, _) = sent.iter().find(|(_, p10)| !p10).unwrap();
+    let (index, _) = w.archived_once(dimse_sha);
+    let gateway = format!(
+        "--gateway http://{}:8080 --archive-id {ARCHIVE_ID} --identity {d}/archive.key",
+        w.archive[1].ip
+    );
+    let out = w.medmesh(
+        &format!("archive restore {index} {gateway} --dicom 127.0.0.1:11112 --called RESTORE"),
+        true,
+    );
+    assert!(
+        out.status.success(),
+        "{}\nstorescp: {}",
+        mesh::text(&out),
+        w.lab.log("restore-scp")
+    );
+    assert!(mesh::text(&out).contains("restored by C-STORE: status 0000"));
+    let file = std::fs::read_dir(&restored)
+        .unwrap()
+        .next()
+        .expect("the PACS received the restored instance")
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&file).unwrap();
+    let p10 = split_part10(&bytes).unwrap().unwrap();
+    assert_eq!(&sha256(p10.dataset).to_hex(), dimse_sha);
+    let out = w.medmesh(
+        &format!("archive restore {index} {gateway} --to-file {d}/got/restored.dcm"),
+        true,
+    );
+    assert!(out.status.success(), "{}", mesh::text(&out));
+    let bytes = std::fs::read(w.lab.path("got/restored.dcm")).unwrap();
+    let p10 = split_part10(&bytes).unwrap().unwrap();
+    assert_eq!(&sha256(p10.dataset).to_hex(), dimse_sha);
 
     // Every CID is the one Kubo computes for the ciphertext it holds.
     let cipher_dir = w.lab.path("ciphertexts");

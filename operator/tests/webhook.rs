@@ -176,6 +176,7 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
             ("medmesh-policy", "/etc/medmesh/policy", Some(true)),
             ("medmesh-identity-ca", "/etc/medmesh/identity", Some(true)),
             ("medmesh-spool", "/var/run/medmesh/spool", None),
+            ("medmesh-archive-staging", "/var/run/medmesh/archive", None),
             ("medmesh-audit-key", "/etc/medmesh/audit", Some(true)),
             ("medmesh-podinfo", "/etc/medmesh/podinfo", Some(true)),
         ]
@@ -238,6 +239,30 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
     );
     let spool = vols.iter().find(|v| v.name == "medmesh-spool").unwrap();
     assert!(spool.empty_dir.is_some());
+    // Archiving stages on a volume of its own, the sidecar's limit below the volume's.
+    let staging = vols
+        .iter()
+        .find(|v| v.name == "medmesh-archive-staging")
+        .unwrap();
+    assert_eq!(
+        staging
+            .empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "2Gi"
+    );
+    assert_eq!(
+        env(sidecar, "MEDMESH_ARCHIVE_STAGING_DIR"),
+        "/var/run/medmesh/archive"
+    );
+    let max: u64 = env(sidecar, "MEDMESH_ARCHIVE_STAGING_MAX_BYTES")
+        .parse()
+        .unwrap();
+    assert!(max < 2 << 30 && max >= 3 << 29, "{max}");
     let key = vols.iter().find(|v| v.name == "medmesh-audit-key").unwrap();
     let secret = key.secret.as_ref().unwrap();
     assert_eq!(

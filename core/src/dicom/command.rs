@@ -143,6 +143,10 @@ pub fn encode(c: &Command) -> Vec<u8> {
     if let Some(m) = c.responded_to {
         put(0x0120, &m.to_le_bytes());
     }
+    // Priority (MEDIUM): required in C-STORE, C-FIND, C-GET and C-MOVE requests (PS3.7 §9.3).
+    if matches!(c.field, C_STORE_RQ | C_FIND_RQ | C_GET_RQ | C_MOVE_RQ) {
+        put(0x0700, &0u16.to_le_bytes());
+    }
     put(
         0x0800,
         &(if c.has_dataset { 0x0000u16 } else { 0x0101 }).to_le_bytes(),

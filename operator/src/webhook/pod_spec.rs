@@ -45,6 +45,16 @@ pub const IDENTITY_CA_MOUNT: &str = "/etc/medmesh/identity";
 pub const SPOOL_VOLUME: &str = "medmesh-spool";
 /// Where the spool is mounted.
 pub const SPOOL_MOUNT: &str = "/var/run/medmesh/spool";
+/// Volume of the archive staging area (an `emptyDir` of its own, so that archived instances
+/// waiting for the archive never fill the record spool's volume).
+pub const ARCHIVE_STAGING_VOLUME: &str = "medmesh-archive-staging";
+/// Where the staging area is mounted.
+pub const ARCHIVE_STAGING_MOUNT: &str = "/var/run/medmesh/archive";
+/// The staging volume's size limit (the kubelet evicts a pod that passes it).
+pub const ARCHIVE_STAGING_SIZE: &str = "2Gi";
+/// The sidecar's staging limit: 90% of the volume, leaving room for meta files and the
+/// partial object a write that does not fit leaves until it is removed.
+pub const ARCHIVE_STAGING_MAX_BYTES: u64 = 2 * 1024 * 1024 * 1024 / 10 * 9;
 /// Volume of the keyed-hash key (the Secret the policy controller maintains; optional: a
 /// namespace without auditing has none).
 pub const AUDIT_KEY_VOLUME: &str = "medmesh-audit-key";
@@ -201,6 +211,12 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
                 format!("{POLICY_MOUNT}/{}", AUDIT_CONFIG_KEY),
             ),
             env("MEDMESH_SPOOL_DIR", SPOOL_MOUNT),
+            // Archiving, when the audit settings name an archive: staged on a volume of its own.
+            env("MEDMESH_ARCHIVE_STAGING_DIR", ARCHIVE_STAGING_MOUNT),
+            env(
+                "MEDMESH_ARCHIVE_STAGING_MAX_BYTES",
+                ARCHIVE_STAGING_MAX_BYTES.to_string(),
+            ),
             env("MEDMESH_POD_LABELS", format!("{PODINFO_MOUNT}/labels")),
             // The kubelet probes the admin port on the Pod's address, not on loopback.
             env("MEDMESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
@@ -227,6 +243,11 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
             VolumeMount {
                 name: SPOOL_VOLUME.into(),
                 mount_path: SPOOL_MOUNT.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: ARCHIVE_STAGING_VOLUME.into(),
+                mount_path: ARCHIVE_STAGING_MOUNT.into(),
                 ..VolumeMount::default()
             },
             VolumeMount {
@@ -298,6 +319,14 @@ pub(super) fn volumes() -> Vec<Volume> {
             name: SPOOL_VOLUME.into(),
             empty_dir: Some(EmptyDirVolumeSource {
                 size_limit: Some(Quantity("300Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: ARCHIVE_STAGING_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(ARCHIVE_STAGING_SIZE.into())),
                 ..EmptyDirVolumeSource::default()
             }),
             ..Volume::default()

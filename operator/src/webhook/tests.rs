@@ -74,6 +74,7 @@ fn creates_missing_maps_and_lists() {
             "medmesh-policy",
             "medmesh-identity-ca",
             "medmesh-spool",
+            "medmesh-archive-staging",
             "medmesh-audit-key",
             "medmesh-podinfo"
         ]
@@ -99,7 +100,7 @@ fn appends_to_existing_empty_lists() {
     assert!(patch.contains("/spec/volumes/-"), "{patch}");
     let spec = patched(&a, &obj).spec.unwrap();
     assert_eq!(spec.init_containers.unwrap().len(), 2);
-    assert_eq!(spec.volumes.unwrap().len(), 6);
+    assert_eq!(spec.volumes.unwrap().len(), 7);
 }
 
 #[test]
