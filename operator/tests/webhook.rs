@@ -262,7 +262,7 @@ fn check_injected(before: &Pod, after: &Pod, native: bool) {
     let max: u64 = env(sidecar, "MEDMESH_ARCHIVE_STAGING_MAX_BYTES")
         .parse()
         .unwrap();
-    assert!(max < 2 << 30 && max >= 3 << 29, "{max}");
+    assert!((3 << 29..2 << 30).contains(&max), "{max}");
     let key = vols.iter().find(|v| v.name == "medmesh-audit-key").unwrap();
     let secret = key.secret.as_ref().unwrap();
     assert_eq!(
