@@ -110,7 +110,7 @@ impl ClusterClient {
             opts.name
         ));
         let tail = Bytes::from(format!("\r\n--{boundary}--\r\n"));
-        let file_stream = tokio_util_reader(file);
+        let file_stream = file_chunks(file);
         let stream = futures::stream::once(async move { Ok(head) })
             .chain(file_stream)
             .chain(futures::stream::once(async move { Ok(tail) }))
@@ -200,7 +200,7 @@ impl ClusterClient {
 }
 
 /// A file as a stream of chunks of at most 256 KiB.
-fn tokio_util_reader(
+fn file_chunks(
     file: tokio::fs::File,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     use tokio::io::AsyncReadExt as _;

@@ -1268,29 +1268,20 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
         );
     }
     use medmesh_core::record::{EventKind, Outcome, Protocol, RecordId};
-    let rec = medmesh_core::AuditRecord {
-        record_id: RecordId::new().unwrap(),
-        kind: EventKind::InstanceStored,
-        time_us: 1_700_000_000_000_000,
-        source: format!("spiffe://cluster.local/ns/{}/sa/modality", ns.name)
+    let mut rec = medmesh_core::AuditRecord::event(
+        RecordId::new().unwrap(),
+        EventKind::InstanceStored,
+        1_700_000_000_000_000,
+        format!("spiffe://cluster.local/ns/{}/sa/modality", ns.name)
             .parse()
             .unwrap(),
-        destination: id.parse().unwrap(),
-        protocol: Protocol::Dimse,
-        outcome: Outcome::Success,
-        status: Some(0),
-        bytes: 4096,
-        content_sha256: Some(medmesh_core::merkle::sha256(b"instance")),
-        study_uid: None,
-        series_uid: None,
-        sop_instance_uid: None,
-        calling_ae: None,
-        called_ae: None,
-        sop_class_uid: None,
-        transfer_syntax_uid: None,
-        cid: None,
-        archived_record: None,
-    };
+        id.parse().unwrap(),
+        Protocol::Dimse,
+        Outcome::Success,
+    );
+    rec.status = Some(0);
+    rec.bytes = 4096;
+    rec.content_sha256 = Some(medmesh_core::merkle::sha256(b"instance"));
     let appended = client.append(&rec, true).await.unwrap();
     eprintln!("appended as {id}: {appended:?}");
 

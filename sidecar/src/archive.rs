@@ -85,6 +85,13 @@ pub struct Archiver {
     /// The staging area.
     pub staging: Arc<Staging>,
     wake: tokio::sync::Notify,
+    /// The archive cluster's client, with the credentials it was built for.
+    cluster: std::sync::Mutex<
+        Option<(
+            Arc<crate::identity::Credentials>,
+            medmesh_archive::ClusterClient,
+        )>,
+    >,
 }
 
 impl Archiver {
@@ -106,6 +113,7 @@ impl Archiver {
             cfg,
             staging,
             wake: tokio::sync::Notify::new(),
+            cluster: std::sync::Mutex::new(None),
         }))
     }
 

@@ -389,27 +389,18 @@ mod tests {
     use super::*;
 
     fn rec(i: u64) -> AuditRecord {
-        AuditRecord {
-            record_id: RecordId::new().unwrap(),
-            kind: EventKind::InstanceStored,
-            time_us: i,
-            source: "spiffe://td/ns/a/sa/b".parse().unwrap(),
-            destination: "spiffe://td/ns/c/sa/d".parse().unwrap(),
-            protocol: Protocol::Dimse,
-            outcome: Outcome::Success,
-            status: Some(0),
-            bytes: i,
-            content_sha256: None,
-            study_uid: None,
-            series_uid: None,
-            sop_instance_uid: None,
-            calling_ae: None,
-            called_ae: None,
-            sop_class_uid: None,
-            transfer_syntax_uid: None,
-            cid: None,
-            archived_record: None,
-        }
+        let mut r = AuditRecord::event(
+            RecordId::new().unwrap(),
+            EventKind::InstanceStored,
+            i,
+            "spiffe://td/ns/a/sa/b".parse().unwrap(),
+            "spiffe://td/ns/c/sa/d".parse().unwrap(),
+            Protocol::Dimse,
+            Outcome::Success,
+        );
+        r.status = Some(0);
+        r.bytes = i;
+        r
     }
 
     #[test]

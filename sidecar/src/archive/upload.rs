@@ -169,6 +169,36 @@ impl Archiver {
         });
     }
 
+    /// The archive's client for the current credentials (rebuilt only when they rotate).
+    fn cluster_client(
+        &self,
+        url: &str,
+        archive: &medmesh_core::SpiffeId,
+        creds: &watch::Receiver<Option<Arc<Credentials>>>,
+    ) -> Result<ClusterClient, Failure> {
+        let c = creds
+            .borrow()
+            .clone()
+            .ok_or_else(|| Failure::Retry("no workload certificate yet".into()))?;
+        // The lock guards a cheap clone; it is never held across an await.
+        let mut slot = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((built_for, client)) = slot.as_ref()
+            && Arc::ptr_eq(built_for, &c)
+        {
+            return Ok(client.clone());
+        }
+        let tls = MeshTls {
+            identity: c.identity.clone(),
+            bundle: c.bundle.clone(),
+            server: archive.clone(),
+        };
+        let ep = MeshEndpoint::new(url, Some(&tls), Duration::from_secs(10))
+            .map_err(|e| Failure::Retry(e.to_string()))?;
+        let client = ClusterClient::new(ep);
+        *slot = Some((c, client.clone()));
+        Ok(client)
+    }
+
     async fn archive_one(
         &self,
         id: &RecordId,
@@ -190,18 +220,7 @@ impl Archiver {
                 replication_min,
                 replication_max,
             } => {
-                let c = creds
-                    .borrow()
-                    .clone()
-                    .ok_or_else(|| Failure::Retry("no workload certificate yet".into()))?;
-                let tls = MeshTls {
-                    identity: c.identity.clone(),
-                    bundle: c.bundle.clone(),
-                    server: archive.clone(),
-                };
-                let ep = MeshEndpoint::new(url, Some(&tls), Duration::from_secs(10))
-                    .map_err(|e| Failure::Retry(e.to_string()))?;
-                let client = ClusterClient::new(ep);
+                let client = self.cluster_client(url, archive, creds)?;
                 let cid = client
                     .add_file(
                         &path,

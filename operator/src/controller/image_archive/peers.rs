@@ -94,7 +94,7 @@ impl PeerReader for MeshPeerReader {
 
 /// `GET <url><path>` over medmesh mTLS (TLS 1.3, ALPN `medmesh/1`, the server's SVID must be
 /// `server`), HTTP/1.1;
-/// the body of a 200 answer, within 10 s.
+/// the body of a 200 answer (the head and the body each within 10 s).
 ///
 /// # Errors
 /// A message saying which step failed.
@@ -105,57 +105,22 @@ pub async fn mesh_get(
     url: &str,
     path: &str,
 ) -> Result<Vec<u8>, String> {
-    use http_body_util::BodyExt as _;
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("{url}: no host"))?
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(80);
-    let cfg = medmesh_core::tls::client_config(
-        Some(identity),
-        bundle,
-        medmesh_core::tls::ServerIdentity::Exact(server.clone()),
-        // A sidecar terminates only TLS that offers the mesh's ALPN.
-        &[medmesh_core::tls::MESH_ALPN],
-    )
-    .map_err(|e| format!("TLS configuration: {e}"))?;
-    let work = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-            .await
-            .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("{host}: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| format!("HTTP with {host}:{port}: {e}"))?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, format!("{host}:{port}"))
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| format!("GET {path}: {e}"))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("GET {path}: {e}"))?
-            .to_bytes();
-        if !status.is_success() {
-            return Err(format!("GET {path}: HTTP {status}"));
-        }
-        Ok(body.to_vec())
+    let tls = medmesh_archive::MeshTls {
+        identity: identity.clone(),
+        bundle: bundle.clone(),
+        server: server.clone(),
     };
-    tokio::time::timeout(Duration::from_secs(10), work)
+    let ep = medmesh_archive::MeshEndpoint::new(url, Some(&tls), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let body = ep
+        .call(
+            http::Method::GET,
+            path,
+            None,
+            medmesh_archive::mesh::empty(),
+            4 << 20,
+        )
         .await
-        .map_err(|_| format!("GET {url}{path}: no answer within 10 s"))?
+        .map_err(|e| e.to_string())?;
+    Ok(body.to_vec())
 }
