@@ -485,24 +485,7 @@ fn setup() -> World {
         "--archive-replication-min=2".into(),
         "--archive-replication-max=3".into(),
     ];
-    std::fs::write(
-        lab.path("orthanc.json"),
-        format!(
-            r#"{{"Name":"pacs","StorageDirectory":"{d}/orthanc-db","IndexDirectory":"{d}/orthanc-db","HttpPort":8042,
-            "DicomPort":4242,"DicomAet":"ORTHANC","RemoteAccessAllowed":true,"AuthenticationEnabled":true,
-            "RegisteredUsers":{{"test":"test"}},"DicomAlwaysAllowStore":true,"DicomCheckCalledAet":false,
-            "Plugins":["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-            "DicomWeb":{{"Enable":true,"Root":"/dicom-web/"}}}}"#
-        ),
-    )
-    .unwrap();
-    let ocfg = lab.path("orthanc.json").to_str().unwrap().to_owned();
-    lab.spawn(&b_ns, "orthanc", false, &["Orthanc", &ocfg]);
-    lab.wait(
-        &b_ns,
-        "curl -sf -u test:test http://127.0.0.1:8042/dicom-web/studies",
-        "Orthanc with DICOMweb",
-    );
+    lab.start_orthanc("");
     lab.wait(
         &a_ns,
         "curl -sf http://127.0.0.1:15020/ready",

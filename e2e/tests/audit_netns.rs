@@ -162,26 +162,10 @@ fn setup() -> Pods {
     lab.wait(&a, "curl -sf http://127.0.0.1:15020/ready", "sidecar in A");
     lab.wait(&b, "curl -sf http://127.0.0.1:15020/ready", "sidecar in B");
     let ip_a = lab.ip_a.clone();
-    std::fs::write(
-        lab.path("orthanc.json"),
-        format!(
-            r#"{{"Name":"pacs","StorageDirectory":"{d}/orthanc-db","IndexDirectory":"{d}/orthanc-db","HttpPort":8042,
-            "DicomPort":4242,"DicomAet":"ORTHANC","RemoteAccessAllowed":true,"AuthenticationEnabled":true,
-            "RegisteredUsers":{{"test":"test"}},"DicomAlwaysAllowStore":true,"DicomAlwaysAllowGet":true,
-            "DicomCheckCalledAet":false,
-            "DicomModalities":{{"getscu":{{"AET":"GETSCU","Host":"{ip_a}","Port":104,"AllowGet":true}}}},
-            "Plugins":["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-            "DicomWeb":{{"Enable":true,"Root":"/dicom-web/"}}}}"#
-        ),
-    )
-    .unwrap();
-    let ocfg = lab.path("orthanc.json").to_str().unwrap().to_owned();
-    lab.spawn(&b, "orthanc", false, &["Orthanc", &ocfg]);
-    lab.wait(
-        &b,
-        "curl -sf -u test:test http://127.0.0.1:8042/dicom-web/studies",
-        "Orthanc with DICOMweb",
-    );
+    lab.start_orthanc(&format!(
+        r#""DicomAlwaysAllowGet":true,
+        "DicomModalities":{{"getscu":{{"AET":"GETSCU","Host":"{ip_a}","Port":104,"AllowGet":true}}}},"#
+    ));
     pods.auditor_env = format!(
         "MEDMESH_LEDGER_URL=https://127.0.0.1:18443 MEDMESH_CERT={c}/medmesh.auditor.pem \
          MEDMESH_KEY={c}/medmesh.auditor-key.pem MEDMESH_CA={c}/ca.pem \

@@ -217,6 +217,32 @@ impl Lab {
         self.wait(&b, "curl -sf http://127.0.0.1:19443/ready", "ledger in B");
     }
 
+    /// Starts Orthanc with its DICOMweb plugin in pod B (HTTP 8042 with user test:test, DICOM
+    /// 4242 as ORTHANC, any calling AE may store) and waits for it; `extra` adds settings
+    /// (`"Key":value,` JSON members).
+    pub fn start_orthanc(&mut self, extra: &str) {
+        let d = self.dir.path().display().to_string();
+        std::fs::write(
+            self.path("orthanc.json"),
+            format!(
+                r#"{{"Name":"pacs","StorageDirectory":"{d}/orthanc-db","IndexDirectory":"{d}/orthanc-db","HttpPort":8042,
+                "DicomPort":4242,"DicomAet":"ORTHANC","RemoteAccessAllowed":true,"AuthenticationEnabled":true,
+                "RegisteredUsers":{{"test":"test"}},"DicomAlwaysAllowStore":true,"DicomCheckCalledAet":false,{extra}
+                "Plugins":["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
+                "DicomWeb":{{"Enable":true,"Root":"/dicom-web/"}}}}"#
+            ),
+        )
+        .unwrap();
+        let cfg = self.path("orthanc.json").to_str().unwrap().to_owned();
+        let b = self.b.clone();
+        self.spawn(&b, "orthanc", false, &["Orthanc", &cfg]);
+        self.wait(
+            &b,
+            "curl -sf -u test:test http://127.0.0.1:8042/dicom-web/studies",
+            "Orthanc with DICOMweb",
+        );
+    }
+
     /// Captures TCP on `a`'s veth into `file` while `f` runs; returns the capture's bytes.
     pub fn capture<T>(&mut self, file: &Path, f: impl FnOnce(&mut Self) -> T) -> (T, Vec<u8>) {
         let mut td = Command::new("ip")
