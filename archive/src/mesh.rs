@@ -41,14 +41,30 @@ impl std::fmt::Debug for MeshTls {
     }
 }
 
+/// Idle keep-alive connections kept per endpoint (and its clones).
+const IDLE_MAX: usize = 8;
+/// How long an idle connection is kept: below the idle timeouts of the servers behind a sidecar
+/// (ipfs-cluster's REST API closes idle connections after 120 s).
+const IDLE_FOR: Duration = Duration::from_secs(20);
+
+/// A connection that answered its last request whole and may carry the next one.
+struct IdleConn {
+    send: hyper::client::conn::http1::SendRequest<Body>,
+    since: std::time::Instant,
+}
+
 /// One HTTP endpoint (`http://host:port`), reached through the mesh (mTLS to the workload's
 /// sidecar) or, without [`MeshTls`], in plaintext (loopback and tests only).
+///
+/// [`MeshEndpoint::call`] reuses keep-alive connections (shared by the endpoint's clones):
+/// an uploader's add and its pin-status polls then cost one TLS handshake, not one each.
 #[derive(Clone)]
 pub struct MeshEndpoint {
     host: String,
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
     timeout: Duration,
+    idle: Arc<std::sync::Mutex<Vec<IdleConn>>>,
 }
 
 impl std::fmt::Debug for MeshEndpoint {
@@ -103,6 +119,7 @@ impl MeshEndpoint {
             port,
             tls,
             timeout,
+            idle: Arc::default(),
         })
     }
 
@@ -127,44 +144,148 @@ impl MeshEndpoint {
         content_type: Option<&str>,
         body: Body,
     ) -> Result<http::Response<hyper::body::Incoming>, ArchiveError> {
+        self.send_with(method, path_and_query, content_type, None, body)
+            .await
+    }
+
+    /// [`MeshEndpoint::send`] with an `Authorization` header.
+    ///
+    /// # Errors
+    /// As [`MeshEndpoint::send`]; also when `authorization` is not a valid header value.
+    pub async fn send_with(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        authorization: Option<&str>,
+        body: Body,
+    ) -> Result<http::Response<hyper::body::Incoming>, ArchiveError> {
         let target = self.target(path_and_query);
-        let fail = |reason: String| ArchiveError::Transport {
-            target: target.clone(),
-            reason,
-        };
         let work = async {
-            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            let mut req = self.request(method, path_and_query, content_type, body)?;
+            if let Some(a) = authorization {
+                let mut v = http::HeaderValue::from_str(a).map_err(|_| {
+                    transport(
+                        &target,
+                        "the Authorization value is not a valid header".into(),
+                    )
+                })?;
+                v.set_sensitive(true);
+                req.headers_mut().insert(http::header::AUTHORIZATION, v);
+            }
+            let mut send = self.connect(&target).await?;
+            send.send_request(req)
                 .await
-                .map_err(|e| fail(format!("connect: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            let mut req = http::Request::builder()
-                .method(method)
-                .uri(path_and_query)
-                .header(http::header::HOST, self.authority());
-            if let Some(ct) = content_type {
-                req = req.header(http::header::CONTENT_TYPE, ct);
-            }
-            let req = req.body(body).map_err(|e| fail(e.to_string()))?;
-            match &self.tls {
-                Some(cfg) => {
-                    let name = rustls_pki_types::ServerName::try_from(self.host.clone())
-                        .map_err(|e| fail(format!("server name: {e}")))?;
-                    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|e| fail(format!("TLS: {e}")))?;
-                    exchange(hyper_util::rt::TokioIo::new(tls), req)
-                        .await
-                        .map_err(fail)
-                }
-                None => exchange(hyper_util::rt::TokioIo::new(tcp), req)
-                    .await
-                    .map_err(fail),
-            }
+                .map_err(|e| transport(&target, format!("HTTP: {e}")))
         };
         tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| fail(format!("no answer within {:?}", self.timeout)))?
+            .map_err(|_| transport(&target, format!("no answer within {:?}", self.timeout)))?
+    }
+
+    fn request(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        content_type: Option<&str>,
+        body: Body,
+    ) -> Result<http::Request<Body>, ArchiveError> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, self.authority());
+        if let Some(ct) = content_type {
+            req = req.header(http::header::CONTENT_TYPE, ct);
+        }
+        req.body(body)
+            .map_err(|e| transport(&self.target(path_and_query), e.to_string()))
+    }
+
+    /// A new connection (TCP, then TLS through the mesh), its HTTP/1.1 handshake done.
+    async fn connect(
+        &self,
+        target: &str,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, ArchiveError> {
+        let fail = |reason: String| transport(target, reason);
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| fail(format!("connect: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            Some(cfg) => {
+                let name = rustls_pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| fail(format!("server name: {e}")))?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| fail(format!("TLS: {e}")))?;
+                handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(fail)
+            }
+            None => handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(fail),
+        }
+    }
+
+    /// An idle connection that is still open and ready, if one is kept.
+    async fn take_idle(&self) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
+        loop {
+            let c = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|c| c.since.elapsed() < IDLE_FOR && !c.send.is_closed());
+                idle.pop()?
+            };
+            let mut send = c.send;
+            // Ready at once unless the connection is still finishing its last exchange.
+            if send.ready().await.is_ok() {
+                return Some(send);
+            }
+        }
+    }
+
+    fn keep(&self, send: hyper::client::conn::http1::SendRequest<Body>) {
+        if send.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_MAX {
+            idle.push(IdleConn {
+                send,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// One exchange on a kept connection, or a new one when none is kept or the kept one
+    /// closed before taking the request.
+    async fn exchange_pooled(
+        &self,
+        target: &str,
+        req: http::Request<Body>,
+    ) -> Result<
+        (
+            hyper::client::conn::http1::SendRequest<Body>,
+            http::Response<hyper::body::Incoming>,
+        ),
+        ArchiveError,
+    > {
+        let fail = |e: hyper::Error| transport(target, format!("HTTP: {e}"));
+        let req = match self.take_idle().await {
+            Some(mut send) => match send.try_send_request(req).await {
+                Ok(resp) => return Ok((send, resp)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the server closed the idle connection first.
+                    Some(req) => req,
+                    None => return Err(fail(e.into_error())),
+                },
+            },
+            None => req,
+        };
+        let mut send = self.connect(target).await?;
+        let resp = send.send_request(req).await.map_err(fail)?;
+        Ok((send, resp))
     }
 
     /// Sends a request and reads the whole answer (at most `limit` bytes), which must be a
@@ -181,24 +302,26 @@ impl MeshEndpoint {
         limit: usize,
     ) -> Result<Bytes, ArchiveError> {
         let target = self.target(path_and_query);
-        let resp = self
-            .send(method, path_and_query, content_type, body)
-            .await?;
+        let req = self.request(method, path_and_query, content_type, body)?;
+        let (send, resp) = tokio::time::timeout(self.timeout, self.exchange_pooled(&target, req))
+            .await
+            .map_err(|_| transport(&target, format!("no answer within {:?}", self.timeout)))??;
         let status = resp.status();
         let body = tokio::time::timeout(
             self.timeout,
             http_body_util::Limited::new(resp.into_body(), limit).collect(),
         )
         .await
-        .map_err(|_| ArchiveError::Transport {
-            target: target.clone(),
-            reason: format!("answer not complete within {:?}", self.timeout),
+        .map_err(|_| {
+            transport(
+                &target,
+                format!("answer not complete within {:?}", self.timeout),
+            )
         })?
-        .map_err(|e| ArchiveError::Transport {
-            target: target.clone(),
-            reason: format!("reading the answer: {e}"),
-        })?
+        .map_err(|e| transport(&target, format!("reading the answer: {e}")))?
         .to_bytes();
+        // Read whole: the connection may carry the next request.
+        self.keep(send);
         if !status.is_success() {
             return Err(ArchiveError::Status {
                 target,
@@ -210,22 +333,24 @@ impl MeshEndpoint {
     }
 }
 
-async fn exchange<I>(
-    io: I,
-    req: http::Request<Body>,
-) -> Result<http::Response<hyper::body::Incoming>, String>
+fn transport(target: &str, reason: String) -> ArchiveError {
+    ArchiveError::Transport {
+        target: target.to_owned(),
+        reason,
+    }
+}
+
+async fn handshake<I>(io: I) -> Result<hyper::client::conn::http1::SendRequest<Body>, String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+    let (send, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    send.send_request(req)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))
+    Ok(send)
 }
 
 impl MeshEndpoint {
@@ -235,5 +360,82 @@ impl MeshEndpoint {
             timeout,
             ..self.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// An HTTP/1.1 server on loopback answering every request with its path; counts the
+    /// connections it accepted. With `keep_alive` false it closes each after one answer.
+    async fn server(keep_alive: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: http::Request<_>| async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from(req.uri().path().to_owned())),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (url, conns)
+    }
+
+    #[tokio::test]
+    async fn calls_share_one_keep_alive_connection_and_survive_servers_that_close() {
+        let (url, conns) = server(true).await;
+        let ep = MeshEndpoint::new(&url, None, Duration::from_secs(5)).unwrap();
+        // Clones (an upload's longer timeout) share the kept connections.
+        let longer = ep.with_timeout(Duration::from_secs(9));
+        for i in 0..3 {
+            let path = format!("/a{i}");
+            let got = ep
+                .call(http::Method::GET, &path, None, empty(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(got, path.as_bytes());
+            let got = longer
+                .call(http::Method::POST, "/b", None, empty(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(got, "/b".as_bytes());
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "one connection for six calls"
+        );
+
+        // A server that closes after each answer: every call still succeeds, each on its own
+        // connection.
+        let (url, conns) = server(false).await;
+        let ep = MeshEndpoint::new(&url, None, Duration::from_secs(5)).unwrap();
+        for i in 0..3 {
+            let path = format!("/c{i}");
+            let got = ep
+                .call(http::Method::GET, &path, None, empty(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(got, path.as_bytes());
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
     }
 }

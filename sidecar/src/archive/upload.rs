@@ -1,10 +1,12 @@
 //! The uploader: committed objects, oldest first, into the archive; then their
 //! `instance_archived` records.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
 use medmesh_archive::{AddOptions, ClusterClient, LocalStore, MeshEndpoint, MeshTls};
 use medmesh_core::record::{AuditRecord, ContentId, EventKind, Outcome, RecordId};
 use tokio::sync::watch;
@@ -21,6 +23,8 @@ const PIN_WAIT: Duration = Duration::from_secs(30);
 const UPLOAD_CONCURRENCY: usize = 4;
 /// How long after the last instance streamed through the proxy uploads resume.
 const QUIET: Duration = Duration::from_millis(300);
+/// Confirmed objects whose records are spooled with one fsync.
+const SPOOL_GROUP: usize = 16;
 
 /// What uploading one object gave: its ciphertext size and its record, or why not.
 type Uploaded = Result<(u64, AuditRecord), Failure>;
@@ -82,88 +86,118 @@ impl Archiver {
         let this = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
+            // Objects are uploaded in lanes that are refilled as each one finishes (no batch
+            // waits for its slowest object); `taken` holds the ids in flight or waiting for
+            // their records to be spooled, which `pending` still lists.
+            let mut queue: VecDeque<RecordId> = VecDeque::new();
+            let mut taken: HashSet<RecordId> = HashSet::new();
+            let mut inflight = FuturesUnordered::new();
+            let mut archived: Vec<(RecordId, u64, AuditRecord)> = Vec::new();
+            let mut retry: Option<String> = None;
             loop {
+                if inflight.is_empty() && archived.is_empty() {
+                    if *stop.borrow() {
+                        return;
+                    }
+                    if let Some(why) = retry.take() {
+                        tracing::warn!(reason = %why, retry_in = ?backoff, "archiving delayed");
+                        queue.clear();
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = stop.wait_for(|s| *s) => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                }
                 // Transfers come first: while instances stream through the proxy (or did in
-                // the last QUIET), uploads wait, unless the backlog passes a quarter of the
-                // staging area (then archiving keeps pace with a sustained load, one at a time).
+                // the last QUIET), no upload starts, unless the backlog passes a quarter of the
+                // staging area (then archiving keeps pace with a sustained load, one at a
+                // time). When idle, a few at a time: each add and pin confirmation is mostly
+                // waiting (TLS, the cluster's DAG import, its pin tracker).
                 let busy = this.staging.busy(QUIET);
-                if busy && this.staging.used() < this.staging.limit() / 4 {
-                    tokio::select! {
-                        _ = tokio::time::sleep(QUIET / 2) => continue,
-                        _ = stop.wait_for(|s| *s) => return,
-                    }
-                }
-                let ids = tokio::task::block_in_place(|| this.staging.pending(64));
-                if ids.is_empty() {
-                    tokio::select! {
-                        _ = this.wake.notified() => continue,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = stop.wait_for(|s| *s) => return,
-                    }
-                }
-                // A few objects in flight when the proxy is idle: each add and pin confirmation
-                // is mostly waiting (TLS, the cluster's DAG import, its pin tracker). Under a
-                // sustained load (past the backlog threshold above), one at a time.
-                let n = if this.staging.busy(QUIET) {
-                    1
-                } else {
-                    UPLOAD_CONCURRENCY
+                let lanes = match (busy, this.staging.used() < this.staging.limit() / 4) {
+                    (false, _) => UPLOAD_CONCURRENCY,
+                    (true, true) => 0,
+                    (true, false) => 1,
                 };
-                let done: Vec<(RecordId, Uploaded)> = futures::stream::iter(ids)
-                    .map(|id| {
-                        let (this, creds) = (&this, &creds);
-                        async move { (id, this.archive_one(&id, creds).await) }
-                    })
-                    .buffer_unordered(n)
-                    .collect()
-                    .await;
-                let mut retry = None;
-                let mut archived = Vec::new();
-                for (id, r) in done {
+                while retry.is_none() && !*stop.borrow() && inflight.len() < lanes {
+                    if queue.is_empty() {
+                        let ids = tokio::task::block_in_place(|| {
+                            this.staging.pending(2 * UPLOAD_CONCURRENCY + taken.len())
+                        });
+                        queue.extend(ids.into_iter().filter(|id| !taken.contains(id)));
+                    }
+                    let Some(id) = queue.pop_front() else { break };
+                    taken.insert(id);
+                    let (this, creds) = (&this, &creds);
+                    inflight.push(async move { (id, this.archive_one(&id, creds).await) });
+                }
+                if inflight.is_empty() && archived.is_empty() {
+                    // Nothing to do now: wait for a committed object, or for the proxy to
+                    // quiet down.
+                    let pause = if lanes == 0 {
+                        QUIET / 2
+                    } else {
+                        Duration::from_secs(1)
+                    };
+                    tokio::select! {
+                        _ = this.wake.notified(), if lanes > 0 => {}
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    continue;
+                }
+                if let Some((id, r)) = inflight.next().await {
                     match r {
-                        Ok(x) => archived.push((id, x)),
+                        Ok((bytes, rec)) => archived.push((id, bytes, rec)),
                         Err(Failure::Corrupt(why)) => {
                             tracing::error!(object = %id, reason = %why, "archive object cannot be archived; moved to failed/");
                             tokio::task::block_in_place(|| this.staging.quarantine(&id));
+                            taken.remove(&id);
                         }
                         Err(Failure::Retry(why)) => {
                             metrics.archive_upload_failures.inc();
                             retry = Some(why);
+                            taken.remove(&id);
                         }
                     }
                 }
-                // The batch's records are spooled with one fsync before their objects go: from
-                // there the ledger delivery retries them.
-                let recs: Vec<AuditRecord> = archived.iter().map(|(_, (_, r))| r.clone()).collect();
-                match delivery.later_durable_all(recs).await {
-                    Err(e) => {
-                        metrics.archive_upload_failures.inc();
-                        retry = Some(format!("spooling the archived records: {e}"));
-                    }
-                    Ok(()) => tokio::task::block_in_place(|| {
-                        for (id, (bytes, _)) in &archived {
-                            this.staging.remove(id);
-                            metrics
-                                .archive_objects
-                                .with_label_values(&["archived"])
-                                .inc();
-                            metrics.archive_bytes.inc_by(*bytes);
+                // Confirmed records are spooled with one fsync for a group (or when nothing is
+                // left in flight) before their objects go: from there the ledger delivery
+                // retries them.
+                if !archived.is_empty() && (archived.len() >= SPOOL_GROUP || inflight.is_empty()) {
+                    let recs: Vec<AuditRecord> =
+                        archived.iter().map(|(_, _, r)| r.clone()).collect();
+                    match delivery.later_durable_all(recs).await {
+                        Err(e) => {
+                            metrics.archive_upload_failures.inc();
+                            retry = Some(format!("spooling the archived records: {e}"));
                         }
-                    }),
-                }
-                if !archived.is_empty() && retry.is_none() {
-                    backoff = Duration::from_millis(200);
+                        Ok(()) => {
+                            tokio::task::block_in_place(|| {
+                                for (id, bytes, _) in &archived {
+                                    this.staging.remove(id);
+                                    metrics
+                                        .archive_objects
+                                        .with_label_values(&["archived"])
+                                        .inc();
+                                    metrics.archive_bytes.inc_by(*bytes);
+                                }
+                            });
+                            if retry.is_none() {
+                                backoff = Duration::from_millis(200);
+                            }
+                        }
+                    }
+                    for (id, _, _) in archived.drain(..) {
+                        taken.remove(&id);
+                    }
                 }
                 if *stop.borrow() {
-                    return;
-                }
-                if let Some(why) = retry {
-                    tracing::warn!(reason = %why, retry_in = ?backoff, "archiving delayed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.wait_for(|s| *s) => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    // Stopping: what is in flight is replayed at the next start (idempotent);
+                    // what is confirmed is spooled at the next turn.
+                    inflight.clear();
                 }
             }
         });
