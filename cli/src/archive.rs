@@ -84,6 +84,13 @@ enum Cmd {
         /// STOW-RS it to this base URL (`http://host:port/dicom-web`).
         #[arg(long, group = "to")]
         stow: Option<String>,
+        /// HTTP Basic user for --stow; the password is read from `MEDMESH_STOW_PASSWORD`
+        /// (never from the command line, which other users can see).
+        #[arg(long, requires = "stow", conflicts_with = "stow_token_file")]
+        stow_user: Option<String>,
+        /// A file holding a bearer token for --stow (OAuth 2 / OpenID Connect PACS).
+        #[arg(long, requires = "stow")]
+        stow_token_file: Option<PathBuf>,
     },
     /// Crypto-shredding: record in the ledger, then delete, the archive key of a namespace
     /// (the Secret `medmesh-archive-key`, through the current kubeconfig). Everything archived
@@ -429,8 +436,12 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
             calling,
             called,
             stow,
+            stow_user,
+            stow_token_file,
             ..
         } => {
+            // Credentials are checked before anything is fetched.
+            let auth = stow_auth(stow_user.as_deref(), stow_token_file.as_deref())?;
             // Fetched and decrypted beside the file, or in a private temporary directory.
             let tmp = tempfile::tempdir()?;
             let near = to_file
@@ -465,7 +476,7 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
                 write_out(&e, &rec, &file, false)?;
                 let body = std::fs::read(&file);
                 let _ = std::fs::remove_file(&file);
-                let status = stow_rs(&base, body?).await?;
+                let status = stow_rs(&base, body?, auth.as_deref()).await?;
                 println!("restored by STOW-RS: HTTP {status}");
             } else {
                 anyhow::bail!("give --to-file, --dicom or --stow");
@@ -476,8 +487,38 @@ pub async fn run(args: ArchiveArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// POSTs one Part 10 file as a STOW-RS request to `base` (`http://host:port/<prefix>`).
-async fn stow_rs(base: &str, file: Vec<u8>) -> anyhow::Result<u16> {
+/// The `Authorization` value for --stow: Basic from --stow-user and `MEDMESH_STOW_PASSWORD`,
+/// or Bearer from --stow-token-file.
+fn stow_auth(user: Option<&str>, token_file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    use base64::Engine as _;
+    if let Some(user) = user {
+        anyhow::ensure!(
+            !user.contains(':'),
+            "--stow-user cannot contain ':' (HTTP Basic)"
+        );
+        let password = std::env::var("MEDMESH_STOW_PASSWORD").map_err(|_| {
+            anyhow::anyhow!("--stow-user {user}: set MEDMESH_STOW_PASSWORD to the password")
+        })?;
+        let pair = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        return Ok(Some(format!("Basic {pair}")));
+    }
+    if let Some(f) = token_file {
+        let token = std::fs::read_to_string(f)
+            .with_context(|| format!("--stow-token-file {}", f.display()))?;
+        let token = token.trim();
+        anyhow::ensure!(
+            !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
+            "--stow-token-file {}: not a bearer token (empty, or spaces or control characters inside)",
+            f.display()
+        );
+        return Ok(Some(format!("Bearer {token}")));
+    }
+    Ok(None)
+}
+
+/// POSTs one Part 10 file as a STOW-RS request to `base` (`http://host:port/<prefix>`), with
+/// `auth` as its `Authorization` header.
+async fn stow_rs(base: &str, file: Vec<u8>, auth: Option<&str>) -> anyhow::Result<u16> {
     use http_body_util::BodyExt as _;
     let uri: http::Uri = base.parse()?;
     let origin = format!(
@@ -495,9 +536,20 @@ async fn stow_rs(base: &str, file: Vec<u8>) -> anyhow::Result<u16> {
         .map_err(|never| match never {})
         .boxed();
     let ct = format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
-    let resp = ep.send(http::Method::POST, &path, Some(&ct), body).await?;
+    let resp = ep
+        .send_with(http::Method::POST, &path, Some(&ct), auth, body)
+        .await?;
     let status = resp.status().as_u16();
     let answer = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(
+        status != 401 && status != 403,
+        "STOW-RS to {base} answered HTTP {status}: {} (give the PACS's credentials: --stow-user with MEDMESH_STOW_PASSWORD, or --stow-token-file)",
+        if auth.is_some() {
+            "the credentials were refused"
+        } else {
+            "it needs credentials"
+        }
+    );
     anyhow::ensure!(
         status == 200,
         "STOW-RS to {base} answered HTTP {status}: {}",

@@ -107,12 +107,17 @@ impl World {
     /// `medmesh <args>` in B as the auditor. `as_proxy`: as uid 1337, so that its own mTLS to
     /// the archive's gateway is not intercepted by B's sidecar (an auditor outside the mesh).
     fn medmesh(&self, args: &str, as_proxy: bool) -> std::process::Output {
+        self.medmesh_env("", args, as_proxy)
+    }
+
+    /// [`World::medmesh`] with more environment (`NAME=value ...`).
+    fn medmesh_env(&self, more: &str, args: &str, as_proxy: bool) -> std::process::Output {
         let d = self.d();
         let c = format!("{d}/certs");
         let env = format!(
             "MEDMESH_LEDGER_URL=https://127.0.0.1:18443 MEDMESH_CERT={c}/medmesh.auditor.pem \
              MEDMESH_KEY={c}/medmesh.auditor-key.pem MEDMESH_CA={c}/ca.pem \
-             MEDMESH_LEDGER_KEY=@{d}/verifier.key MEDMESH_LEDGER_STATE={d}/auditor/checkpoint"
+             MEDMESH_LEDGER_KEY=@{d}/verifier.key MEDMESH_LEDGER_STATE={d}/auditor/checkpoint {more}"
         );
         let user = if as_proxy {
             "setpriv --reuid 1337 --regid 1337 --clear-groups "
@@ -614,6 +619,83 @@ fn stored_instances_are_archived_encrypted_and_recovered_from_a_real_cluster() {
     let bytes = std::fs::read(w.lab.path("got/restored.dcm")).unwrap();
     let p10 = split_part10(&bytes).unwrap().unwrap();
     assert_eq!(&sha256(p10.dataset).to_hex(), dimse_sha);
+
+    // Restore by STOW-RS into Orthanc (users required): a STOW-RS instance is deleted from the
+    // PACS, then restored from the archive; Orthanc holds the original bytes again.
+    let (stow_sha, _) = sent.iter().find(|(_, p10)| *p10).unwrap();
+    let m = stow
+        .iter()
+        .find(|m| {
+            sha256(&std::fs::read(m["path"].as_str().unwrap()).unwrap()).to_hex() == *stow_sha
+        })
+        .unwrap();
+    let sop = m["uids"][2].as_str().unwrap();
+    let orthanc = |cmd: &str| {
+        let out = w
+            .lab
+            .exec(&w.lab.b, &format!("curl -sS -f -u test:test {cmd}"));
+        assert!(out.status.success(), "Orthanc {cmd}: {}", mesh::text(&out));
+        out.stdout
+    };
+    let lookup = |orthanc: &dyn Fn(&str) -> Vec<u8>| -> Vec<String> {
+        let found: serde_json::Value = serde_json::from_slice(&orthanc(&format!(
+            "-X POST --data-binary {sop} http://127.0.0.1:8042/tools/lookup"
+        )))
+        .unwrap();
+        found
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["Type"] == "Instance")
+            .map(|f| f["ID"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let ids = lookup(&orthanc);
+    assert_eq!(ids.len(), 1, "the STOW-RS instance is in Orthanc");
+    orthanc(&format!(
+        "-X DELETE http://127.0.0.1:8042/instances/{}",
+        ids[0]
+    ));
+    assert!(lookup(&orthanc).is_empty(), "deleted from Orthanc");
+    let (index, _) = w.archived_once(stow_sha);
+    let stow_to = "--stow http://127.0.0.1:8042/dicom-web";
+    // Without credentials: refused by the PACS, and said so.
+    let out = w.medmesh(
+        &format!("archive restore {index} {gateway} {stow_to}"),
+        true,
+    );
+    assert!(!out.status.success());
+    assert!(
+        mesh::text(&out).contains("HTTP 401: it needs credentials"),
+        "{}",
+        mesh::text(&out)
+    );
+    // A user without its password: refused before anything is fetched.
+    let out = w.medmesh(
+        &format!("archive restore {index} {gateway} {stow_to} --stow-user test"),
+        true,
+    );
+    assert!(!out.status.success());
+    assert!(
+        mesh::text(&out).contains("set MEDMESH_STOW_PASSWORD"),
+        "{}",
+        mesh::text(&out)
+    );
+    let out = w.medmesh_env(
+        "MEDMESH_STOW_PASSWORD=test",
+        &format!("archive restore {index} {gateway} {stow_to} --stow-user test"),
+        true,
+    );
+    assert!(out.status.success(), "{}", mesh::text(&out));
+    assert!(mesh::text(&out).contains("restored by STOW-RS: HTTP 200"));
+    let ids = lookup(&orthanc);
+    assert_eq!(ids.len(), 1, "restored into Orthanc");
+    let file = orthanc(&format!("http://127.0.0.1:8042/instances/{}/file", ids[0]));
+    assert_eq!(
+        &sha256(&file).to_hex(),
+        stow_sha,
+        "Orthanc holds the original bytes"
+    );
 
     // Every CID is the one Kubo computes for the ciphertext it holds.
     let cipher_dir = w.lab.path("ciphertexts");
