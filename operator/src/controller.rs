@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -244,6 +244,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         Api::<ConfigMap>::all(client.clone()),
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
         |c| c.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    // An archive reporting its endpoint turns archiving on for the namespaces that name it;
+    // a deleted archive key (crypto-shredding) is replaced by a new one at once, and the
+    // sidecars seal to the new recipient.
+    .watches(
+        Api::<ImageArchive>::all(client.clone()),
+        watcher::Config::default(),
+        |a| a.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
+    )
+    .watches(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+        |s| s.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns)),
     )
     .reconcile_all_on(ca_changes)
     .graceful_shutdown_on(stopped(stop_rx.clone()))

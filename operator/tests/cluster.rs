@@ -28,7 +28,7 @@ use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use medmesh_operator::crd::{AuditLedger, MeshPolicy};
 use serde_json::{Value, json};
-use support::{Env, TestNs, delete_and_wait, eventually, get, gone, kubectl};
+use support::{Env, TestNs, delete_and_wait, eventually, get, gone, kubectl, policy_doc};
 
 fn ledger(name: &str, replicas: i32) -> AuditLedger {
     serde_json::from_value(json!({
@@ -449,14 +449,9 @@ async fn image_archive_yields_a_private_cluster_whose_identities_survive_scaling
     }
     // The archive's MeshPolicy is compiled into the namespace's policy like any other.
     let compiled = support::eventually("the policy document with the archive's REST port", || {
-        let cms: Api<ConfigMap> = ns.api();
+        let ns = &ns;
         async move {
-            let doc = cms
-                .get("medmesh-policy")
-                .await
-                .ok()?
-                .data?
-                .remove("policy.json")?;
+            let doc = policy_doc(ns, "policy.json").await?;
             (doc.contains("9094") && doc.contains("/orthanc")).then_some(doc)
         }
     })
@@ -1285,18 +1280,144 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
     let appended = client.append(&rec, true).await.unwrap();
     eprintln!("appended as {id}: {appended:?}");
 
-    // Crypto-shredding with `medmesh archive shred`, as this appender: refused without the
-    // right confirmation; then recorded in the ledger, and the namespace's archive key deleted.
-    let key = medmesh_core::seal::ArchiveKey::generate();
-    let recipient = key.recipient().to_string();
+    // Archiving: a MeshPolicy that audits into this ledger and archives into an ImageArchive.
+    // The operator generates the namespace's archive key once (no owner), publishes its
+    // recipient with the archive's endpoint in audit.json, and lets only the restorers read
+    // the private half.
+    service_account(&ns, "auditor").await;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = ns.api();
     secrets
         .create(
             &PostParams::default(),
-            &medmesh_operator::controller::mesh_policy::archive_key_secret(&ns.name, &key),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "audit-hmac"},
+                "data": {"hmac": "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA="},
+            }))
+            .unwrap(),
         )
         .await
         .unwrap();
+    let archives: Api<medmesh_operator::crd::ImageArchive> = ns.api();
+    archives
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "medmesh.io/v1alpha1", "kind": "ImageArchive",
+                "metadata": {"name": "pacs-archive"},
+                "spec": {"storage": {"kuboSize": "1Gi", "clusterSize": "1Gi"},
+                         "adders": [{"serviceAccount": {"name": "orthanc"}}]},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let policies: Api<MeshPolicy> = ns.api();
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "medmesh.io/v1alpha1", "kind": "MeshPolicy", "metadata": {"name": "pacs"},
+                "spec": {"podSelector": {}, "ports": [{"port": 4242, "protocol": "dicom"}],
+                         "audit": {"ledgerRef": {"name": "ledger"},
+                                   "keySecretRef": {"name": "audit-hmac", "key": "hmac"},
+                                   "archive": {"archiveRef": {"name": "pacs-archive"},
+                                               "restorers": [{"kind": "ServiceAccount", "name": "auditor",
+                                                              "namespace": ns.name}]}}},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let recipient_of = |s: &k8s_openapi::api::core::v1::Secret| -> String {
+        let data = s.data.as_ref().unwrap();
+        let identity: medmesh_core::seal::ArchiveKey = std::str::from_utf8(&data["identity"].0)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let recipient = std::str::from_utf8(&data["recipient"].0).unwrap().trim();
+        assert_eq!(identity.recipient().to_string(), recipient);
+        recipient.to_owned()
+    };
+    let key_secret = eventually("the namespace's archive key", || {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt("medmesh-archive-key").await.ok()? }
+    })
+    .await;
+    assert!(
+        key_secret.owner_references().is_empty(),
+        "deleting the key is crypto-shredding: never by garbage collection"
+    );
+    let recipient = recipient_of(&key_secret);
+    let archive_settings = |want: String| {
+        let ns = &ns;
+        async move {
+            let doc = policy_doc(ns, "audit.json").await?;
+            assert!(!doc.contains("AGE-SECRET-KEY"), "{doc}");
+            let audit: medmesh_core::wire::SidecarAudit = serde_json::from_str(&doc).unwrap();
+            audit.archive.filter(|a| a.recipients == [want.clone()])
+        }
+    };
+    let settings = eventually("audit.json archiving to the archive's endpoint", || {
+        archive_settings(recipient.clone())
+    })
+    .await;
+    assert_eq!(
+        settings.url,
+        format!("http://pacs-archive.{}.svc:9094", ns.name)
+    );
+    assert_eq!(
+        settings.id,
+        format!("spiffe://cluster.local/ns/{}/sa/pacs-archive", ns.name)
+    );
+    assert_eq!(
+        (
+            settings.mode.as_str(),
+            settings.replication_min,
+            settings.replication_max
+        ),
+        ("async", 2, 3)
+    );
+    // The real authorizer: the restorer may get that one Secret; not other Secrets, not a
+    // list; other workloads not even that one.
+    let auditor = format!("system:serviceaccount:{}:auditor", ns.name);
+    let get_secret = ("", "secrets", "get");
+    let key_name = Some("medmesh-archive-key");
+    eventually("the restorer's binding", || {
+        let (client, auditor) = (ns.client.clone(), auditor.clone());
+        let ns = ns.name.clone();
+        async move {
+            allowed(&client, &auditor, get_secret, Some(&ns), key_name)
+                .await
+                .then_some(())
+        }
+    })
+    .await;
+    let nsn = Some(ns.name.as_str());
+    assert!(!allowed(&ns.client, &auditor, get_secret, nsn, Some("audit-hmac")).await);
+    assert!(!allowed(&ns.client, &auditor, ("", "secrets", "list"), nsn, None).await);
+    let orthanc_user = format!("system:serviceaccount:{}:orthanc", ns.name);
+    assert!(!allowed(&ns.client, &orthanc_user, get_secret, nsn, key_name).await);
+    // Made once: another reconcile (a changed policy) keeps the key.
+    policies
+        .patch(
+            "pacs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"audit": {"archive": {"mode": "required"}}}})),
+        )
+        .await
+        .unwrap();
+    eventually("audit.json in required mode", || {
+        let s = archive_settings(recipient.clone());
+        async move { s.await.filter(|a| a.mode == "required") }
+    })
+    .await;
+    let kept = secrets.get("medmesh-archive-key").await.unwrap();
+    assert_eq!(kept.metadata.uid, key_secret.metadata.uid);
+    assert_eq!(kept.data, key_secret.data);
+
+    // Crypto-shredding with `medmesh archive shred`, as this appender: refused without the
+    // right confirmation; then recorded in the ledger, and the namespace's archive key deleted.
     let dir = tempfile::tempdir().unwrap();
     let w = |name: &str, text: &str| {
         let p = dir.path().join(name);
@@ -1354,13 +1475,26 @@ async fn audit_ledger_turns_ready_on_the_real_ledgers_verified_checkpoint() {
     let out = shred(&ns.name);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("recorded: entry "), "{}", text(&out));
-    assert!(
-        secrets
-            .get_opt("medmesh-archive-key")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    // The shredded key is gone for good; the namespace still archives, so the operator makes
+    // a new key at once and the sidecars' settings name only the new recipient.
+    let fresh = eventually("a new archive key after the shredding", || {
+        let secrets = secrets.clone();
+        let old = key_secret.metadata.uid.clone();
+        async move {
+            secrets
+                .get_opt("medmesh-archive-key")
+                .await
+                .ok()?
+                .filter(|s| s.metadata.uid != old)
+        }
+    })
+    .await;
+    let fresh_recipient = recipient_of(&fresh);
+    assert_ne!(fresh_recipient, recipient);
+    eventually("audit.json with the new recipient", || {
+        archive_settings(fresh_recipient.clone())
+    })
+    .await;
     // The ledger says who destroyed which key (by the hash of its public half) for which archive.
     let fingerprint = medmesh_core::merkle::sha256(recipient.as_bytes());
     let (_, hits, _) = support::eventually_for(

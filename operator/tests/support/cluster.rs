@@ -111,6 +111,12 @@ impl Env {
     }
 }
 
+/// A document of the namespace's policy ConfigMap (`policy.json`, `audit.json`), once published.
+pub async fn policy_doc(ns: &TestNs, key: &str) -> Option<String> {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = ns.api();
+    cms.get("medmesh-policy").await.ok()?.data?.remove(key)
+}
+
 /// Polls `f` until it returns `Some`, for at most [`WAIT`].
 pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
