@@ -16,8 +16,12 @@
 pub mod staging;
 pub mod upload;
 
-use std::path::PathBuf;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use medmesh_core::SpiffeId;
 use medmesh_core::seal::Recipient;
@@ -71,6 +75,8 @@ pub struct ArchiveConfig {
     pub target: Target,
     /// The age recipients: the namespace's archive key, and a break-glass key if any.
     pub recipients: Vec<Recipient>,
+    /// The audit settings file the recipients came from, followed for a new key.
+    pub recipients_file: Option<PathBuf>,
     /// The staging directory.
     pub staging_dir: PathBuf,
     /// Most ciphertext bytes staged.
@@ -167,4 +173,76 @@ impl Archiver {
             self.staging.discard(&s);
         }
     }
+
+    /// Follows the audit settings file (the namespace's `audit.json`, a mounted ConfigMap):
+    /// when its archive recipients change (the operator made a new key after crypto-shredding),
+    /// instances that begin streaming from then on are sealed to the new ones. A version that
+    /// cannot be read, or names no valid recipient, changes nothing (counted and logged).
+    pub fn follow_recipients(
+        self: &Arc<Self>,
+        path: PathBuf,
+        period: Duration,
+        metrics: crate::metrics::Metrics,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last = crate::policy_file::stamp(&path);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let now = crate::policy_file::stamp(&path);
+                if now == last {
+                    continue;
+                }
+                last = now;
+                let p = path.clone();
+                match tokio::task::spawn_blocking(move || read_recipients(&p)).await {
+                    Ok(Ok(new)) => {
+                        let text =
+                            |r: &[Recipient]| r.iter().map(ToString::to_string).collect::<Vec<_>>();
+                        if text(&new) != text(&this.staging.recipients()) {
+                            tracing::info!(path = %path.display(), recipients = new.len(), "archive recipients changed; new instances are sealed to them");
+                            this.staging.set_recipients(new);
+                            metrics.archive_key_reloads.with_label_values(&["ok"]).inc();
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        metrics
+                            .archive_key_reloads
+                            .with_label_values(&["error"])
+                            .inc();
+                        tracing::warn!(error = %e, "new archive recipients refused; the previous ones stay in force");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "archive recipients reader failed"),
+                }
+            }
+        });
+    }
+}
+
+/// The archive recipients of an audit settings file.
+fn read_recipients(path: &Path) -> Result<Vec<Recipient>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let audit: medmesh_core::wire::SidecarAudit =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let archive = audit.archive.ok_or_else(|| {
+        format!(
+            "{}: no archive settings any more (restart the pod to stop archiving)",
+            path.display()
+        )
+    })?;
+    if archive.recipients.is_empty() {
+        return Err(format!("{}: no archive recipient", path.display()));
+    }
+    archive
+        .recipients
+        .iter()
+        .map(|r| {
+            r.parse::<Recipient>()
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .collect()
 }

@@ -20,9 +20,14 @@ pub struct RawConfig {
     #[arg(long, env = "MEDMESH_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: String,
     /// Audit settings in one JSON file (as the operator publishes them); flags given
-    /// explicitly win. A path that does not exist means no auditing.
+    /// explicitly win. A path that does not exist means no auditing. Archive recipients taken
+    /// from it are followed: a new namespace key (after crypto-shredding) applies without a
+    /// restart.
     #[arg(long, env = "MEDMESH_AUDIT_CONFIG")]
     pub audit_config: Option<PathBuf>,
+    /// Set when the archive recipients came from the audit config file (not a flag).
+    #[arg(skip)]
+    pub archive_recipients_from_config: bool,
     /// Workload certificate chain (PEM X.509-SVID).
     #[arg(long, env = "MEDMESH_CERT")]
     pub cert: Option<PathBuf>,
@@ -410,8 +415,10 @@ fn merge_audit_file(raw: &mut RawConfig, errs: &mut Vec<String>) {
     if let Some(ar) = a.archive {
         raw.archive_url.get_or_insert(ar.url);
         raw.archive_id.get_or_insert(ar.id);
-        raw.archive_recipients
-            .get_or_insert(ar.recipients.join(","));
+        if raw.archive_recipients.is_none() {
+            raw.archive_recipients = Some(ar.recipients.join(","));
+            raw.archive_recipients_from_config = true;
+        }
         raw.archive_mode.get_or_insert(ar.mode);
         raw.archive_replication_min
             .get_or_insert(ar.replication_min.to_string());
@@ -559,6 +566,10 @@ fn check_archive(
         mode: mode?,
         target: target?,
         recipients,
+        recipients_file: raw
+            .audit_config
+            .clone()
+            .filter(|_| raw.archive_recipients_from_config),
         staging_dir: staging_dir?,
         staging_max_bytes: staging_max_bytes?,
     })
@@ -729,6 +740,43 @@ mod tests {
         assert_eq!(a.ledger_url, "https://l.ns.svc:8443");
         assert_eq!(a.mode, crate::deliver::Mode::Enforce);
         assert_eq!(a.origin, "td/ns/l");
+        assert!(a.archive.is_none());
+        // Archiving: the recipients come from the file and are followed there; given as a
+        // flag, they are not.
+        let key = medmesh_core::seal::ArchiveKey::generate()
+            .recipient()
+            .to_string();
+        let mut archiving = audit.clone();
+        archiving.archive = Some(medmesh_core::wire::SidecarArchive {
+            url: "http://a.ns.svc:9094".into(),
+            id: "spiffe://td/ns/ns/sa/a".into(),
+            recipients: vec![key.clone()],
+            mode: "async".into(),
+            replication_min: 2,
+            replication_max: 3,
+        });
+        std::fs::write(
+            d.join("archive.json"),
+            serde_json::to_string(&archiving).unwrap(),
+        )
+        .unwrap();
+        let ac = Config::check(args("archive.json"))
+            .unwrap()
+            .audit
+            .unwrap()
+            .archive
+            .unwrap();
+        assert_eq!(ac.recipients_file, Some(d.join("archive.json")));
+        assert_eq!(ac.recipients[0].to_string(), key);
+        let mut flagged = args("archive.json");
+        flagged.archive_recipients = Some(key);
+        let ac = Config::check(flagged)
+            .unwrap()
+            .audit
+            .unwrap()
+            .archive
+            .unwrap();
+        assert_eq!(ac.recipients_file, None);
         // No file (the namespace does not audit): no auditing.
         assert!(Config::check(args("absent.json")).unwrap().audit.is_none());
         // A bad file is refused with its path.
@@ -748,6 +796,7 @@ mod tests {
             ca: None,
             identity_url: None,
             audit_config: None,
+            archive_recipients_from_config: false,
             pod_labels: None,
             identity_token: "/nonexistent/token".into(),
             identity_ca: "/nonexistent/ca.crt".into(),

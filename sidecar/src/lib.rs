@@ -193,6 +193,14 @@ impl Sidecar {
                             metrics.clone(),
                             stop.clone(),
                         );
+                        if let Some(file) = &ac.recipients_file {
+                            archiver.follow_recipients(
+                                file.clone(),
+                                cfg.reload,
+                                metrics.clone(),
+                                stop.clone(),
+                            );
+                        }
                         Some(archiver)
                     }
                 };

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub archive_upload_failures: IntCounter,
     /// Ciphertext bytes confirmed archived.
     pub archive_bytes: IntCounter,
+    /// Changes of the archive recipients read from the audit settings, by result.
+    pub archive_key_reloads: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -168,6 +170,11 @@ impl Metrics {
                 "medmesh_sidecar_archive_bytes_total",
                 "Ciphertext bytes confirmed archived",
             )),
+            archive_key_reloads: counter(
+                "medmesh_sidecar_archive_key_reloads_total",
+                "Changes of the archive recipients read from the audit settings, by result",
+                &["result"],
+            ),
         };
         for c in [
             Box::new(m.connections.clone()) as Box<dyn prometheus::core::Collector>,
@@ -192,6 +199,7 @@ impl Metrics {
             Box::new(m.archive_staging_limit_bytes.clone()),
             Box::new(m.archive_upload_failures.clone()),
             Box::new(m.archive_bytes.clone()),
+            Box::new(m.archive_key_reloads.clone()),
         ] {
             must(registry.register(c));
         }

@@ -91,7 +91,8 @@ pub struct Staging {
     active: AtomicU64,
     /// When an object last started or ended being written (ms since the epoch).
     last_activity_ms: AtomicU64,
-    recipients: Vec<Recipient>,
+    /// Whom new objects are sealed to (replaced when the namespace's archive key changes).
+    recipients: std::sync::RwLock<Arc<Vec<Recipient>>>,
     metrics: Metrics,
 }
 
@@ -171,7 +172,7 @@ impl Staging {
             used: AtomicU64::new(used),
             active: AtomicU64::new(0),
             last_activity_ms: AtomicU64::new(0),
-            recipients,
+            recipients: std::sync::RwLock::new(Arc::new(recipients)),
             metrics,
         }))
     }
@@ -204,6 +205,19 @@ impl Staging {
                 < quiet.as_millis() as u64
     }
 
+    /// Whom new objects are sealed to.
+    pub fn recipients(&self) -> Arc<Vec<Recipient>> {
+        self.recipients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Seals objects begun from now on to `recipients` (objects already staged keep theirs).
+    pub fn set_recipients(&self, recipients: Vec<Recipient>) {
+        *self.recipients.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(recipients);
+    }
+
     /// The limit of the staging area.
     pub fn limit(&self) -> u64 {
         self.limit
@@ -232,7 +246,7 @@ impl Staging {
             staging: self.clone(),
             reserved: reserved.clone(),
         };
-        match Sealer::new(&self.recipients, tee) {
+        match Sealer::new(&self.recipients(), tee) {
             Ok(sealer) => {
                 self.active.fetch_add(1, Ordering::AcqRel);
                 self.touch();

@@ -69,6 +69,7 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         ca: Some(ca.into()),
         identity_url: None,
         audit_config: None,
+        archive_recipients_from_config: false,
         pod_labels: None,
         identity_token: "/nonexistent/token".into(),
         identity_ca: "/nonexistent/ca.crt".into(),
