@@ -280,11 +280,22 @@ pub fn not_after(der: &CertificateDer<'_>) -> Result<i64, SvidError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// The `notBefore` of a certificate, in seconds since the Unix epoch.
+///
+/// # Errors
+/// When the certificate cannot be parsed.
+pub fn not_before(der: &CertificateDer<'_>) -> Result<i64, SvidError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| SvidError::Malformed(e.to_string()))?;
+    Ok(cert.validity().not_before.timestamp())
+}
+
 /// A workload's own credentials: its SVID chain and private key.
 pub struct Identity {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     id: SpiffeId,
+    not_before: i64,
     not_after: i64,
 }
 
@@ -302,6 +313,7 @@ impl Identity {
             .ok_or_else(|| TlsError::NoCertificate("certificate chain".into()))?;
         let id = spiffe_id_of(leaf)?;
         let not_after = not_after(leaf)?;
+        let not_before = not_before(leaf)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::NoKey {
             what: "private key".into(),
             reason: e.to_string(),
@@ -310,6 +322,7 @@ impl Identity {
             chain,
             key,
             id,
+            not_before,
             not_after,
         })
     }
@@ -322,6 +335,11 @@ impl Identity {
     /// When the leaf certificate expires (seconds since the Unix epoch).
     pub fn not_after(&self) -> i64 {
         self.not_after
+    }
+
+    /// When the leaf certificate became valid (seconds since the Unix epoch).
+    pub fn not_before(&self) -> i64 {
+        self.not_before
     }
 
     /// The certificate chain, leaf first.
@@ -340,6 +358,7 @@ impl Clone for Identity {
             chain: self.chain.clone(),
             key: self.key.clone_key(),
             id: self.id.clone(),
+            not_before: self.not_before,
             not_after: self.not_after,
         }
     }

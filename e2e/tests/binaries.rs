@@ -107,6 +107,8 @@ fn sidecar_stops_on_admin_shutdown() {
         assert!(Instant::now() < deadline, "sidecar not ready");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Its metrics pass Prometheus' lint.
+    mesh::assert_promtool_clean("127.0.0.1", admin, "sidecar");
     // POST /shutdown, from localhost.
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap();

@@ -614,6 +614,8 @@ async fn audited_stores_through_a_leader_failover_are_recorded_exactly_once() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        // After a failover and a drained spool, every series exists: Prometheus' lint on them.
+        mesh::assert_promtool_clean("127.0.0.1", sp[2], "the auditing sidecar");
         drop((server, client));
     }
 
@@ -625,6 +627,9 @@ async fn audited_stores_through_a_leader_failover_are_recorded_exactly_once() {
         "too few stores (spool mode alone stores 40): {stores}"
     );
     let cps = checkpoints_at(&c, &[0, 1, 2], stores as u64).await;
+    for r in &c.replicas[..3] {
+        mesh::assert_promtool_clean(&r.host, r.admin_port, &format!("ledger replica {}", r.id));
+    }
     let auditor = c.client(0, "audit.auditor");
     let mut stored = 0;
     let mut start = 0;

@@ -1,7 +1,7 @@
 //! The operator's Prometheus metrics. Label values come from the enums here, never from object
 //! names or error text.
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The outcome of one admission request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +83,33 @@ impl IssueResult {
     }
 }
 
-/// Counters of the webhook and the identity service.
+/// The metrics of the webhook, the identity service and the replica's state.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     admissions: IntCounterVec,
+    admission_seconds: Histogram,
     certificates: IntCounterVec,
+    leader: IntGauge,
+    ca_expiry: IntGaugeVec,
+}
+
+/// Which certificate authority a `ca_certificate_expiry_timestamp_seconds` series is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// The workload CA that signs SVIDs.
+    Workload,
+    /// The CA of the operator's own HTTPS certificate (webhook, identity service).
+    Serving,
+}
+
+impl CaKind {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Workload => "workload",
+            Self::Serving => "serving",
+        }
+    }
 }
 
 impl Metrics {
@@ -104,6 +126,27 @@ impl Metrics {
             Opts::new("certificates_total", "Certificate requests by result"),
             &["result"],
         )?;
+        // The API server's webhook timeout is 10 s; buckets from 1 ms.
+        let admission_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "admission_duration_seconds",
+                "Time to answer one admission request",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        let leader = IntGauge::new(
+            "leader",
+            "1 while this replica holds the Lease and runs the controllers",
+        )?;
+        let ca_expiry = IntGaugeVec::new(
+            Opts::new(
+                "ca_certificate_expiry_timestamp_seconds",
+                "Unix time at which a CA certificate of the operator expires",
+            ),
+            &["ca"],
+        )?;
         // Every series exists from the start, so rates work before the first event.
         for r in AdmissionResult::ALL {
             admissions.with_label_values(&[r.as_str()]);
@@ -112,11 +155,34 @@ impl Metrics {
             certificates.with_label_values(&[r.as_str()]);
         }
         registry.register(Box::new(admissions.clone()))?;
+        registry.register(Box::new(admission_seconds.clone()))?;
         registry.register(Box::new(certificates.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(ca_expiry.clone()))?;
         Ok(Self {
             admissions,
+            admission_seconds,
             certificates,
+            leader,
+            ca_expiry,
         })
+    }
+
+    /// Records how long one admission took.
+    pub fn admission_took(&self, d: std::time::Duration) {
+        self.admission_seconds.observe(d.as_secs_f64());
+    }
+
+    /// Whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// When the `ca` certificate expires (Unix seconds).
+    pub fn set_ca_expiry(&self, ca: CaKind, not_after_unix: i64) {
+        self.ca_expiry
+            .with_label_values(&[ca.as_str()])
+            .set(not_after_unix);
     }
 
     /// Counts one admission.

@@ -44,7 +44,7 @@ use crate::events::EventSink;
 use crate::events::KubeEvents;
 use crate::identity::{self, IdentityService, IssuerCa, KubeTokenReviewer};
 use crate::leader::{self, LeaseLock};
-use crate::metrics::{Metrics, ReconcileMetrics};
+use crate::metrics::{CaKind, Metrics, ReconcileMetrics};
 use crate::serving::{self, ServingLoop, Source};
 use crate::webhook::{self, InjectConfig, WebhookState};
 
@@ -314,6 +314,7 @@ pub async fn run_until(
     let (tls, serving_ca) = ServingLoop::initial(&source).await?;
     let (tls_tx, tls_rx) = watch::channel(tls);
     let (ca_tx, ca_rx) = watch::channel(serving_ca);
+    let ca_watch = ca_rx.clone();
     let serving_task = tokio::spawn(
         ServingLoop {
             source,
@@ -337,6 +338,8 @@ pub async fn run_until(
         events: events.clone(),
         metrics: metrics.clone(),
     };
+    metrics.set_ca_expiry(CaKind::Workload, ca.not_after().unix_timestamp());
+    let replica_metrics = metrics.clone();
     let identity_service = Arc::new(IdentityService {
         ca: ca.clone(),
         reviewer: KubeTokenReviewer::new(client.clone()),
@@ -381,7 +384,7 @@ pub async fn run_until(
             }) as Arc<dyn controller::PeerReader>
         }),
         reader_id,
-        serving_ca: ca_rx,
+        serving_ca: ca_rx.clone(),
         events,
         metrics: reconcile_metrics,
         clock: controller::system_clock(),
@@ -394,6 +397,14 @@ pub async fn run_until(
     );
     let (lead_tx, lead_rx) = watch::channel(false);
     let elector = tokio::spawn(leader::run(lock, lead_tx, stop_rx.clone()));
+    // The replica's state as metrics: whether it leads, and when the serving CA (rotated by
+    // the serving loop) expires.
+    tokio::spawn(follow_replica_state(
+        replica_metrics,
+        lead_rx.clone(),
+        ca_watch,
+        stop_rx.clone(),
+    ));
     let controllers = tokio::spawn(lead(ctx, lead_rx, stop_rx.clone()));
 
     shutdown.await;
@@ -406,6 +417,38 @@ pub async fn run_until(
     let _ = serving_task.await;
     let _ = admin_task.await;
     Ok(())
+}
+
+/// Keeps the leader gauge and the serving CA's expiry current until `stop`.
+async fn follow_replica_state(
+    metrics: Metrics,
+    mut leading: watch::Receiver<bool>,
+    mut serving_ca: watch::Receiver<Option<String>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        metrics.set_leader(*leading.borrow_and_update());
+        if let Some(t) = serving_ca
+            .borrow_and_update()
+            .as_deref()
+            .and_then(pem_not_after)
+        {
+            metrics.set_ca_expiry(CaKind::Serving, t);
+        }
+        tokio::select! {
+            r = leading.changed() => if r.is_err() { break },
+            r = serving_ca.changed() => if r.is_err() { break },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    metrics.set_leader(false);
+}
+
+/// The `notAfter` (Unix seconds) of the first certificate in `pem`.
+fn pem_not_after(pem: &str) -> Option<i64> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let cert = p.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// Runs the controllers while `leading` is true, until `stop`.

@@ -470,7 +470,10 @@ async fn handle(State(state): State<WebhookState>, body: Bytes) -> Response {
         result = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    span.in_scope(|| answer(&state, &body, &span))
+    let started = std::time::Instant::now();
+    let response = span.in_scope(|| answer(&state, &body, &span));
+    state.metrics.admission_took(started.elapsed());
+    response
 }
 
 /// What the API server sees of an outcome: passed unchanged, patched, or refused.

@@ -1023,6 +1023,77 @@ async fn allowed(
         .allowed
 }
 
+/// Every operator replica's `/metrics` passes `promtool check metrics` (Prometheus' naming and
+/// format lint) and exports both CAs' expiry; exactly one replica reports itself the leader.
+#[tokio::test]
+async fn operator_metrics_pass_promtool_and_name_one_leader() {
+    use std::io::Write as _;
+    let env = Env::get();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let scrape = |addr: String| async move {
+        reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let value = |body: &str, series: &str| {
+        body.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    for (name, addr) in &env.operators {
+        let body = scrape(addr.clone()).await;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian prometheus; scripts/check-rules installs it)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "operator {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for ca in ["workload", "serving"] {
+            let t = value(
+                &body,
+                &format!(
+                    "medmesh_operator_ca_certificate_expiry_timestamp_seconds{{ca=\"{ca}\"}} "
+                ),
+            )
+            .unwrap_or_else(|| panic!("{name}: no {ca} CA expiry"));
+            assert!(t > now, "{name}: the {ca} CA expired at {t}");
+        }
+    }
+    // The Lease may still be changing hands right after the replicas start.
+    eventually("exactly one replica reporting itself the leader", || {
+        let operators = env.operators.clone();
+        async move {
+            let mut leaders = 0.0;
+            for (_, addr) in operators {
+                leaders += value(&scrape(addr).await, "medmesh_operator_leader ")?;
+            }
+            (leaders == 1.0).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_operators_service_account_has_exactly_the_charts_permissions() {
     let env = Env::get();

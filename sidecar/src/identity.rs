@@ -150,6 +150,7 @@ impl FileIdentity {
                         Ok(Ok(c)) => {
                             tracing::info!(id = %c.identity.id(), not_after = c.identity.not_after(), "loaded credentials");
                             metrics.cert_expiry.set(c.identity.not_after());
+                            metrics.cert_not_before.set(c.identity.not_before());
                             metrics.cert_reloads.with_label_values(&["ok"]).inc();
                             metrics.ready.set(1);
                             tx.send_replace(Some(Arc::new(c)));

@@ -236,6 +236,7 @@ impl CsrIdentity {
                         let not_after = c.identity.not_after();
                         tracing::info!(id = %c.identity.id(), not_after, "certificate issued");
                         metrics.cert_expiry.set(not_after);
+                        metrics.cert_not_before.set(c.identity.not_before());
                         metrics.cert_reloads.with_label_values(&["ok"]).inc();
                         metrics.ready.set(1);
                         tx.send_replace(Some(Arc::new(c)));

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub detect: IntCounterVec,
     /// Unix time at which the current certificate expires.
     pub cert_expiry: IntGauge,
+    /// Unix time from which the workload certificate is valid (its lifetime is the difference).
+    pub cert_not_before: IntGauge,
     /// Credential reloads by result.
     pub cert_reloads: IntCounterVec,
     /// Policy reloads by result.
@@ -104,6 +106,10 @@ impl Metrics {
                 "medmesh_sidecar_certificate_expiry_timestamp_seconds",
                 "Unix time at which the workload certificate expires",
             )),
+            cert_not_before: must(IntGauge::new(
+                "medmesh_sidecar_certificate_not_before_timestamp_seconds",
+                "Unix time from which the workload certificate is valid",
+            )),
             cert_reloads: counter(
                 "medmesh_sidecar_certificate_reloads_total",
                 "Credential reloads by result",
@@ -184,6 +190,7 @@ impl Metrics {
             Box::new(m.authz.clone()),
             Box::new(m.detect.clone()),
             Box::new(m.cert_expiry.clone()),
+            Box::new(m.cert_not_before.clone()),
             Box::new(m.cert_reloads.clone()),
             Box::new(m.policy_reloads.clone()),
             Box::new(m.refused.clone()),

@@ -274,6 +274,38 @@ impl Drop for LedgerProc {
     }
 }
 
+/// Runs `promtool check metrics` (Prometheus' naming and format lint) on the `/metrics` of
+/// `host:port`; panics with its findings. promtool must be installed (scripts/check-rules
+/// installs it): a missing promtool fails, it does not skip.
+pub fn assert_promtool_clean(host: &str, port: u16, what: &str) {
+    use std::io::Write as _;
+    let (status, body) = http_get_at(host, port, "/metrics")
+        .unwrap_or_else(|| panic!("{what}: no /metrics at {host}:{port}"));
+    assert_eq!(status, 200, "{what}: /metrics answered {status}");
+    assert!(body.contains("# TYPE "), "{what}: /metrics is empty");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool (Debian prometheus; scripts/check-rules installs it): {e}")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "{what}: promtool check metrics: {}",
+        text(&out)
+    );
+}
+
 /// Status of a plain HTTP GET on loopback, without a client library.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
     http_get(port, path).map(|(status, _)| status)

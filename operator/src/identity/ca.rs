@@ -291,6 +291,11 @@ impl IssuerCa {
         }
     }
 
+    /// When the issuing certificate expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
     /// The trust bundle (PEM).
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem
