@@ -12,7 +12,13 @@ import sys
 import yaml
 
 # Kinds whose schemas are not among the official Kubernetes ones (prometheus-operator's CRD).
-NOT_IN_OFFICIAL_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NOT_IN_OFFICIAL_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+RULES_FILE = "charts/medmesh/files/rules/medmesh.rules.yaml"
+RUNBOOKS = "https://github.com/medmesh/medmesh/blob/main/docs/runbooks"
 
 # What `medmesh-operator run` reads (operator contract): environment variables the chart must set.
 CONTRACT_ENV = [
@@ -198,6 +204,8 @@ def case_default(docs, rbac):
     check_service_pdb(docs, 1)
     one(docs, "NetworkPolicy", present=False)
     one(docs, "ServiceMonitor", present=False)
+    one(docs, "PodMonitor", present=False)
+    one(docs, "PrometheusRule", present=False)
 
 
 def case_all(docs, rbac):
@@ -238,6 +246,30 @@ def case_all(docs, rbac):
     ep = (sm.get("spec", {}).get("endpoints") or [{}])[0]
     check(ep.get("port") == "metrics" and ep.get("path") == "/metrics" and ep.get("interval") == "15s", f"ServiceMonitor endpoint {ep}")
     check(sm["metadata"]["labels"].get("release") == "kube-prometheus-stack", "ServiceMonitor labels")
+    check({"targetLabel": "job", "replacement": "medmesh-operator"} in ep.get("relabelings", []),
+          "ServiceMonitor: job medmesh-operator")
+    check_monitoring(docs)
+
+
+def check_monitoring(docs):
+    """PodMonitors for sidecars and ledgers, and the PrometheusRule: the rule file itself."""
+    pms = {d["spec"]["podMetricsEndpoints"][0]["port"]: d for d in docs if d["kind"] == "PodMonitor"}
+    check(set(pms) == {"medmesh-admin", "admin"}, f"PodMonitor ports {sorted(pms)}")
+    for port, job in (("medmesh-admin", "medmesh-sidecar"), ("admin", "medmesh-ledger")):
+        pm = pms.get(port, {})
+        spec = pm.get("spec", {})
+        ep = spec.get("podMetricsEndpoints", [{}])[0]
+        check(spec.get("namespaceSelector") == {"any": True}, f"PodMonitor {port}: every namespace")
+        check({"targetLabel": "job", "replacement": job} in ep.get("relabelings", []), f"PodMonitor {port}: job {job}")
+        check(ep.get("path") == "/metrics" and ep.get("interval") == "20s", f"PodMonitor {port} endpoint {ep}")
+        check(pm.get("metadata", {}).get("labels", {}).get("release") == "kube-prometheus-stack", f"PodMonitor {port} labels")
+    check(pms.get("admin", {}).get("spec", {}).get("selector") == {"matchLabels": {"app.kubernetes.io/name": "medmesh-ledger"}},
+          "ledger PodMonitor selector")
+    pr = one(docs, "PrometheusRule")
+    check(pr.get("metadata", {}).get("labels", {}).get("release") == "kube-prometheus-stack", "PrometheusRule labels")
+    with open(RULES_FILE) as f:
+        want = yaml.safe_load(f.read().replace(RUNBOOKS, "https://wiki.hospital.example/medmesh/runbooks"))
+    check(pr.get("spec") == want, "PrometheusRule spec must be the rule file, runbook base replaced")
 
 
 def case_nokeep(docs, rbac):
@@ -245,7 +277,7 @@ def case_nokeep(docs, rbac):
 
 
 def case_outofcluster(docs, rbac):
-    for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"):
+    for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PodMonitor", "PrometheusRule"):
         one(docs, kind, present=False)
     check_rbac(docs, rbac)
     check_webhook(docs, "https://192.0.2.10:8443/mutate", "Fail", 5)
