@@ -206,6 +206,8 @@ def case_default(docs, rbac):
     one(docs, "ServiceMonitor", present=False)
     one(docs, "PodMonitor", present=False)
     one(docs, "PrometheusRule", present=False)
+    check(not [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")],
+          "dashboards rendered by default")
 
 
 def case_all(docs, rbac):
@@ -249,6 +251,28 @@ def case_all(docs, rbac):
     check({"targetLabel": "job", "replacement": "medmesh-operator"} in ep.get("relabelings", []),
           "ServiceMonitor: job medmesh-operator")
     check_monitoring(docs)
+    check_dashboards(docs)
+
+
+def check_dashboards(docs):
+    """One ConfigMap per committed dashboard, in the chosen namespace, labelled for Grafana's
+    sidecar, holding the committed JSON unchanged."""
+    import glob, os
+    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")}
+    files = sorted(glob.glob("charts/medmesh/dashboards/*.json"))
+    check(len(files) == 5, f"five dashboards committed, found {len(files)}")
+    for f in files:
+        base = os.path.basename(f)
+        cm = cms.get(base[:-5] + "-dashboard")
+        if not check(cm is not None, f"no ConfigMap for {base}"):
+            continue
+        meta = cm["metadata"]
+        check(meta.get("namespace") == "monitoring", f"{base}: namespace {meta.get('namespace')}")
+        check(meta.get("labels", {}).get("grafana_dashboard") == "1", f"{base}: label grafana_dashboard=1")
+        check(meta.get("annotations", {}).get("grafana_folder") == "Medmesh", f"{base}: folder annotation")
+        with open(f) as fh:
+            check(json.loads(cm["data"][base]) == json.load(fh), f"{base}: ConfigMap JSON differs from the file")
+    check(len(cms) == len(files), f"{len(cms)} dashboard ConfigMaps for {len(files)} files")
 
 
 def check_monitoring(docs):
