@@ -444,15 +444,7 @@ fn setup() -> World {
     let sidecar = sidecar.to_str().unwrap().to_owned();
     ok(&format!("ip netns exec {a_ns} {sidecar} init --mode nft"));
     ok(&format!("ip netns exec {b_ns} {sidecar} init --mode nft"));
-    std::fs::write(
-        lab.path("policy-b.json"),
-        r#"{"inbound": [
-          {"port": 8042, "protocol": "http", "allow": [{"service_account": "radiology/scanner"}]},
-          {"port": 4242, "protocol": "dicom", "allow": [{"service_account": "radiology/scanner"}]}
-        ]}"#,
-    )
-    .unwrap();
-    std::fs::write(lab.path("policy-a.json"), "{}").unwrap();
+    lab.write_pacs_policies();
     let c = certs.display().to_string();
     let mut lab = lab;
     lab.start_ledger(&certs, &signing, PACS);

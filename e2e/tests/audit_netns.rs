@@ -105,15 +105,7 @@ fn setup() -> Pods {
     let sidecar = mesh::bin("medmesh-sidecar");
     let sidecar = sidecar.to_str().unwrap();
     let (certs, signing) = lab.mesh_files(5);
-    std::fs::write(
-        lab.path("policy-b.json"),
-        r#"{"inbound": [
-          {"port": 8042, "protocol": "http", "allow": [{"service_account": "radiology/scanner"}]},
-          {"port": 4242, "protocol": "dicom", "allow": [{"service_account": "radiology/scanner"}]}
-        ]}"#,
-    )
-    .unwrap();
-    std::fs::write(lab.path("policy-a.json"), "{}").unwrap();
+    lab.write_pacs_policies();
     let (a, b) = (lab.a.clone(), lab.b.clone());
     ok(&format!("ip netns exec {a} {sidecar} init --mode nft"));
     ok(&format!("ip netns exec {b} {sidecar} init --mode nft"));

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the sidecar. Every label value comes from a fixed set.
 
+use medmesh_core::policy::Decision;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// The sidecar's metrics.
@@ -209,6 +210,37 @@ impl Metrics {
             Box::new(m.archive_key_reloads.clone()),
         ] {
             must(registry.register(c));
+        }
+        // Every enumerated series exists from the start, so rates and alerts work before the
+        // first event (reasons and protocols, open-ended, appear when they first occur).
+        for r in [
+            "spooled",
+            "acknowledged",
+            "not_acknowledged",
+            "delivered",
+            "dropped",
+        ] {
+            m.records.with_label_values(&[r]);
+        }
+        for r in [
+            "staged",
+            "archived",
+            "skipped_full",
+            "staging_failed",
+            "discarded",
+            "corrupt",
+        ] {
+            m.archive_objects.with_label_values(&[r]);
+        }
+        for kind in ["mtls", "plaintext"] {
+            for d in [Decision::Allow, Decision::Deny, Decision::AuditDeny] {
+                m.authz.with_label_values(&[kind, d.as_str()]);
+            }
+        }
+        for c in [&m.cert_reloads, &m.policy_reloads, &m.archive_key_reloads] {
+            for r in ["ok", "error"] {
+                c.with_label_values(&[r]);
+            }
         }
         m
     }

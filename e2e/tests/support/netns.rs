@@ -184,6 +184,20 @@ impl Lab {
         (certs, signing)
     }
 
+    /// Writes the pods' policies: `policy-b.json` (the PACS in B takes DICOM on 4242 and HTTP on
+    /// 8042 from radiology/scanner only) and `policy-a.json` (A accepts nothing inbound).
+    pub fn write_pacs_policies(&self) {
+        std::fs::write(
+            self.path("policy-b.json"),
+            r#"{"inbound": [
+          {"port": 8042, "protocol": "http", "allow": [{"service_account": "radiology/scanner"}]},
+          {"port": 4242, "protocol": "dicom", "allow": [{"service_account": "radiology/scanner"}]}
+        ]}"#,
+        )
+        .unwrap();
+        std::fs::write(self.path("policy-a.json"), "{}").unwrap();
+    }
+
     /// Starts a ledger in pod B on 127.0.0.1:18443 (admin 19443) with certificates from
     /// `medmesh dev certs` in `certs`, `signing` from `medmesh-ledger keygen`, one appender and
     /// the reader `medmesh/auditor`; waits until it is ready.
