@@ -532,4 +532,35 @@ fn a_real_prometheus_sees_every_panel_and_the_ledger_outage_alerts() {
     });
     let spool = query(prom, "medmesh_sidecar_spool_depth{pod=\"orthanc-0\"}");
     assert_eq!(spool[0]["value"][1], "0", "{spool:?}");
+
+    // The dashboards rendered from this Prometheus (traffic, outage, recovery): one PNG each.
+    // MEDMESH_DASHBOARD_PREVIEW keeps them in a directory of one's choice.
+    let previews = std::env::var("MEDMESH_DASHBOARD_PREVIEW")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| m.lab.path("previews"));
+    let out = mesh::run(
+        Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../scripts/dashboards-preview"
+        ))
+        .arg(format!("http://127.0.0.1:{prom}"))
+        .arg(&previews)
+        .arg("5"),
+    );
+    assert!(
+        out.status.success(),
+        "dashboards-preview: {}",
+        mesh::text(&out)
+    );
+    let pngs: Vec<_> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(pngs.len(), 5, "{pngs:?}");
+    for png in &pngs {
+        let bytes = std::fs::read(png).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{png}");
+        assert!(bytes.len() > 20_000, "{png}: {} bytes", bytes.len());
+    }
+    println!("previews: {pngs:?}");
 }
