@@ -120,8 +120,17 @@ def audit():
         ("Records", [
             ts("Records by delivery result", "Audit records per second: acknowledged (enforce), spooled, delivered from the spool, not acknowledged, dropped.", "ops",
                q(f"sum by (result) (rate(medmesh_sidecar_audit_records_total{{{SIDECAR}}}[$__rate_interval]))", "{{result}}")),
+            ts("Events by kind and outcome", "Audit records made per second, by event kind (instance_stored, association_opened, ...) and outcome.", "ops",
+               q(f"sum by (kind, outcome) (rate(medmesh_sidecar_audit_events_total{{{SIDECAR}}}[$__rate_interval]))",
+                 "{{kind}} {{outcome}}")),
+            ts("Enforce gate latency", "Time for the ledger to acknowledge the records a response waits for (enforce), or to time out.", "s",
+               q(f"histogram_quantile(0.5, sum by (le) (rate(medmesh_sidecar_audit_gate_seconds_bucket{{{SIDECAR}}}[$__rate_interval])))", "p50"),
+               q(f"histogram_quantile(0.99, sum by (le) (rate(medmesh_sidecar_audit_gate_seconds_bucket{{{SIDECAR}}}[$__rate_interval])))", "p99")),
             ts("Spool depth", "Records in each sidecar's spool, not yet acknowledged by the ledger.", "short",
                q(f"sum by (namespace, pod) (medmesh_sidecar_spool_depth{{{SIDECAR}}})", "{{namespace}}/{{pod}}")),
+            ts("Oldest spooled record", "Age of the oldest record waiting in each sidecar's spool (0 when the spool is empty).", "s",
+               q(f"max by (namespace, pod) ((time() - medmesh_sidecar_spool_oldest_timestamp_seconds{{{SIDECAR}}}) "
+                 f"* (medmesh_sidecar_spool_depth{{{SIDECAR}}} > bool 0))", "{{namespace}}/{{pod}}")),
             ts("Stores answered as failed", "Successful stores replaced by failures because their record could not be made safe (enforce).", "ops",
                q(f"sum by (namespace, pod) (rate(medmesh_sidecar_audit_failed_responses_total{{{SIDECAR}}}[$__rate_interval]))",
                  "{{namespace}}/{{pod}}")),

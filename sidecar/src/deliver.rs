@@ -90,7 +90,7 @@ impl Delivery {
         spool: Spool,
         metrics: Metrics,
     ) -> Arc<Self> {
-        metrics.spool_depth.set(spool.depth() as i64);
+        spool_gauges(&metrics, &spool);
         Arc::new(Self {
             mode,
             target,
@@ -133,11 +133,21 @@ impl Delivery {
         Ok(c)
     }
 
+    /// Counts records made, by kind and outcome.
+    fn count(&self, recs: &[AuditRecord]) {
+        for r in recs {
+            self.metrics
+                .audit_events
+                .with_label_values(&[r.kind.as_str(), r.outcome.as_str()])
+                .inc();
+        }
+    }
+
     /// Appends `recs` to the spool with one fsync (blocking work) and wakes the drain.
     fn spool_all(&self, recs: &[AuditRecord]) -> Result<(), DeliveryError> {
         let mut s = self.spool.lock().unwrap_or_else(|p| p.into_inner());
         s.append_all(recs)?;
-        self.metrics.spool_depth.set(s.depth() as i64);
+        spool_gauges(&self.metrics, &s);
         drop(s);
         self.wake.notify_one();
         Ok(())
@@ -157,6 +167,7 @@ impl Delivery {
     /// # Errors
     /// When they could not be made safe; the response must then report a failure.
     pub async fn commit_all(&self, recs: Vec<AuditRecord>) -> Result<(), DeliveryError> {
+        self.count(&recs);
         if recs.is_empty() {
             return Ok(());
         }
@@ -185,7 +196,12 @@ impl Delivery {
                     }
                     Ok::<_, medmesh_ledger_client::ClientError>(conflicts)
                 };
-                match tokio::time::timeout(self.deadline, all).await {
+                let started = std::time::Instant::now();
+                let acked = tokio::time::timeout(self.deadline, all).await;
+                self.metrics
+                    .audit_gate_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                match acked {
                     Ok(Ok(0)) => {
                         self.metrics
                             .records
@@ -207,6 +223,7 @@ impl Delivery {
 
     /// Several records that need no gate, with one spool fsync.
     pub async fn later_all(&self, recs: Vec<AuditRecord>) {
+        self.count(&recs);
         if recs.is_empty() {
             return;
         }
@@ -226,6 +243,7 @@ impl Delivery {
     /// # Errors
     /// When the spool refused them.
     pub async fn later_durable_all(&self, recs: Vec<AuditRecord>) -> Result<(), DeliveryError> {
+        self.count(&recs);
         if recs.is_empty() {
             return Ok(());
         }
@@ -279,7 +297,7 @@ impl Delivery {
                     let r = tokio::task::block_in_place(|| {
                         let mut s = this.spool.lock().unwrap_or_else(|p| p.into_inner());
                         let r = s.ack(last);
-                        this.metrics.spool_depth.set(s.depth() as i64);
+                        spool_gauges(&this.metrics, &s);
                         r
                     });
                     if let Err(e) = r {
@@ -300,4 +318,15 @@ impl Delivery {
     pub fn depth(&self) -> usize {
         self.spool.lock().unwrap_or_else(|p| p.into_inner()).depth()
     }
+}
+
+/// The spool's depth and the time of its oldest record.
+fn spool_gauges(metrics: &Metrics, spool: &Spool) {
+    metrics.spool_depth.set(spool.depth() as i64);
+    metrics.spool_oldest.set(
+        spool
+            .pending()
+            .next()
+            .map_or(0, |(_, r)| (r.time_us / 1_000_000) as i64),
+    );
 }

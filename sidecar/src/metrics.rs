@@ -1,7 +1,10 @@
 //! Prometheus metrics of the sidecar. Every label value comes from a fixed set.
 
 use medmesh_core::policy::Decision;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use medmesh_core::record::{EventKind, Outcome};
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The sidecar's metrics.
 #[derive(Clone, Debug)]
@@ -39,6 +42,12 @@ pub struct Metrics {
     pub records: IntCounterVec,
     /// Records in the spool, not yet acknowledged by the ledger.
     pub spool_depth: IntGauge,
+    /// Unix time of the oldest record in the spool (0 when it is empty).
+    pub spool_oldest: IntGauge,
+    /// Audit records made, by event kind and outcome.
+    pub audit_events: IntCounterVec,
+    /// Time for the ledger to acknowledge gated records (enforce).
+    pub audit_gate_seconds: Histogram,
     /// Responses turned into failures because their record could not be made safe.
     pub failed_responses: IntCounter,
     /// Archived objects by what happened to them (staged, archived, skipped_full,
@@ -148,6 +157,24 @@ impl Metrics {
                 "medmesh_sidecar_spool_depth",
                 "Audit records in the spool, not yet acknowledged by the ledger",
             )),
+            spool_oldest: must(IntGauge::new(
+                "medmesh_sidecar_spool_oldest_timestamp_seconds",
+                "Unix time of the oldest record in the spool, 0 when it is empty",
+            )),
+            audit_events: counter(
+                "medmesh_sidecar_audit_events_total",
+                "Audit records made, by event kind and outcome",
+                &["kind", "outcome"],
+            ),
+            audit_gate_seconds: must(Histogram::with_opts(
+                HistogramOpts::new(
+                    "medmesh_sidecar_audit_gate_seconds",
+                    "Time for the ledger to acknowledge gated records (enforce), or to time out",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )),
             failed_responses: must(IntCounter::new(
                 "medmesh_sidecar_audit_failed_responses_total",
                 "Success responses replaced by failures because their record could not be made safe",
@@ -200,6 +227,9 @@ impl Metrics {
             Box::new(m.drain_cut.clone()),
             Box::new(m.records.clone()),
             Box::new(m.spool_depth.clone()),
+            Box::new(m.spool_oldest.clone()),
+            Box::new(m.audit_events.clone()),
+            Box::new(m.audit_gate_seconds.clone()),
             Box::new(m.failed_responses.clone()),
             Box::new(m.archive_objects.clone()),
             Box::new(m.archive_staged_bytes.clone()),
@@ -231,6 +261,12 @@ impl Metrics {
             "corrupt",
         ] {
             m.archive_objects.with_label_values(&[r]);
+        }
+        for kind in EventKind::ALL {
+            for outcome in Outcome::ALL {
+                m.audit_events
+                    .with_label_values(&[kind.as_str(), outcome.as_str()]);
+            }
         }
         for kind in ["mtls", "plaintext"] {
             for d in [Decision::Allow, Decision::Deny, Decision::AuditDeny] {
