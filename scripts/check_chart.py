@@ -258,15 +258,18 @@ def check_dashboards(docs):
     """One ConfigMap per committed dashboard, in the chosen namespace, labelled for Grafana's
     sidecar, holding the committed JSON unchanged."""
     import glob, os
-    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")}
+    # Keyed by the file each holds; named after the release, so releases do not collide.
+    cms = {next(iter(d.get("data", {})), ""): d for d in docs
+           if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")}
     files = sorted(glob.glob("charts/medmesh/dashboards/*.json"))
     check(len(files) == 5, f"five dashboards committed, found {len(files)}")
     for f in files:
         base = os.path.basename(f)
-        cm = cms.get(base[:-5] + "-dashboard")
+        cm = cms.get(base)
         if not check(cm is not None, f"no ConfigMap for {base}"):
             continue
         meta = cm["metadata"]
+        check(meta["name"] == "medmesh-operator-" + base[len("medmesh-"):-5] + "-dashboard", f"{base}: name {meta['name']}")
         check(meta.get("namespace") == "monitoring", f"{base}: namespace {meta.get('namespace')}")
         check(meta.get("labels", {}).get("grafana_dashboard") == "1", f"{base}: label grafana_dashboard=1")
         check(meta.get("annotations", {}).get("grafana_folder") == "Medmesh", f"{base}: folder annotation")

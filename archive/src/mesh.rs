@@ -229,20 +229,17 @@ impl MeshEndpoint {
         }
     }
 
-    /// An idle connection that is still open and ready, if one is kept.
-    async fn take_idle(&self) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
-        loop {
-            let c = {
-                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                idle.retain(|c| c.since.elapsed() < IDLE_FOR && !c.send.is_closed());
-                idle.pop()?
-            };
-            let mut send = c.send;
-            // Ready at once unless the connection is still finishing its last exchange.
-            if send.ready().await.is_ok() {
-                return Some(send);
+    /// An idle connection that is open and ready now, if one is kept (one still finishing
+    /// its last exchange is dropped rather than waited for).
+    fn take_idle(&self) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|c| c.since.elapsed() < IDLE_FOR && !c.send.is_closed());
+        while let Some(c) = idle.pop() {
+            if c.send.is_ready() {
+                return Some(c.send);
             }
         }
+        None
     }
 
     fn keep(&self, send: hyper::client::conn::http1::SendRequest<Body>) {
@@ -259,7 +256,9 @@ impl MeshEndpoint {
     }
 
     /// One exchange on a kept connection, or a new one when none is kept or the kept one
-    /// closed before taking the request.
+    /// closed before taking the request. A bodiless request (a GET) that fails on a kept
+    /// connection, which the server may have closed as it was written, is sent once more on a
+    /// new one; a request with a body (an upload) is not replayed here.
     async fn exchange_pooled(
         &self,
         target: &str,
@@ -272,13 +271,21 @@ impl MeshEndpoint {
         ArchiveError,
     > {
         let fail = |e: hyper::Error| transport(target, format!("HTTP: {e}"));
-        let req = match self.take_idle().await {
+        let replay = (req.method() == http::Method::GET).then(|| {
+            let mut again = http::Request::new(empty());
+            *again.method_mut() = req.method().clone();
+            *again.uri_mut() = req.uri().clone();
+            *again.headers_mut() = req.headers().clone();
+            again
+        });
+        let req = match self.take_idle() {
             Some(mut send) => match send.try_send_request(req).await {
                 Ok(resp) => return Ok((send, resp)),
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), replay) {
                     // Never written: the server closed the idle connection first.
-                    Some(req) => req,
-                    None => return Err(fail(e.into_error())),
+                    (Some(req), _) => req,
+                    (None, Some(again)) => again,
+                    (None, None) => return Err(fail(e.into_error())),
                 },
             },
             None => req,
@@ -437,5 +444,53 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    /// A server that answers one request per connection with a keep-alive response, then
+    /// closes the connection without a word shortly after.
+    async fn silent_closer() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = tcp
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                });
+            }
+        });
+        (url, conns)
+    }
+
+    #[tokio::test]
+    async fn a_get_on_a_connection_the_server_dropped_is_sent_again() {
+        let (url, conns) = silent_closer().await;
+        let ep = MeshEndpoint::new(&url, None, Duration::from_secs(5)).unwrap();
+        for i in 0..4 {
+            let got = ep
+                .call(http::Method::GET, "/pins/x", None, empty(), 1024)
+                .await
+                .unwrap_or_else(|e| panic!("call {i}: {e}"));
+            assert_eq!(got, "ok".as_bytes());
+            // The server drops the kept connection meanwhile; the client may or may not have
+            // noticed by the next call.
+            tokio::time::sleep(Duration::from_millis(10 + 20 * i)).await;
+        }
+        assert!(conns.load(Ordering::SeqCst) >= 2);
     }
 }

@@ -528,6 +528,18 @@ async fn stow_rs(base: &str, file: Vec<u8>, auth: Option<&str>) -> anyhow::Resul
     );
     let path = format!("{}/studies", uri.path().trim_end_matches('/'));
     let ep = MeshEndpoint::new(&origin, None, Duration::from_secs(60))?;
+    // The CLI speaks plain HTTP (as a meshed application does: its sidecar adds mTLS). Sent
+    // anywhere but this host, credentials are protected only by such a sidecar: say so.
+    let local = uri.host().is_some_and(|h| {
+        h == "localhost"
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    if auth.is_some() && !local {
+        eprintln!(
+            "warning: the STOW-RS credentials go to {origin} in plaintext unless a medmesh sidecar intercepts this connection (run the restore from a meshed pod)"
+        );
+    }
     let boundary = hex::encode(medmesh_core::record::RecordId::random()?.0);
     let mut body = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
     body.extend_from_slice(&file);

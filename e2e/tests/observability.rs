@@ -181,9 +181,14 @@ impl Mesh {
     }
 
     fn stop_ledgers(&self) {
-        for i in 0..self.ledgers.len() {
+        // By the full path of each replica's configuration: this run's replicas only.
+        for cfg in &self.ledgers {
             let _ = Command::new("pkill")
-                .args(["-KILL", "-f", &format!("ledger-{i}/ledger.yaml")])
+                .args([
+                    "-KILL",
+                    "-f",
+                    &format!("medmesh-ledger run --config {}", cfg.display()),
+                ])
                 .status();
         }
     }

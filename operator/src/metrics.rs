@@ -200,6 +200,11 @@ impl Metrics {
         self.admissions.with_label_values(&[r.as_str()]).get()
     }
 
+    /// Admissions timed so far (every answered request, refused ones included).
+    pub fn admissions_timed(&self) -> u64 {
+        self.admission_seconds.get_sample_count()
+    }
+
     /// Current count of a certificate result.
     pub fn certificates(&self, r: IssueResult) -> u64 {
         self.certificates.with_label_values(&[r.as_str()]).get()

@@ -455,7 +455,21 @@ pub fn router(state: WebhookState) -> Router {
     Router::new()
         .route("/mutate", post(handle))
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        // Timed from the request's head to the response: reading the review, deciding and
+        // encoding the answer (the TLS handshake is the connection's, before).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), timed))
         .with_state(state)
+}
+
+async fn timed(
+    State(state): State<WebhookState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    state.metrics.admission_took(started.elapsed());
+    response
 }
 
 async fn handle(State(state): State<WebhookState>, body: Bytes) -> Response {
@@ -470,10 +484,7 @@ async fn handle(State(state): State<WebhookState>, body: Bytes) -> Response {
         result = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    let started = std::time::Instant::now();
-    let response = span.in_scope(|| answer(&state, &body, &span));
-    state.metrics.admission_took(started.elapsed());
-    response
+    span.in_scope(|| answer(&state, &body, &span))
 }
 
 /// What the API server sees of an outcome: passed unchanged, patched, or refused.

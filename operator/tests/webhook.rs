@@ -507,4 +507,6 @@ async fn handler_answers_reviews_emits_events_and_counts() {
 
     assert_eq!(metrics.admissions(AdmissionResult::Injected), 2);
     assert_eq!(metrics.admissions(AdmissionResult::Malformed), 1);
+    // Every request is timed through the router, the malformed one too.
+    assert_eq!(metrics.admissions_timed(), 3);
 }

@@ -176,8 +176,10 @@ impl Archiver {
 
     /// Follows the audit settings file (the namespace's `audit.json`, a mounted ConfigMap):
     /// when its archive recipients change (the operator made a new key after crypto-shredding),
-    /// instances that begin streaming from then on are sealed to the new ones. A version that
-    /// cannot be read, or names no valid recipient, changes nothing (counted and logged).
+    /// instances that begin streaming from then on are sealed to the new ones. The small file
+    /// is read and compared every `period` (a change of content is what counts, not its
+    /// time stamp). A version that cannot be read, or names no valid recipient, changes
+    /// nothing (counted and logged once per distinct problem).
     pub fn follow_recipients(
         self: &Arc<Self>,
         path: PathBuf,
@@ -187,22 +189,17 @@ impl Archiver {
     ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut last = crate::policy_file::stamp(&path);
+            let text = |r: &[Recipient]| r.iter().map(ToString::to_string).collect::<Vec<_>>();
+            let mut last_problem: Option<String> = None;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(period) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                let now = crate::policy_file::stamp(&path);
-                if now == last {
-                    continue;
-                }
-                last = now;
                 let p = path.clone();
                 match tokio::task::spawn_blocking(move || read_recipients(&p)).await {
                     Ok(Ok(new)) => {
-                        let text =
-                            |r: &[Recipient]| r.iter().map(ToString::to_string).collect::<Vec<_>>();
+                        last_problem = None;
                         if text(&new) != text(&this.staging.recipients()) {
                             tracing::info!(path = %path.display(), recipients = new.len(), "archive recipients changed; new instances are sealed to them");
                             this.staging.set_recipients(new);
@@ -210,11 +207,14 @@ impl Archiver {
                         }
                     }
                     Ok(Err(e)) => {
-                        metrics
-                            .archive_key_reloads
-                            .with_label_values(&["error"])
-                            .inc();
-                        tracing::warn!(error = %e, "new archive recipients refused; the previous ones stay in force");
+                        if last_problem.as_deref() != Some(e.as_str()) {
+                            metrics
+                                .archive_key_reloads
+                                .with_label_values(&["error"])
+                                .inc();
+                            tracing::warn!(error = %e, "new archive recipients refused; the previous ones stay in force");
+                            last_problem = Some(e);
+                        }
                     }
                     Err(e) => tracing::warn!(error = %e, "archive recipients reader failed"),
                 }

@@ -243,11 +243,12 @@ impl Delivery {
     /// # Errors
     /// When the spool refused them.
     pub async fn later_durable_all(&self, recs: Vec<AuditRecord>) -> Result<(), DeliveryError> {
-        self.count(&recs);
         if recs.is_empty() {
             return Ok(());
         }
         tokio::task::block_in_place(|| self.spool_all(&recs))?;
+        // Counted once they are safe: the caller retries the same records after a failure.
+        self.count(&recs);
         self.metrics
             .records
             .with_label_values(&["spooled"])

@@ -72,8 +72,8 @@ pub fn read_labels(path: &Path) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
-/// When a file last changed, and its length (a mounted ConfigMap's atomic swap changes both).
-pub(crate) fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// When a file last changed, and its length.
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }

@@ -148,7 +148,17 @@ impl Archiver {
                     }
                     continue;
                 }
-                if let Some((id, r)) = inflight.next().await {
+                // Stopping interrupts the uploads in flight: they are replayed at the next start
+                // (the add is idempotent, the record id fixed); what is confirmed is spooled
+                // below before the task ends.
+                let next = tokio::select! {
+                    n = inflight.next() => n,
+                    _ = stop.wait_for(|s| *s) => {
+                        inflight.clear();
+                        None
+                    }
+                };
+                if let Some((id, r)) = next {
                     match r {
                         Ok((bytes, rec)) => archived.push((id, bytes, rec)),
                         Err(Failure::Corrupt(why)) => {
