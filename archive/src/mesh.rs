@@ -378,9 +378,13 @@ mod tests {
 
     use super::*;
 
-    /// An HTTP/1.1 server on loopback answering every request with its path; counts the
-    /// connections it accepted. With `keep_alive` false it closes each after one answer.
-    async fn server(keep_alive: bool) -> (String, Arc<AtomicUsize>) {
+    /// A loopback server: `serve` runs for each accepted connection; returns its URL and the
+    /// number of connections accepted.
+    async fn listen<F, Fut>(serve: F) -> (String, Arc<AtomicUsize>)
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let conns = Arc::new(AtomicUsize::new(0));
@@ -389,20 +393,27 @@ mod tests {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
                 counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: http::Request<_>| async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(Bytes::from(req.uri().path().to_owned())),
-                        ))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(keep_alive)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-                });
+                tokio::spawn(serve(tcp));
             }
         });
         (url, conns)
+    }
+
+    /// An HTTP/1.1 server on loopback answering every request with its path; counts the
+    /// connections it accepted. With `keep_alive` false it closes each after one answer.
+    async fn server(keep_alive: bool) -> (String, Arc<AtomicUsize>) {
+        listen(move |tcp| async move {
+            let svc = hyper::service::service_fn(|req: http::Request<_>| async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from(req.uri().path().to_owned()),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(keep_alive)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                .await;
+        })
+        .await
     }
 
     #[tokio::test]
@@ -450,31 +461,21 @@ mod tests {
     /// closes the connection without a word shortly after.
     async fn silent_closer() -> (String, Arc<AtomicUsize>) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let conns = Arc::new(AtomicUsize::new(0));
-        let counted = conns.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let _ = tcp
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                });
+        listen(|mut tcp| async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
             }
-        });
-        (url, conns)
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        })
+        .await
     }
 
     #[tokio::test]
