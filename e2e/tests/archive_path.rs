@@ -836,24 +836,7 @@ fn stored_instances_are_archived_encrypted_and_recovered_from_a_real_cluster() {
     assert_eq!(still.len() as u64, entry.record.bytes);
 
     // --- No identifying value of any sample anywhere the archive path wrote or printed.
-    let mut needles = Vec::new();
-    for m in &manifest {
-        for v in m["phi"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .chain(m["uids"].as_array().unwrap())
-        {
-            let v = v.as_str().unwrap();
-            if v.len() >= 6
-                && !v
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit() || c == '-' || c == ' ')
-            {
-                needles.push(v.to_owned());
-            }
-        }
-    }
+    let needles = netns::identifying_values(&manifest, 6);
     assert!(needles.len() > 150, "only {} values", needles.len());
     let needle_file = w.lab.path("needles.txt");
     std::fs::write(&needle_file, needles.join("\n")).unwrap();

@@ -30,7 +30,7 @@ mod netns;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use netns::{Lab, ok, require};
+use netns::{Lab, link_root, ok, require};
 
 const NS_A: &str = "radiology";
 const NS_B: &str = "pacs";
@@ -57,27 +57,6 @@ fn fast_rules(src: &str) -> String {
         out = out.replace(from, to);
     }
     out
-}
-
-/// A veth pair from the root namespace into `ns`: (the root side's address, the pod's).
-fn link_root(ns: &str, i: u32) -> (String, String) {
-    let pid = std::process::id();
-    let (n, m) = (100 + (pid % 100), (pid / 100) % 250);
-    // 10.n.m.0/24 is the pods' own link (Lab); these are /30s in 172.(16+i).n.m
-    let (root, pod) = (
-        format!("172.{}.{n}.{}", 16 + i, 1 + 4 * (m % 60)),
-        format!("172.{}.{n}.{}", 16 + i, 2 + 4 * (m % 60)),
-    );
-    let (vr, vp) = (
-        format!("or{i}{}", pid % 100_000),
-        format!("op{i}{}", pid % 100_000),
-    );
-    ok(&format!("ip link add {vr} type veth peer name {vp}"));
-    ok(&format!("ip link set {vp} netns {ns}"));
-    ok(&format!(
-        "ip addr add {root}/30 dev {vr} && ip link set {vr} up && ip -n {ns} addr add {pod}/30 dev {vp} && ip -n {ns} link set {vp} up"
-    ));
-    (root, pod)
 }
 
 /// An instant query; the result vector (empty on any error, which the caller reports).

@@ -24,6 +24,7 @@ use medmesh_core::wire::{
 };
 use serde::Deserialize;
 use serde_json::json;
+use tracing::Instrument as _;
 
 mod peer;
 
@@ -247,6 +248,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        // Inside the count: appends are traced as spans of the caller's trace.
+        .layer(axum::middleware::from_fn(trace_appends))
         // Outermost: count every response, including refusals made by inner layers.
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -289,6 +292,41 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
     resp
 }
 
+/// Each append request (public or forwarded by a follower) is a `ledger.append` server span
+/// whose parent is the caller's span named by W3C Trace Context (`traceparent`), with
+/// `url.path` (the route, never a query), `medmesh.forwarded` and `http.response.status_code`.
+/// [`append`] adds a `ledger.commit` child per submission.
+async fn trace_appends(req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let path = match path.as_deref() {
+        Some(p @ ("/v1/entries" | "/v1/entries/batch"))
+            if req.method() == axum::http::Method::POST =>
+        {
+            p.to_owned()
+        }
+        Some(p) if p.starts_with(crate::replication::FORWARD_PATH) => p.to_owned(),
+        _ => return next.run(req).await,
+    };
+    let span = tracing::info_span!(
+        "ledger.append",
+        otel.kind = "server",
+        url.path = %path,
+        medmesh.forwarded = path.starts_with(crate::replication::FORWARD_PATH),
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    medmesh_telemetry::extract(&span, req.headers());
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    if resp.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    resp
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct AppendParams {
@@ -312,6 +350,15 @@ async fn append(
     want_proof: bool,
 ) -> ApiResult<(Vec<AppendResult>, Option<String>)> {
     let received_us = now_us();
+    let span = tracing::info_span!(
+        "ledger.commit",
+        medmesh.entries = records.len() as u64,
+        medmesh.replicated = state.replica.is_some(),
+        medmesh.leaf_index = tracing::field::Empty,
+        medmesh.duplicates = tracing::field::Empty,
+        medmesh.tree_size = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
     let entries = records
         .into_iter()
         .map(|record| NewEntry {
@@ -323,7 +370,11 @@ async fn append(
     let committed = state
         .seq
         .append(entries, want_proof)
+        .instrument(span.clone())
         .await
+        .inspect_err(|_| {
+            span.record("otel.status_code", "error");
+        })
         .map_err(|e| match e {
             AppendError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -377,6 +428,20 @@ async fn append(
             },
         })
         .collect();
+    // The first leaf this submission placed, and the tree it is durable in.
+    if let Some(first) = results
+        .iter()
+        .filter(|r| !r.conflict)
+        .map(|r| r.index)
+        .min()
+    {
+        span.record("medmesh.leaf_index", first);
+    }
+    span.record(
+        "medmesh.duplicates",
+        results.iter().filter(|r| r.duplicate).count() as u64,
+    );
+    span.record("medmesh.tree_size", state.seq.head().size);
     if want_proof && committed.checkpoint.is_none() {
         let stored: Vec<String> = results
             .iter()

@@ -24,6 +24,10 @@ enum Cmd {
         /// YAML configuration file.
         #[arg(long, env = "MEDMESH_LEDGER_CONFIG")]
         config: PathBuf,
+        /// OTLP/HTTP base endpoint for traces (spans go to <endpoint>/v1/traces); none: no
+        /// traces.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp_endpoint: Option<String>,
     },
     /// Generate a checkpoint signing key; prints the verifier key.
     Keygen {
@@ -36,14 +40,10 @@ enum Cmd {
     },
 }
 
+/// `service.name` of the ledger's spans.
+const SERVICE_NAME: &str = "medmesh-ledger";
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     // One crypto provider for the whole process (aws-lc-rs: post-quantum hybrid key exchange).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
@@ -58,7 +58,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { config } => {
+        Cmd::Run {
+            config,
+            otlp_endpoint,
+        } => {
             let text = match std::fs::read_to_string(&config) {
                 Ok(t) => t,
                 Err(e) => {
@@ -76,6 +79,28 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            if let Some(Err(e)) = otlp_endpoint
+                .as_deref()
+                .map(medmesh_telemetry::check_endpoint)
+            {
+                eprintln!("invalid ledger configuration: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let otlp = otlp_endpoint.map(|endpoint| medmesh_telemetry::Otlp {
+                endpoint,
+                attributes: vec![("service.instance.id", cfg.node_id.clone())],
+            });
+            let telemetry = match medmesh_telemetry::start(
+                SERVICE_NAME,
+                env!("CARGO_PKG_VERSION"),
+                otlp.as_ref(),
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             tracing::info!(config = ?cfg, "effective configuration (paths only; no secrets are held in it)");
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -84,7 +109,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(run(cfg))
+            let status = rt.block_on(run(cfg));
+            // The runtime goes first so that the drain's spans are closed; then they are sent.
+            drop(rt);
+            if let Err(e) = telemetry.shutdown() {
+                eprintln!("warning: traces not flushed: {e}");
+            }
+            status
         }
     }
 }

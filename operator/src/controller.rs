@@ -124,6 +124,8 @@ pub struct Context {
     pub trust_domain: TrustDomain,
     /// Default ledger image.
     pub ledger_image: String,
+    /// Where ledgers send their spans (`OTEL_EXPORTER_OTLP_ENDPOINT`); none: no traces.
+    pub otlp_endpoint: Option<String>,
     /// The workload-identity issuer (signs the ledgers' server certificates).
     pub ca: Arc<IssuerCa>,
     /// Reads ledgers' checkpoints; `None` when no reader credentials are configured.

@@ -334,6 +334,7 @@ pub async fn run_until(
             identity_url: cfg.identity_url.clone(),
             version: VERSION.to_owned(),
             native_sidecar: cfg.native_sidecar,
+            otlp_endpoint: cfg.otlp_endpoint.clone(),
         }),
         events: events.clone(),
         metrics: metrics.clone(),
@@ -368,6 +369,7 @@ pub async fn run_until(
         client: client.clone(),
         trust_domain: cfg.trust_domain.clone(),
         ledger_image: cfg.ledger_image.clone(),
+        otlp_endpoint: cfg.otlp_endpoint.clone(),
         ca: ca.clone(),
         checkpoints: reader_id.clone().map(|id| {
             Arc::new(controller::audit_ledger::SelfIssuedReader {

@@ -66,6 +66,10 @@ pub struct InjectConfig {
     pub version: String,
     /// Inject the sidecar as a native sidecar (Kubernetes 1.29+); a plain container otherwise.
     pub native_sidecar: bool,
+    /// Where injected sidecars send their spans (`OTEL_EXPORTER_OTLP_ENDPOINT`); no traces
+    /// when `None`. The sidecar's own connections are not intercepted, so the collector is
+    /// reached directly.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The decision on one admission request.

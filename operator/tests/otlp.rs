@@ -146,6 +146,7 @@ async fn admission_and_certificate_spans_reach_the_collector() {
             identity_url: "https://medmesh-operator.medmesh-system.svc:8443".into(),
             version: "0.1.0".into(),
             native_sidecar: true,
+            otlp_endpoint: None,
         }),
         events: Arc::new(NoEvents),
         metrics: metrics.clone(),

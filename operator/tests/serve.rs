@@ -59,6 +59,7 @@ async fn serves_webhook_and_identity_over_tls13_only_and_drains() {
             identity_url: "https://localhost".into(),
             version: "1".into(),
             native_sidecar: true,
+            otlp_endpoint: None,
         }),
         events: Arc::new(NoEvents),
         metrics: metrics.clone(),

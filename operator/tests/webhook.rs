@@ -49,6 +49,7 @@ fn config(native: bool) -> InjectConfig {
         identity_url: "https://medmesh-operator.medmesh-system.svc:8443".into(),
         version: "0.1.0".into(),
         native_sidecar: native,
+        otlp_endpoint: None,
     }
 }
 

@@ -19,6 +19,9 @@ pub struct RawConfig {
     /// Admin listener: /live, /ready, /metrics, POST /shutdown.
     #[arg(long, env = "MEDMESH_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: String,
+    /// OTLP/HTTP base endpoint for traces (spans go to <endpoint>/v1/traces); none: no traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Audit settings in one JSON file (as the operator publishes them); flags given
     /// explicitly win. A path that does not exist means no auditing. Archive recipients taken
     /// from it are followed: a new namespace key (after crypto-shredding) applies without a
@@ -233,6 +236,8 @@ pub struct Config {
     pub dev_inbound_port: Option<u16>,
     /// Auditing of DICOM ports, when configured.
     pub audit: Option<AuditConfig>,
+    /// Where spans go, when traced.
+    pub otlp_endpoint: Option<String>,
 }
 
 fn ms(field: &str, v: &str, lo: u64, hi: u64, errs: &mut Vec<String>) -> Duration {
@@ -352,6 +357,13 @@ impl Config {
                     }
                 });
         let audit = check_audit(&raw, &mut errs);
+        if let Some(Err(e)) = raw
+            .otlp_endpoint
+            .as_deref()
+            .map(medmesh_telemetry::check_endpoint)
+        {
+            errs.push(e);
+        }
         let ports = [inbound_addr.port(), outbound_addr.port(), admin_addr.port()];
         if errs.is_empty()
             && (ports[0] == ports[1] || ports[1] == ports[2] || ports[0] == ports[2])
@@ -378,6 +390,7 @@ impl Config {
                 dev_outbound_dst,
                 dev_inbound_port,
                 audit,
+                otlp_endpoint: raw.otlp_endpoint,
             }),
             _ => Err(errs),
         }
@@ -796,6 +809,7 @@ mod tests {
             ca: None,
             identity_url: None,
             audit_config: None,
+            otlp_endpoint: Some("collector:4318".into()),
             archive_recipients_from_config: false,
             pod_labels: None,
             identity_token: "/nonexistent/token".into(),
@@ -855,6 +869,7 @@ mod tests {
             "archive-mode \"sometimes\": must be async or required",
             "archive-replication-min Some(\"0\"): must be 1 to 15",
             "archive-staging-max-bytes \"12\"",
+            "otlp-endpoint \"collector:4318\"",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

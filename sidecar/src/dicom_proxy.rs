@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use medmesh_core::SpiffeId;
 use medmesh_core::record::UidKey;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument as _;
 
 use crate::archive::Archiver;
 use crate::audit;
@@ -114,28 +115,64 @@ async fn gate(ctx: &AuditCtx, o: Observed) -> (Vec<u16>, Vec<Transfer>) {
                 continue;
             }
         };
-        // The archive copy is made durable first, so that a success the client sees is never
-        // missing it when the mode requires it.
-        let mut archived = None;
-        if let Some(a) = &ctx.archive {
-            archived = staged.as_ref().and_then(|s| s.as_ref().ok()).map(|s| s.id);
-            if let Err(e) = a.settle(staged, &rec).await {
-                tracing::warn!(error = %e, "archive copy not safe (archive mode required): the store is reported as failed");
-                keep_failed(ctx, rec).await;
-                failed.extend(t.message_id);
-                continue;
-            }
-        }
-        if let Err(e) = ctx.delivery.commit(rec.clone()).await {
-            if let (Some(a), Some(id)) = (&ctx.archive, archived) {
-                a.staging.withdraw(&id);
-            }
-            tracing::warn!(error = %e, "record not safe: the store is reported as failed");
-            keep_failed(ctx, rec).await;
+        let span = instance_span(&rec);
+        if !make_safe(ctx, staged, rec).instrument(span.clone()).await {
+            span.record("otel.status_code", "error");
             failed.extend(t.message_id);
         }
     }
     (failed, later)
+}
+
+/// Makes one store's record (and its archive copy) safe; `false` when the client must be told
+/// the store failed (the record is then kept as such).
+async fn make_safe(
+    ctx: &AuditCtx,
+    staged: Option<Result<crate::archive::Staged, crate::archive::StageError>>,
+    rec: medmesh_core::AuditRecord,
+) -> bool {
+    // The archive copy is made durable first, so that a success the client sees is never
+    // missing it when the mode requires it.
+    let mut archived = None;
+    if let Some(a) = &ctx.archive {
+        archived = staged.as_ref().and_then(|s| s.as_ref().ok()).map(|s| s.id);
+        if let Err(e) = a.settle(staged, &rec).await {
+            tracing::warn!(error = %e, "archive copy not safe (archive mode required): the store is reported as failed");
+            keep_failed(ctx, rec).await;
+            return false;
+        }
+    }
+    if let Err(e) = ctx.delivery.commit(rec.clone()).await {
+        if let (Some(a), Some(id)) = (&ctx.archive, archived) {
+            a.staging.withdraw(&id);
+        }
+        tracing::warn!(error = %e, "record not safe: the store is reported as failed");
+        keep_failed(ctx, rec).await;
+        return false;
+    }
+    true
+}
+
+/// The span of one instance moved (see [`proxy`]): its record's id and what the record holds
+/// in clear (kind, SOP class, size, status), never a DICOM identifier.
+pub(crate) fn instance_span(rec: &medmesh_core::AuditRecord) -> tracing::Span {
+    let span = tracing::info_span!(
+        "dicom.instance",
+        medmesh.record_id = %rec.record_id,
+        medmesh.event = rec.kind.as_str(),
+        medmesh.outcome = rec.outcome.as_str(),
+        medmesh.bytes = rec.bytes,
+        dicom.sop_class_uid = tracing::field::Empty,
+        dicom.status = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if let Some(c) = &rec.sop_class_uid {
+        span.record("dicom.sop_class_uid", c.as_str());
+    }
+    if let Some(st) = rec.status {
+        span.record("dicom.status", u64::from(st));
+    }
+    span
 }
 
 /// Records a store as the client is told it: a failure (out of resources).
@@ -154,7 +191,13 @@ async fn record_later(ctx: &AuditCtx, ts: Vec<Transfer>) {
             a.discard(t.staged.take());
         }
         match audit::dimse_record(&t, &ctx.requestor, &ctx.acceptor, &ctx.key, now_us()) {
-            Ok(rec) => recs.push(rec),
+            Ok(rec) => {
+                if matches!(t.kind, Kind::Stored | Kind::Retrieved) {
+                    // Closed at once: these wait for nothing.
+                    drop(instance_span(&rec));
+                }
+                recs.push(rec);
+            }
             Err(e) => tracing::error!(error = %e, "cannot make a record id"),
         }
     }
@@ -163,7 +206,30 @@ async fn record_later(ctx: &AuditCtx, ts: Vec<Transfer>) {
 
 /// Proxies one association between `client` (the requestor, after mTLS) and `app`. Returns the
 /// bytes moved (to the app, from the app).
+///
+/// Traced as a `dicom.association` server span (`medmesh.peer` and `medmesh.workload`: the
+/// two SPIFFE IDs; the bytes each way), with a `dicom.instance` child per instance moved; a
+/// gated store's span is the parent of the ledger append that makes its record safe.
 pub async fn proxy<C, A>(client: C, app: A, ctx: AuditCtx) -> (u64, u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    let span = tracing::info_span!(
+        "dicom.association",
+        otel.kind = "server",
+        medmesh.peer = %ctx.requestor,
+        medmesh.workload = %ctx.acceptor,
+        medmesh.bytes.to_app = tracing::field::Empty,
+        medmesh.bytes.from_app = tracing::field::Empty,
+    );
+    let (to_app, from_app) = associate(client, app, ctx).instrument(span.clone()).await;
+    span.record("medmesh.bytes.to_app", to_app);
+    span.record("medmesh.bytes.from_app", from_app);
+    (to_app, from_app)
+}
+
+async fn associate<C, A>(client: C, app: A, ctx: AuditCtx) -> (u64, u64)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,

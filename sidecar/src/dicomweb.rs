@@ -27,6 +27,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use medmesh_core::record::{AuditRecord, EventKind, Outcome, RecordId};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument as _;
 
 use crate::archive::staging::StagedSet;
 use crate::archive::{StageWriter, Staging};
@@ -524,9 +525,17 @@ where
         conn: tokio::sync::Mutex::new(Some(first)),
         reconnect,
     });
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (up, ctx) = (upstream.clone(), ctx.clone());
-        async move { Ok::<_, Infallible>(handle(req, &*up, ctx).await) }
+        async move {
+            let span = request_span(&req, &ctx);
+            let resp = handle(req, &*up, ctx).instrument(span.clone()).await;
+            span.record("http.response.status_code", resp.status().as_u16());
+            if resp.status().is_server_error() {
+                span.record("otel.status_code", "error");
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let io = TokioIo::new(client);
     let r = if h2 {
@@ -547,6 +556,38 @@ where
     if let Err(e) = r {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// The `dicomweb.request` server span of one request: the method, which transaction it is
+/// (`stow`, `wado` or `other`), the two workloads and the response status; never the path or
+/// the query (they name studies). Each instance stored or retrieved is a `dicom.instance`
+/// child (see [`crate::dicom_proxy::proxy`]); a store's ledger append is a child too.
+fn request_span(req: &Request<Incoming>, ctx: &AuditCtx) -> tracing::Span {
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "_OTHER",
+    };
+    let tx = match classify(req.method(), req.uri().path()) {
+        Some(Transaction::Stow) => "stow",
+        Some(Transaction::Wado) => "wado",
+        None => "other",
+    };
+    tracing::info_span!(
+        "dicomweb.request",
+        otel.kind = "server",
+        http.request.method = method,
+        medmesh.transaction = tx,
+        medmesh.peer = %ctx.requestor,
+        medmesh.workload = %ctx.acceptor,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
 }
 
 async fn handle<A>(
@@ -781,6 +822,8 @@ async fn stow_response(
     };
     staged.resize_with(done.len(), || None);
     let mut gated_staged = Vec::new();
+    // One span per instance, ended when this function returns (after the records are safe).
+    let mut gated_spans = Vec::new();
     let requestor = &ctx.requestor;
     let acceptor = &ctx.acceptor;
     let mut gated = Vec::new();
@@ -812,10 +855,12 @@ async fn stow_response(
                 continue;
             }
         };
+        let span = crate::dicom_proxy::instance_span(&rec);
         // Only what the client takes as stored waits for its record.
         if status.is_success() && matches!(outcome, Outcome::Success | Outcome::Warning) {
             gated.push(rec);
             gated_staged.push(staged);
+            gated_spans.push(span);
         } else {
             later.push(rec);
             if let Some(a) = &ctx.archive {
@@ -880,6 +925,9 @@ async fn stow_response(
         }
     }
     if failed {
+        for span in &gated_spans {
+            span.record("otel.status_code", "error");
+        }
         ctx.metrics
             .failed_responses
             .inc_by(gated.len().max(1) as u64);
@@ -964,6 +1012,8 @@ fn wado_response(resp: Response<Incoming>, ctx: Arc<AuditCtx>) -> Response<Proxy
     let status = resp.status().as_u16();
     let parts = Arc::new(Mutex::new(parts));
     let seen = parts.clone();
+    // The request's span lasts until the body ends: its instances are its children.
+    let request = tracing::Span::current();
     let on_end: Box<dyn FnOnce() + Send + Sync> = Box::new(move || {
         let (done, cut) = {
             let mut p = lock(&seen);
@@ -985,10 +1035,14 @@ fn wado_response(resp: Response<Incoming>, ctx: Arc<AuditCtx>) -> Response<Proxy
                 outcome,
                 now_us(),
             ) {
-                Ok(r) => recs.push(r),
+                Ok(r) => {
+                    drop(request.in_scope(|| crate::dicom_proxy::instance_span(&r)));
+                    recs.push(r);
+                }
                 Err(e) => tracing::error!(error = %e, "cannot make a record id"),
             }
         }
+        drop(request);
         if recs.is_empty() {
             return;
         }

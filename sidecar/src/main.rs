@@ -8,6 +8,8 @@ use medmesh_sidecar::{Sidecar, iptables};
 
 /// Exit status for unusable configuration.
 const EXIT_CONFIG: u8 = 64;
+/// `service.name` of the sidecar's spans.
+const SERVICE_NAME: &str = "medmesh-sidecar";
 
 #[derive(Parser)]
 #[command(
@@ -31,29 +33,28 @@ enum Cmd {
 fn main() -> ExitCode {
     // One crypto provider for the whole process (aws-lc-rs: post-quantum hybrid key exchange).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match Cli::parse().cmd {
-        Cmd::Init(args) => match iptables::run(&args) {
-            Ok(cmds) => {
-                for c in cmds {
-                    println!("{c}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e @ iptables::InitError::Invalid(_)) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_CONFIG)
-            }
+        Cmd::Init(args) => match logs_only().map(|_| iptables::run(&args)) {
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
+            Ok(r) => match r {
+                Ok(cmds) => {
+                    for c in cmds {
+                        println!("{c}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e @ iptables::InitError::Invalid(_)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         },
         Cmd::Run(raw) => {
             let cfg = match Config::check(*raw) {
@@ -64,6 +65,18 @@ fn main() -> ExitCode {
                         eprintln!("  - {e}");
                     }
                     return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let otlp = cfg.otlp_endpoint.clone().map(medmesh_telemetry::Otlp::new);
+            let telemetry = match medmesh_telemetry::start(
+                SERVICE_NAME,
+                env!("CARGO_PKG_VERSION"),
+                otlp.as_ref(),
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
                 }
             };
             // No secrets live in the configuration (only paths), so it is logged whole.
@@ -79,9 +92,20 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            rt.block_on(run(cfg))
+            let status = rt.block_on(run(cfg));
+            // The runtime goes first so that the drain's spans are closed; then they are sent.
+            drop(rt);
+            if let Err(e) = telemetry.shutdown() {
+                eprintln!("warning: traces not flushed: {e}");
+            }
+            status
         }
     }
+}
+
+/// Logs on stderr, no traces (`init`).
+fn logs_only() -> Result<(), medmesh_telemetry::TelemetryError> {
+    medmesh_telemetry::start(SERVICE_NAME, env!("CARGO_PKG_VERSION"), None).map(|_| ())
 }
 
 /// A sidecar shares its pod's CPU: one worker by default (like linkerd2-proxy), more with

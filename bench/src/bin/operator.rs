@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
             identity_url: "https://medmesh-operator.medmesh-system.svc:8443".into(),
             version: "bench".into(),
             native_sidecar: true,
+            otlp_endpoint: None,
         }),
         events: Arc::new(NoEvents),
         metrics: metrics.clone(),

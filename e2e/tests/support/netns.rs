@@ -202,6 +202,17 @@ impl Lab {
     /// `medmesh dev certs` in `certs`, `signing` from `medmesh-ledger keygen`, one appender and
     /// the reader `medmesh/auditor`; waits until it is ready.
     pub fn start_ledger(&mut self, certs: &Path, signing: &Path, appender: &str) {
+        self.start_ledger_with(certs, signing, appender, &[]);
+    }
+
+    /// [`Lab::start_ledger`] with more arguments for `medmesh-ledger run`.
+    pub fn start_ledger_with(
+        &mut self,
+        certs: &Path,
+        signing: &Path,
+        appender: &str,
+        extra: &[&str],
+    ) {
         let (c, d) = (certs.display(), self.dir.path().display());
         std::fs::write(
             self.path("ledger.yaml"),
@@ -217,17 +228,14 @@ impl Lab {
         let bin = crate::mesh::bin("medmesh-ledger");
         let cfg = self.path("ledger.yaml");
         let b = self.b.clone();
-        self.spawn(
-            &b,
-            "ledger",
-            false,
-            &[
-                bin.to_str().unwrap(),
-                "run",
-                "--config",
-                cfg.to_str().unwrap(),
-            ],
-        );
+        let mut cmd = vec![
+            bin.to_str().unwrap(),
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ];
+        cmd.extend_from_slice(extra);
+        self.spawn(&b, "ledger", false, &cmd);
         self.wait(&b, "curl -sf http://127.0.0.1:19443/ready", "ledger in B");
     }
 
@@ -310,6 +318,27 @@ impl Drop for Lab {
     }
 }
 
+/// A veth pair from the root namespace into `ns`: (the root side's address, the pod's).
+pub fn link_root(ns: &str, i: u32) -> (String, String) {
+    let pid = std::process::id();
+    let (n, m) = (100 + (pid % 100), (pid / 100) % 250);
+    // 10.n.m.0/24 is the pods' own link (Lab); these are /30s in 172.(16+i).n.m
+    let (root, pod) = (
+        format!("172.{}.{n}.{}", 16 + i, 1 + 4 * (m % 60)),
+        format!("172.{}.{n}.{}", 16 + i, 2 + 4 * (m % 60)),
+    );
+    let (vr, vp) = (
+        format!("or{i}{}", pid % 100_000),
+        format!("op{i}{}", pid % 100_000),
+    );
+    ok(&format!("ip link add {vr} type veth peer name {vp}"));
+    ok(&format!("ip link set {vp} netns {ns}"));
+    ok(&format!(
+        "ip addr add {root}/30 dev {vr} && ip link set {vr} up && ip -n {ns} addr add {pod}/30 dev {vp} && ip -n {ns} link set {vp} up"
+    ));
+    (root, pod)
+}
+
 /// Whether `needle` occurs in `hay`.
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
@@ -350,6 +379,31 @@ pub fn dicom_samples(dir: &Path, n: usize) -> Vec<serde_json::Value> {
     let m: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(m.len() >= n, "only {} samples", m.len());
     m
+}
+
+/// The identifying values of the samples in `manifest` (patient attributes, study, series and
+/// instance UIDs) that must never leave the pod in clear: those of at least `min_len`
+/// characters that could not occur by chance in hex hashes (all hex digits, dashes, spaces).
+pub fn identifying_values(manifest: &[serde_json::Value], min_len: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in manifest {
+        for v in m["phi"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(m["uids"].as_array().unwrap())
+        {
+            let v = v.as_str().unwrap();
+            if v.len() >= min_len
+                && !v
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == '-' || c == ' ')
+            {
+                out.push(v.to_owned());
+            }
+        }
+    }
+    out
 }
 
 /// storescu in `lab.a` of `files` to `ORTHANC` at `to` (host:port), one association per

@@ -4,6 +4,10 @@
 //! signatures, recomputes leaf hashes from the entry bytes it receives, verifies every proof with
 //! `medmesh-core`, and keeps the last checkpoint it accepted in a [`TrustedStore`] so that a
 //! rolled-back or forked log is detected on the next update.
+//!
+//! Appends are traced: each is a `ledger.append` client span (`medmesh.records`, `url.path`,
+//! `http.response.status_code`) under the caller's current span, and its W3C Trace Context
+//! goes along in `traceparent`, so the ledger's spans join the caller's trace.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,6 +22,32 @@ use medmesh_core::wire::{
     InclusionView, RangeResponse, SearchResponse,
 };
 use medmesh_core::{Checkpoint, NoteError, NoteVerifier};
+use tracing::Instrument as _;
+
+/// The client span of one append request (see the module documentation).
+fn append_span(path: &'static str, records: usize) -> tracing::Span {
+    tracing::info_span!(
+        "ledger.append",
+        otel.kind = "client",
+        url.path = path,
+        medmesh.records = records as u64,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    )
+}
+
+/// Marks `span` failed; the error's kind only (messages may carry URLs, never identifiers, but
+/// spans keep to bounded values).
+fn failed(span: &tracing::Span, e: &ClientError) {
+    span.record("otel.status_code", "error");
+    let kind = match e {
+        ClientError::Http { .. } => "transport",
+        ClientError::Refused { .. } => "refused",
+        _ => "invalid_response",
+    };
+    span.record("error.type", kind);
+}
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +237,7 @@ impl LedgerClient {
             url: url.to_owned(),
             source,
         })?;
+        tracing::Span::current().record("http.response.status_code", resp.status().as_u16());
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -220,6 +251,13 @@ impl LedgerClient {
             status,
             message,
         })
+    }
+
+    /// `req` carrying the W3C Trace Context of `span` (nothing when spans are not exported).
+    fn traced(req: reqwest::RequestBuilder, span: &tracing::Span) -> reqwest::RequestBuilder {
+        let mut headers = http::HeaderMap::new();
+        medmesh_telemetry::inject(span, &mut headers);
+        req.headers(headers)
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -241,8 +279,21 @@ impl LedgerClient {
         record: &AuditRecord,
         proof: bool,
     ) -> Result<AppendResponse, ClientError> {
+        let span = append_span("/v1/entries", 1);
+        self.append_traced(record, proof)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| failed(&span, e))
+    }
+
+    async fn append_traced(
+        &self,
+        record: &AuditRecord,
+        proof: bool,
+    ) -> Result<AppendResponse, ClientError> {
         let url = format!("{}/v1/entries?proof={proof}", self.base);
-        let resp = self.send(self.http.post(&url).json(record), &url).await?;
+        let req = Self::traced(self.http.post(&url).json(record), &tracing::Span::current());
+        let resp = self.send(req, &url).await?;
         let body: AppendResponse = resp.json().await.map_err(|e| ClientError::Malformed {
             url: url.clone(),
             reason: e.to_string(),
@@ -263,14 +314,24 @@ impl LedgerClient {
         records: Vec<AuditRecord>,
         proof: bool,
     ) -> Result<BatchResponse, ClientError> {
+        let span = append_span("/v1/entries/batch", records.len());
+        self.append_batch_traced(records, proof)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| failed(&span, e))
+    }
+
+    async fn append_batch_traced(
+        &self,
+        records: Vec<AuditRecord>,
+        proof: bool,
+    ) -> Result<BatchResponse, ClientError> {
         let url = format!("{}/v1/entries/batch?proof={proof}", self.base);
+        let req = self.http.post(&url).json(&BatchRequest {
+            records: records.clone(),
+        });
         let resp = self
-            .send(
-                self.http.post(&url).json(&BatchRequest {
-                    records: records.clone(),
-                }),
-                &url,
-            )
+            .send(Self::traced(req, &tracing::Span::current()), &url)
             .await?;
         let body: BatchResponse = resp.json().await.map_err(|e| ClientError::Malformed {
             url: url.clone(),

@@ -282,8 +282,12 @@ impl Forwarder {
     ) -> Result<Forwarded, String> {
         let client = self.tls.client()?;
         let url = format!("https://{}{path_and_query}", dial(&self.resolve, addr));
+        // The leader's spans join the caller's trace.
+        let mut trace = reqwest::header::HeaderMap::new();
+        medmesh_telemetry::inject(&tracing::Span::current(), &mut trace);
         let resp = client
             .post(&url)
+            .headers(trace)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(SUBMITTER_HEADER, submitter)
             .timeout(self.timeout)

@@ -615,9 +615,10 @@ pub fn stateful_set(
     names: &Names,
     owner: &OwnerReference,
     default_image: &str,
+    otlp_endpoint: Option<&str>,
 ) -> StatefulSet {
     let selector = selector_labels(names);
-    let env = vec![
+    let mut env = vec![
         EnvVar {
             name: "POD_NAME".into(),
             value_from: Some(EnvVarSource {
@@ -636,6 +637,13 @@ pub fn stateful_set(
             ..EnvVar::default()
         },
     ];
+    if let Some(e) = otlp_endpoint {
+        env.push(EnvVar {
+            name: "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+            value: Some(e.to_owned()),
+            ..EnvVar::default()
+        });
+    }
     let container = Container {
         name: "ledger".into(),
         image: Some(
@@ -1027,7 +1035,13 @@ pub async fn reconcile(ledger: Arc<AuditLedger>, ctx: Arc<Context>) -> Result<Ac
     apply(&services, &client_service(&names, &owner), "Service").await?;
     let sts = apply(
         &Api::<StatefulSet>::namespaced(client.clone(), ns),
-        &stateful_set(&ledger, &names, &owner, &ctx.ledger_image),
+        &stateful_set(
+            &ledger,
+            &names,
+            &owner,
+            &ctx.ledger_image,
+            ctx.otlp_endpoint.as_deref(),
+        ),
         "StatefulSet",
     )
     .await?;

@@ -221,15 +221,10 @@ impl Config {
                 errs.push(format!("{field} {u:?}: must be an https:// URL"));
             }
         }
-        if let Some(e) = &raw.otlp_endpoint {
-            let uri = e.parse::<http::Uri>();
-            let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
-            match uri {
-                Ok(u) if scheme_ok && u.host().is_some() && u.query().is_none() => {}
-                _ => errs.push(format!(
-                    "otlp-endpoint {e:?}: must be an http:// or https:// URL without a query"
-                )),
-            }
+        if let Some(e) = &raw.otlp_endpoint
+            && let Err(m) = medmesh_telemetry::check_endpoint(e)
+        {
+            errs.push(m);
         }
         let resolve = Resolve::parse(&raw.resolve).unwrap_or_else(|e| {
             errs.extend(e);

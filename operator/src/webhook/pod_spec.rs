@@ -199,28 +199,37 @@ pub(super) fn sidecar_container(cfg: &InjectConfig) -> Container {
                 ..ContainerPort::default()
             },
         ]),
-        env: Some(vec![
-            env("MEDMESH_TRUST_DOMAIN", cfg.trust_domain.as_str()),
-            env("MEDMESH_POLICY", format!("{POLICY_MOUNT}/{}", POLICY_KEY)),
-            env("MEDMESH_IDENTITY_URL", cfg.identity_url.clone()),
-            env("MEDMESH_IDENTITY_TOKEN", format!("{TOKEN_MOUNT}/token")),
-            env("MEDMESH_IDENTITY_CA", format!("{IDENTITY_CA_MOUNT}/ca.crt")),
-            // Auditing, when the namespace's policies ask for it (the file is absent otherwise).
-            env(
-                "MEDMESH_AUDIT_CONFIG",
-                format!("{POLICY_MOUNT}/{}", AUDIT_CONFIG_KEY),
-            ),
-            env("MEDMESH_SPOOL_DIR", SPOOL_MOUNT),
-            // Archiving, when the audit settings name an archive: staged on a volume of its own.
-            env("MEDMESH_ARCHIVE_STAGING_DIR", ARCHIVE_STAGING_MOUNT),
-            env(
-                "MEDMESH_ARCHIVE_STAGING_MAX_BYTES",
-                ARCHIVE_STAGING_MAX_BYTES.to_string(),
-            ),
-            env("MEDMESH_POD_LABELS", format!("{PODINFO_MOUNT}/labels")),
-            // The kubelet probes the admin port on the Pod's address, not on loopback.
-            env("MEDMESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
-        ]),
+        env: Some(
+            vec![
+                env("MEDMESH_TRUST_DOMAIN", cfg.trust_domain.as_str()),
+                env("MEDMESH_POLICY", format!("{POLICY_MOUNT}/{}", POLICY_KEY)),
+                env("MEDMESH_IDENTITY_URL", cfg.identity_url.clone()),
+                env("MEDMESH_IDENTITY_TOKEN", format!("{TOKEN_MOUNT}/token")),
+                env("MEDMESH_IDENTITY_CA", format!("{IDENTITY_CA_MOUNT}/ca.crt")),
+                // Auditing, when the namespace's policies ask for it (the file is absent otherwise).
+                env(
+                    "MEDMESH_AUDIT_CONFIG",
+                    format!("{POLICY_MOUNT}/{}", AUDIT_CONFIG_KEY),
+                ),
+                env("MEDMESH_SPOOL_DIR", SPOOL_MOUNT),
+                // Archiving, when the audit settings name an archive: staged on a volume of its own.
+                env("MEDMESH_ARCHIVE_STAGING_DIR", ARCHIVE_STAGING_MOUNT),
+                env(
+                    "MEDMESH_ARCHIVE_STAGING_MAX_BYTES",
+                    ARCHIVE_STAGING_MAX_BYTES.to_string(),
+                ),
+                env("MEDMESH_POD_LABELS", format!("{PODINFO_MOUNT}/labels")),
+                // The kubelet probes the admin port on the Pod's address, not on loopback.
+                env("MEDMESH_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
+            ]
+            .into_iter()
+            .chain(
+                cfg.otlp_endpoint
+                    .as_ref()
+                    .map(|e| env("OTEL_EXPORTER_OTLP_ENDPOINT", e.clone())),
+            )
+            .collect(),
+        ),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: TOKEN_VOLUME.into(),

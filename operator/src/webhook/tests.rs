@@ -11,6 +11,7 @@ fn cfg() -> InjectConfig {
         identity_url: "https://op:8443".into(),
         version: "1.2.3".into(),
         native_sidecar: true,
+        otlp_endpoint: None,
     }
 }
 
@@ -101,6 +102,40 @@ fn appends_to_existing_empty_lists() {
     let spec = patched(&a, &obj).spec.unwrap();
     assert_eq!(spec.init_containers.unwrap().len(), 2);
     assert_eq!(spec.volumes.unwrap().len(), 7);
+}
+
+/// The value of `name` in the environment of the injected sidecar, if set.
+fn sidecar_env(pod: &Pod, name: &str) -> Option<String> {
+    let spec = pod.spec.clone().unwrap();
+    spec.init_containers
+        .into_iter()
+        .flatten()
+        .chain(spec.containers)
+        .filter(|c| c.name == SIDECAR_NAME)
+        .flat_map(|c| c.env.unwrap_or_default())
+        .find(|e| e.name == name)
+        .and_then(|e| e.value)
+}
+
+#[test]
+fn sidecars_trace_only_where_the_operator_is_told_to() {
+    let obj = minimal();
+    let a = mutate(&review("CREATE", obj.clone(), false), &cfg());
+    assert_eq!(
+        sidecar_env(&patched(&a, &obj), "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        None
+    );
+    let traced = InjectConfig {
+        otlp_endpoint: Some("http://collector.observability:4318".into()),
+        ..cfg()
+    };
+    let a = mutate(&review("CREATE", obj.clone(), false), &traced);
+    let pod = patched(&a, &obj);
+    assert_eq!(
+        sidecar_env(&pod, "OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+        Some("http://collector.observability:4318")
+    );
+    assert!(sidecar_env(&pod, "MEDMESH_ADMIN_ADDR").is_some());
 }
 
 #[test]

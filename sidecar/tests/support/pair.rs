@@ -64,6 +64,7 @@ pub fn raw(cert: &Path, key: &Path, ca: &Path) -> RawConfig {
         inbound_addr: "127.0.0.1:0".into(),
         outbound_addr: "127.0.0.1:0".into(),
         admin_addr: "127.0.0.1:0".into(),
+        otlp_endpoint: None,
         cert: Some(cert.into()),
         key: Some(key.into()),
         ca: Some(ca.into()),

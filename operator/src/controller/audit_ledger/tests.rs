@@ -92,6 +92,7 @@ fn fixture(ca: Arc<IssuerCa>, with_reader: bool) -> Fixture {
         client,
         trust_domain: td(),
         ledger_image: "ghcr.io/medmesh/ledger:test".into(),
+        otlp_endpoint: None,
         ca,
         checkpoints: with_reader.then(|| reader.clone() as Arc<dyn CheckpointReader>),
         reader_id: Some(
@@ -657,6 +658,28 @@ fn three_replicas_list_each_other_as_raft_peers() {
         assert_eq!(file["node_id"], format!("ledger-{i}"));
         assert_eq!(file["peers"], want, "replica {i}");
     }
+}
+
+#[test]
+fn ledgers_trace_only_where_the_operator_is_told_to() {
+    let l = generated();
+    let names = Names::of(&l).unwrap();
+    let owner = l.controller_owner_ref(&()).unwrap();
+    let env_of = |otlp: Option<&str>| {
+        let sts = stateful_set(&l, &names, &owner, "ledger:test", otlp);
+        sts.spec.unwrap().template.spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT")
+            .and_then(|e| e.value)
+    };
+    assert_eq!(env_of(None), None);
+    assert_eq!(
+        env_of(Some("http://collector:4318")).as_deref(),
+        Some("http://collector:4318")
+    );
 }
 
 #[test]

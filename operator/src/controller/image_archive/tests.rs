@@ -85,6 +85,7 @@ fn fixture() -> Fixture {
         client,
         trust_domain: td(),
         ledger_image: "ghcr.io/medmesh/ledger:test".into(),
+        otlp_endpoint: None,
         ca,
         checkpoints: None,
         archive_peers: Some(peers.clone() as Arc<dyn PeerReader>),

@@ -31,6 +31,7 @@ fn context(serving_ca: Option<&str>) -> (Arc<Context>, ApiServer) {
         ca: Arc::new(IssuerCa::generate(&td, t0()).unwrap()),
         trust_domain: td,
         ledger_image: "ledger".into(),
+        otlp_endpoint: None,
         checkpoints: None,
         reader_id: None,
         serving_ca: rx,
