@@ -291,7 +291,9 @@ fn mesh_between_namespace_pods() {
         "ip netns exec {b} curl -sf http://127.0.0.1:15020/metrics"
     ));
     assert!(
-        m.contains("medmesh_sidecar_authz_decisions_total{decision=\"deny\",kind=\"mtls\"} 1"),
+        m.contains(
+            "medmesh_sidecar_authz_decisions_total{decision=\"deny\",kind=\"mtls\",port=\"other\"} 1"
+        ),
         "{m}"
     );
     assert!(

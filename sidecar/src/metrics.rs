@@ -104,8 +104,9 @@ impl Metrics {
             ),
             authz: counter(
                 "medmesh_sidecar_authz_decisions_total",
-                "Authorization decisions",
-                &["kind", "decision"],
+                "Authorization decisions, by transport, decision and inbound port (a port the \
+                 policy declares, else other)",
+                &["kind", "decision", "port"],
             ),
             detect: counter(
                 "medmesh_sidecar_protocol_detections_total",
@@ -270,7 +271,7 @@ impl Metrics {
         }
         for kind in ["mtls", "plaintext"] {
             for d in [Decision::Allow, Decision::Deny, Decision::AuditDeny] {
-                m.authz.with_label_values(&[kind, d.as_str()]);
+                m.authz.with_label_values(&[kind, d.as_str(), "other"]);
             }
         }
         for c in [&m.cert_reloads, &m.policy_reloads, &m.archive_key_reloads] {

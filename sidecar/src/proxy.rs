@@ -304,6 +304,16 @@ async fn connect(
     }
 }
 
+/// The `port` label of an authorization decision: the port when the policy declares it (a
+/// bounded set the platform team chose), else `other` (so a scan of every port cannot grow
+/// the series without bound).
+fn port_label(policy: &Policy, port: u16) -> String {
+    match policy.inbound(port) {
+        Some(_) => port.to_string(),
+        None => "other".to_owned(),
+    }
+}
+
 async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
     let port = match (original_dst(&tcp), sh.cfg.dev_inbound_port) {
         (Some(dst), _) => dst.port(),
@@ -338,7 +348,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
             let decision = policy.authorize(port, &peer);
             sh.metrics
                 .authz
-                .with_label_values(&["mtls", decision.as_str()])
+                .with_label_values(&["mtls", decision.as_str(), &port_label(&policy, port)])
                 .inc();
             if decision == Decision::AuditDeny {
                 tracing::warn!(%peer, port, "audit mode: connection allowed that the policy denies");
@@ -369,7 +379,7 @@ async fn inbound_conn(mut tcp: TcpStream, sh: &Shared) -> Result<(), Refused> {
             let decision = policy.allow_plaintext(port);
             sh.metrics
                 .authz
-                .with_label_values(&["plaintext", decision.as_str()])
+                .with_label_values(&["plaintext", decision.as_str(), &port_label(&policy, port)])
                 .inc();
             if !decision.proceeds() {
                 let what = other.as_ref().map_or("silent", Detected::label);

@@ -81,7 +81,9 @@ async fn http1_and_http2_flow_through_the_pair() {
     assert!(
         metric(
             &m,
-            "medmesh_sidecar_authz_decisions_total{decision=\"allow\",kind=\"mtls\"}"
+            &format!(
+                "medmesh_sidecar_authz_decisions_total{{decision=\"allow\",kind=\"mtls\",port=\"{port}\"}}"
+            )
         ) >= 2,
         "{m}"
     );
@@ -207,7 +209,9 @@ async fn identity_not_in_policy_is_denied_and_policy_reloads() {
     assert_eq!(
         metric(
             &m,
-            "medmesh_sidecar_authz_decisions_total{decision=\"deny\",kind=\"mtls\"}"
+            &format!(
+                "medmesh_sidecar_authz_decisions_total{{decision=\"deny\",kind=\"mtls\",port=\"{port}\"}}"
+            )
         ),
         1,
         "{m}"
@@ -229,7 +233,9 @@ async fn identity_not_in_policy_is_denied_and_policy_reloads() {
     assert_eq!(
         metric(
             &m,
-            "medmesh_sidecar_authz_decisions_total{decision=\"audit_deny\",kind=\"mtls\"}"
+            &format!(
+                "medmesh_sidecar_authz_decisions_total{{decision=\"audit_deny\",kind=\"mtls\",port=\"{port}\"}}"
+            )
         ),
         1,
         "{m}"
@@ -379,7 +385,7 @@ async fn bad_client_certificates_are_refused_by_reason() {
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown_issuer\"}",
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"foreign_trust_domain\"}",
         "medmesh_sidecar_refused_connections_total{direction=\"inbound\",reason=\"plaintext\"}",
-        "medmesh_sidecar_authz_decisions_total{decision=\"deny\",kind=\"plaintext\"}",
+        &format!("medmesh_sidecar_authz_decisions_total{{decision=\"deny\",kind=\"plaintext\",port=\"{port}\"}}"),
     ] {
         assert_eq!(metric(&m, line), 1, "{line}:\n{m}");
     }
