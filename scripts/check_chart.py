@@ -279,10 +279,12 @@ def check_dashboards(docs):
 
 
 def check_monitoring(docs):
-    """PodMonitors for sidecars and ledgers, and the PrometheusRule: the rule file itself."""
+    """PodMonitors for sidecars, ledgers and archive clusters, and the PrometheusRule: the rule
+    file itself."""
     pms = {d["spec"]["podMetricsEndpoints"][0]["port"]: d for d in docs if d["kind"] == "PodMonitor"}
-    check(set(pms) == {"medmesh-admin", "admin"}, f"PodMonitor ports {sorted(pms)}")
-    for port, job in (("medmesh-admin", "medmesh-sidecar"), ("admin", "medmesh-ledger")):
+    check(set(pms) == {"medmesh-admin", "admin", "cluster-metrics"}, f"PodMonitor ports {sorted(pms)}")
+    for port, job in (("medmesh-admin", "medmesh-sidecar"), ("admin", "medmesh-ledger"),
+                      ("cluster-metrics", "medmesh-archive")):
         pm = pms.get(port, {})
         spec = pm.get("spec", {})
         ep = spec.get("podMetricsEndpoints", [{}])[0]
@@ -292,6 +294,9 @@ def check_monitoring(docs):
         check(pm.get("metadata", {}).get("labels", {}).get("release") == "kube-prometheus-stack", f"PodMonitor {port} labels")
     check(pms.get("admin", {}).get("spec", {}).get("selector") == {"matchLabels": {"app.kubernetes.io/name": "medmesh-ledger"}},
           "ledger PodMonitor selector")
+    check(pms.get("cluster-metrics", {}).get("spec", {}).get("selector")
+          == {"matchLabels": {"app.kubernetes.io/name": "medmesh-archive"}},
+          "archive PodMonitor selector")
     pr = one(docs, "PrometheusRule")
     check(pr.get("metadata", {}).get("labels", {}).get("release") == "kube-prometheus-stack", "PrometheusRule labels")
     with open(RULES_FILE) as f:

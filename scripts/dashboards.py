@@ -20,6 +20,8 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefre
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SIDECAR = 'namespace=~"$namespace",workload=~"$workload"'
+# The archive clusters' peers (PodMonitor job medmesh-archive), by namespace.
+ARCHIVE = 'job="medmesh-archive",namespace=~"$namespace"'
 
 
 def q(expr, legend="__auto"):
@@ -223,6 +225,14 @@ def archive():
             ts("Archived bytes and failures", "Ciphertext bytes confirmed archived per second, and failed upload attempts per second.", "Bps",
                q(f"sum(rate(medmesh_sidecar_archive_bytes_total{{{SIDECAR}}}[$__rate_interval]))", "archived"),
                q(f"sum(rate(medmesh_sidecar_archive_upload_failures_total{{{SIDECAR}}}[$__rate_interval]))", "failed uploads")),
+        ]),
+        ("Archive cluster", [
+            ts("Pins by status", "The archive cluster's pins, from each ipfs-cluster peer's own metrics (job medmesh-archive): pinned on its Kubo, pinning, queued, in error; and the cluster-wide pinset.", "short",
+               q(f"sum by (namespace) (ipfscluster_pins_ipfs_pins{{{ARCHIVE}}})", "pinned {{namespace}}"),
+               q(f"sum by (namespace) (ipfscluster_pins_pinning{{{ARCHIVE}}})", "pinning {{namespace}}"),
+               q(f"sum by (namespace) (ipfscluster_pins_pin_queued{{{ARCHIVE}}})", "queued {{namespace}}"),
+               q(f"sum by (namespace) (ipfscluster_pins_pin_error{{{ARCHIVE}}})", "error {{namespace}}"),
+               q(f"max by (namespace) (ipfscluster_pins{{{ARCHIVE}}})", "pinset {{namespace}}")),
         ]),
     ])
 

@@ -18,6 +18,8 @@ mod ipfs;
 mod mesh;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/prom.rs"]
+mod prom;
 #[path = "support/raft.rs"]
 mod raft;
 
@@ -190,6 +192,59 @@ fn the_operators_archive_cluster_forms_is_private_and_survives_a_peer_loss() {
             p.pod
         );
     }
+
+    // Each peer's own metrics (enabled by the rendered settings, on the pod's address as the
+    // chart's PodMonitor scrapes them) fill the Archive dashboard's "Pins by status" in a real
+    // Prometheus: every query of that panel returns data, and the pinset counts the add.
+    let targets: String = pods
+        .iter()
+        .map(|p| {
+            format!(
+                "      - targets: [\"{}:{}\"]\n        labels: {{namespace: radiology, pod: {}}}\n",
+                p.ip,
+                archive::CLUSTER_METRICS_PORT,
+                p.pod
+            )
+        })
+        .collect();
+    let prometheus = prom::start(
+        dir.path(),
+        &format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: medmesh-archive\n    static_configs:\n{targets}"
+        ),
+    );
+    let pin_queries: Vec<(String, String)> = prom::queries(&prom::dashboard("medmesh-archive"))
+        .into_iter()
+        .filter(|(_, q)| q.contains(prom::IPFS_CLUSTER_METRICS))
+        .collect();
+    assert_eq!(pin_queries.len(), 5, "{pin_queries:?}");
+    wait_for(
+        Duration::from_secs(60),
+        "every pin-status query answers and the pinset holds the add",
+        || {
+            let all = pin_queries
+                .iter()
+                .all(|(_, q)| !prom::query(prometheus.port, q).is_empty());
+            let pinset = prom::query(
+                prometheus.port,
+                "max(ipfscluster_pins{job=\"medmesh-archive\"})",
+            );
+            let n: f64 = pinset
+                .first()
+                .and_then(|s| s["value"][1].as_str())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            (all && n >= 1.0).then_some(())
+        },
+        || {
+            pin_queries
+                .iter()
+                .map(|(t, q)| format!("{t}: {q} -> {:?}", prom::query(prometheus.port, q)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+    );
+    drop(prometheus);
 
     // A Kubo without the swarm key can neither connect nor fetch.
     let intruder = &lab.ns(4);

@@ -385,7 +385,9 @@ async fn bad_client_certificates_are_refused_by_reason() {
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"unknown_issuer\"}",
         "medmesh_sidecar_tls_handshake_failures_total{direction=\"inbound\",reason=\"foreign_trust_domain\"}",
         "medmesh_sidecar_refused_connections_total{direction=\"inbound\",reason=\"plaintext\"}",
-        &format!("medmesh_sidecar_authz_decisions_total{{decision=\"deny\",kind=\"plaintext\",port=\"{port}\"}}"),
+        &format!(
+            "medmesh_sidecar_authz_decisions_total{{decision=\"deny\",kind=\"plaintext\",port=\"{port}\"}}"
+        ),
     ] {
         assert_eq!(metric(&m, line), 1, "{line}:\n{m}");
     }

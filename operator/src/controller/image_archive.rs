@@ -95,6 +95,9 @@ pub const KUBO_RPC_PORT: i32 = 5001;
 pub const PROXY_PORT: i32 = 9095;
 /// ipfs-cluster's pinning-service API (loopback only).
 pub const PINSVC_PORT: i32 = 9097;
+/// ipfs-cluster's Prometheus metrics (pin counts by status, Go runtime; no CIDs or names), on
+/// the pod's address for Prometheus, outside the mesh like the sidecar's admin port.
+pub const CLUSTER_METRICS_PORT: i32 = 8888;
 
 /// Kubo image when the spec names none (the version the tests build from source).
 pub const DEFAULT_KUBO_IMAGE: &str = "ipfs/kubo:v0.43.0";

@@ -169,6 +169,12 @@ pub fn cluster_env(archive: &ImageArchive, names: &Names, ids: &Identities, i: u
             "CLUSTER_IPFSHTTP_NODEMULTIADDRESS",
             format!("/ip4/127.0.0.1/tcp/{KUBO_RPC_PORT}"),
         ),
+        // Pins by status (queued, pinning, error, pinned) for the Archive dashboard.
+        ("CLUSTER_METRICS_ENABLESTATS", "true".into()),
+        (
+            "CLUSTER_METRICS_PROMETHEUSENDPOINT",
+            format!("/ip4/0.0.0.0/tcp/{CLUSTER_METRICS_PORT}"),
+        ),
     ];
     lines.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
 }
@@ -345,7 +351,8 @@ fn np_port(port: i32) -> NetworkPolicyPort {
 }
 
 /// The NetworkPolicy: swarm ports only from this archive's pods; the mesh ports (which the
-/// sidecar authorises per identity) and the sidecar's admin port from anywhere.
+/// sidecar authorises per identity), the sidecar's admin port and the cluster's metrics from
+/// anywhere.
 pub fn network_policy(names: &Names, owner: &OwnerReference) -> NetworkPolicy {
     let pods = LabelSelector {
         match_labels: Some(selector_labels(names)),
@@ -370,6 +377,7 @@ pub fn network_policy(names: &Names, owner: &OwnerReference) -> NetworkPolicy {
                         np_port(REST_PORT),
                         np_port(GATEWAY_PORT),
                         np_port(SIDECAR_ADMIN_PORT),
+                        np_port(CLUSTER_METRICS_PORT),
                     ]),
                 },
             ]),
@@ -518,7 +526,10 @@ pub fn stateful_set(
             env("IPFS_CLUSTER_PATH", CLUSTER_DIR),
             env("MEDMESH_ARCHIVE_REPLICAS", spec.replicas.to_string()),
         ]),
-        ports: Some(vec![port("cluster-swarm", CLUSTER_SWARM_PORT)]),
+        ports: Some(vec![
+            port("cluster-swarm", CLUSTER_SWARM_PORT),
+            port("cluster-metrics", CLUSTER_METRICS_PORT),
+        ]),
         readiness_probe: Some(exec_probe(CLUSTER_READY_SCRIPT, 10, 3)),
         liveness_probe: Some(tcp_probe(CLUSTER_SWARM_PORT, 10, 6)),
         resources: resources.cluster,
@@ -547,6 +558,8 @@ pub fn stateful_set(
         },
     ];
     let swarm_ports = format!("{KUBO_SWARM_PORT},{CLUSTER_SWARM_PORT}");
+    // Prometheus scrapes the cluster's metrics directly, as it does the sidecar's admin port.
+    let skip_inbound = format!("{swarm_ports},{CLUSTER_METRICS_PORT}");
     let class = spec.storage.storage_class_name.as_ref();
     let mut pod_labels = labels(names);
     pod_labels.insert(INJECT_LABEL.into(), "enabled".into());
@@ -567,7 +580,7 @@ pub fn stateful_set(
                     // libp2p with the pre-shared keys is its own encrypted, authenticated
                     // channel between peers; the NetworkPolicy confines it to them.
                     annotations: Some(BTreeMap::from([
-                        (SKIP_INBOUND_ANNOTATION.into(), swarm_ports.clone()),
+                        (SKIP_INBOUND_ANNOTATION.into(), skip_inbound),
                         (SKIP_OUTBOUND_ANNOTATION.into(), swarm_ports),
                         (CONFIG_DIGEST_ANNOTATION.into(), digest.to_owned()),
                     ])),

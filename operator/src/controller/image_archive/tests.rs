@@ -293,13 +293,24 @@ async fn mock_api_archive_first_pass_generates_identities_once_and_renders_every
         np["spec"]["ingress"][0]["ports"],
         json!([{"port": 4001, "protocol": "TCP"}, {"port": 9096, "protocol": "TCP"}])
     );
-    // The StatefulSet: meshed pods, swarm ports past the sidecar, two claims, restricted.
+    // Every other port (the mesh's, the sidecar's admin, the cluster's metrics) from anywhere.
+    assert_eq!(
+        np["spec"]["ingress"][1]["ports"],
+        json!([
+            {"port": 9094, "protocol": "TCP"},
+            {"port": 8080, "protocol": "TCP"},
+            {"port": 15020, "protocol": "TCP"},
+            {"port": 8888, "protocol": "TCP"}
+        ])
+    );
+    // The StatefulSet: meshed pods, swarm and metrics ports past the sidecar, two claims,
+    // restricted.
     let sts = applied_at(&applied, "/statefulsets/arch");
     let tpl = &sts["spec"]["template"];
     assert_eq!(tpl["metadata"]["labels"]["medmesh.io/inject"], "enabled");
     assert_eq!(
         tpl["metadata"]["annotations"]["medmesh.io/skip-inbound-ports"],
-        "4001,9096"
+        "4001,9096,8888"
     );
     assert_eq!(tpl["spec"]["serviceAccountName"], "arch");
     assert_eq!(tpl["spec"]["containers"][0]["image"], DEFAULT_KUBO_IMAGE);
@@ -314,8 +325,8 @@ async fn mock_api_archive_first_pass_generates_identities_once_and_renders_every
             .map(|p| p["containerPort"].as_i64().unwrap())
             .collect();
         assert!(
-            ports.iter().all(|p| *p == 4001 || *p == 9096),
-            "only swarm ports: {ports:?}"
+            ports.iter().all(|p| [4001, 9096, 8888].contains(p)),
+            "only swarm and metrics ports: {ports:?}"
         );
     }
     let claims = sts["spec"]["volumeClaimTemplates"].as_array().unwrap();
