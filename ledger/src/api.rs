@@ -310,7 +310,7 @@ async fn trace_appends(req: Request, next: Next) -> Response {
         Some(p) if p.starts_with(crate::replication::FORWARD_PATH) => p.to_owned(),
         _ => return next.run(req).await,
     };
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "ledger.append",
         otel.kind = "server",
         url.path = %path,
@@ -350,7 +350,7 @@ async fn append(
     want_proof: bool,
 ) -> ApiResult<(Vec<AppendResult>, Option<String>)> {
     let received_us = now_us();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "ledger.commit",
         medmesh.entries = records.len() as u64,
         medmesh.replicated = state.replica.is_some(),

@@ -156,7 +156,7 @@ async fn make_safe(
 /// The span of one instance moved (see [`proxy`]): its record's id and what the record holds
 /// in clear (kind, SOP class, size, status), never a DICOM identifier.
 pub(crate) fn instance_span(rec: &medmesh_core::AuditRecord) -> tracing::Span {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "dicom.instance",
         medmesh.record_id = %rec.record_id,
         medmesh.event = rec.kind.as_str(),
@@ -215,7 +215,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     A: AsyncRead + AsyncWrite + Unpin,
 {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "dicom.association",
         otel.kind = "server",
         medmesh.peer = %ctx.requestor,

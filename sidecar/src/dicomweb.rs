@@ -578,7 +578,7 @@ fn request_span(req: &Request<Incoming>, ctx: &AuditCtx) -> tracing::Span {
         Some(Transaction::Wado) => "wado",
         None => "other",
     };
-    tracing::info_span!(
+    tracing::debug_span!(
         "dicomweb.request",
         otel.kind = "server",
         http.request.method = method,

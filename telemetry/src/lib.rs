@@ -174,6 +174,18 @@ fn export_path(target: &str) -> bool {
         .any(|p| target.starts_with(p))
 }
 
+/// What the exporter receives: spans down to DEBUG (the data path makes its per-transfer spans
+/// at DEBUG so that they cost nothing unless exported) and events down to INFO, except those
+/// of the export path.
+fn exported(m: &tracing::Metadata<'_>) -> bool {
+    let level = if m.is_span() {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    *m.level() <= level && !export_path(m.target())
+}
+
 /// Installs the global subscriber: `filter`, the fmt layer on stderr and, when `otlp` is given,
 /// the OpenTelemetry layer for `service` at `version`. `main` calls it once; so do tests that
 /// look at exported spans.
@@ -192,11 +204,17 @@ pub fn init(
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(service))
-            .with_filter(filter_fn(|m| !export_path(m.target())))
+            .with_filter(filter_fn(exported))
     });
+    // Each layer has its own filter: the logs follow `filter`, the data path's DEBUG spans go
+    // only to the exporter. Without an exporter nothing is interested in them, so they are
+    // never even created (a disabled callsite costs one branch).
     let installed = Registry::default()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
         .with(otel)
         .try_init();
     if let Err(e) = installed {

@@ -26,7 +26,7 @@ use tracing::Instrument as _;
 
 /// The client span of one append request (see the module documentation).
 fn append_span(path: &'static str, records: usize) -> tracing::Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "ledger.append",
         otel.kind = "client",
         url.path = path,
