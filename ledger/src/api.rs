@@ -297,27 +297,20 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
 /// `url.path` (the route, never a query), `medmesh.forwarded` and `http.response.status_code`.
 /// [`append`] adds a `ledger.commit` child per submission.
 async fn trace_appends(req: Request, next: Next) -> Response {
-    let path = req
+    // The span takes the route while it is borrowed: nothing is copied per request.
+    let span = match req
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned());
-    let path = match path.as_deref() {
+        .map(MatchedPath::as_str)
+    {
         Some(p @ ("/v1/entries" | "/v1/entries/batch"))
             if req.method() == axum::http::Method::POST =>
         {
-            p.to_owned()
+            append_span(p, false)
         }
-        Some(p) if p.starts_with(crate::replication::FORWARD_PATH) => p.to_owned(),
+        Some(p) if p.starts_with(crate::replication::FORWARD_PATH) => append_span(p, true),
         _ => return next.run(req).await,
     };
-    let span = tracing::debug_span!(
-        "ledger.append",
-        otel.kind = "server",
-        url.path = %path,
-        medmesh.forwarded = path.starts_with(crate::replication::FORWARD_PATH),
-        http.response.status_code = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
     medmesh_telemetry::extract(&span, req.headers());
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("http.response.status_code", resp.status().as_u16());
@@ -325,6 +318,18 @@ async fn trace_appends(req: Request, next: Next) -> Response {
         span.record("otel.status_code", "error");
     }
     resp
+}
+
+/// The server span of an append on `route` (see [`trace_appends`]).
+fn append_span(route: &str, forwarded: bool) -> tracing::Span {
+    tracing::debug_span!(
+        "ledger.append",
+        otel.kind = "server",
+        url.path = route,
+        medmesh.forwarded = forwarded,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    )
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -428,20 +433,23 @@ async fn append(
             },
         })
         .collect();
-    // The first leaf this submission placed, and the tree it is durable in.
-    if let Some(first) = results
-        .iter()
-        .filter(|r| !r.conflict)
-        .map(|r| r.index)
-        .min()
-    {
-        span.record("medmesh.leaf_index", first);
+    // The first leaf this submission placed, and the tree it is durable in: worked out only
+    // when the span is exported.
+    if !span.is_disabled() {
+        if let Some(first) = results
+            .iter()
+            .filter(|r| !r.conflict)
+            .map(|r| r.index)
+            .min()
+        {
+            span.record("medmesh.leaf_index", first);
+        }
+        span.record(
+            "medmesh.duplicates",
+            results.iter().filter(|r| r.duplicate).count() as u64,
+        );
+        span.record("medmesh.tree_size", state.seq.head().size);
     }
-    span.record(
-        "medmesh.duplicates",
-        results.iter().filter(|r| r.duplicate).count() as u64,
-    );
-    span.record("medmesh.tree_size", state.seq.head().size);
     if want_proof && committed.checkpoint.is_none() {
         let stored: Vec<String> = results
             .iter()

@@ -528,8 +528,10 @@ where
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (up, ctx) = (upstream.clone(), ctx.clone());
         async move {
-            let span = request_span(&req, &ctx);
-            let resp = handle(req, &*up, ctx).instrument(span.clone()).await;
+            // Classified once: the span and the handler both need it.
+            let tx = classify(req.method(), req.uri().path());
+            let span = request_span(&req, tx, &ctx);
+            let resp = handle(req, tx, &*up, ctx).instrument(span.clone()).await;
             span.record("http.response.status_code", resp.status().as_u16());
             if resp.status().is_server_error() {
                 span.record("otel.status_code", "error");
@@ -562,7 +564,7 @@ where
 /// (`stow`, `wado` or `other`), the two workloads and the response status; never the path or
 /// the query (they name studies). Each instance stored or retrieved is a `dicom.instance`
 /// child (see [`crate::dicom_proxy::proxy`]); a store's ledger append is a child too.
-fn request_span(req: &Request<Incoming>, ctx: &AuditCtx) -> tracing::Span {
+fn request_span(req: &Request<Incoming>, tx: Option<Transaction>, ctx: &AuditCtx) -> tracing::Span {
     let method = match *req.method() {
         Method::GET => "GET",
         Method::POST => "POST",
@@ -573,7 +575,7 @@ fn request_span(req: &Request<Incoming>, ctx: &AuditCtx) -> tracing::Span {
         Method::PATCH => "PATCH",
         _ => "_OTHER",
     };
-    let tx = match classify(req.method(), req.uri().path()) {
+    let tx = match tx {
         Some(Transaction::Stow) => "stow",
         Some(Transaction::Wado) => "wado",
         None => "other",
@@ -592,13 +594,13 @@ fn request_span(req: &Request<Incoming>, ctx: &AuditCtx) -> tracing::Span {
 
 async fn handle<A>(
     mut req: Request<Incoming>,
+    tx: Option<Transaction>,
     up: &Upstream<A>,
     ctx: Arc<AuditCtx>,
 ) -> Response<ProxyBody>
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tx = classify(req.method(), req.uri().path());
     // Only WebSocket upgrades pass: after any other (h2c…) the exchange could not be followed.
     if let Some(u) = req.headers().get(header::UPGRADE) {
         let websocket = u
