@@ -374,6 +374,28 @@ pub fn cat(pod: &ArchivePod, cid: &str, timeout: &str) -> Option<Vec<u8>> {
     o.status.success().then_some(o.stdout)
 }
 
+/// What each peer says of `cid` (its global status) and every cluster log line naming it.
+pub fn pin_diag(pods: &[ArchivePod], cid: &str) -> String {
+    pods.iter()
+        .map(|p| {
+            let (_, status) = p.curl(&format!("http://127.0.0.1:9094/pins/{cid}"));
+            let log = p.log("ipfs-cluster");
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(cid) && !l.contains("GET /pins/"))
+                .take(20)
+                .collect();
+            format!(
+                "--- {} status of {cid}:\n{status}\n--- {} log lines naming it:\n{}\n",
+                p.pod,
+                p.pod,
+                lines.join("\n")
+            )
+        })
+        .collect::<String>()
+        + &diag(pods)
+}
+
 pub fn diag(pods: &[ArchivePod]) -> String {
     pods.iter()
         .map(|p| {

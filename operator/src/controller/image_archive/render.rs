@@ -149,6 +149,10 @@ pub fn cluster_env(archive: &ImageArchive, names: &Names, ids: &Identities, i: u
         ("CLUSTER_MONITORPINGINTERVAL", "15s".into()),
         ("CLUSTER_CRDT_CLUSTERNAME", names.cluster_name()),
         ("CLUSTER_CRDT_TRUSTEDPEERS", trusted.join(",")),
+        // A peer that missed a pin's broadcast (or whose fetch of it stalled) learns of it at
+        // the next rebroadcast of the heads: every 10 s instead of ipfs-cluster's 1 min, so
+        // the archive's uploads are confirmed on their peers soon after a lost message.
+        ("CLUSTER_CRDT_REBROADCASTINTERVAL", "10s".into()),
         (
             "CLUSTER_RESTAPI_HTTPLISTENMULTIADDRESS",
             format!("/ip4/127.0.0.1/tcp/{REST_PORT}"),

@@ -252,6 +252,7 @@ async fn mock_api_archive_first_pass_generates_identities_once_and_renders_every
         assert!(env.contains("CLUSTER_RESTAPI_HTTPLISTENMULTIADDRESS=/ip4/127.0.0.1/tcp/9094\n"));
         assert!(env.contains("CLUSTER_REPLICATIONFACTORMIN=2\nCLUSTER_REPLICATIONFACTORMAX=3\n"));
         assert!(env.contains("CLUSTER_DISABLEREPINNING=false\n"));
+        assert!(env.contains("CLUSTER_CRDT_REBROADCASTINTERVAL=10s\n"));
         assert!(
             !env.contains(
                 &ids.peers[i]
