@@ -729,11 +729,17 @@ impl LogEntry {
     /// The canonical encoding (docs/ledger-format.md, "Entry v1"): these are the bytes the
     /// Merkle leaf hashes.
     pub fn encode(&self) -> Vec<u8> {
+        Self::encode_parts(self.received_us, &self.submitter, &self.record)
+    }
+
+    /// [`LogEntry::encode`] of the entry these parts make, without assembling (and copying
+    /// them into) a `LogEntry`.
+    pub fn encode_parts(received_us: u64, submitter: &SpiffeId, record: &AuditRecord) -> Vec<u8> {
         let mut out = Vec::with_capacity(320);
         out.push(ENTRY_VERSION);
-        out.extend_from_slice(&self.received_us.to_be_bytes());
-        put_str16(&mut out, self.submitter.as_str());
-        self.record.encode_into(&mut out);
+        out.extend_from_slice(&received_us.to_be_bytes());
+        put_str16(&mut out, submitter.as_str());
+        record.encode_into(&mut out);
         out
     }
 

@@ -625,13 +625,7 @@ impl ToPlace for NewEntry {
         self.received_us
     }
     fn bytes(&self) -> std::borrow::Cow<'_, [u8]> {
-        LogEntry {
-            received_us: self.received_us,
-            submitter: self.submitter.clone(),
-            record: self.record.clone(),
-        }
-        .encode()
-        .into()
+        LogEntry::encode_parts(self.received_us, &self.submitter, &self.record).into()
     }
 }
 
@@ -850,48 +844,75 @@ pub fn index_entries(
     } else {
         redb::Durability::None
     })?;
+    // Keys are hashes: inserted in log order they land on random pages of each B-tree. Sorted
+    // first, each table's inserts walk its pages once, in order.
+    let mut leaves: Vec<([u8; 32], u64)> = Vec::new();
+    let mut by_sha: Vec<([u8; 32], u64)> = Vec::new();
+    let mut by_cid: Vec<(Vec<u8>, u64)> = Vec::new();
+    let mut by_id: Vec<(medmesh_core::SpiffeId, u64)> = Vec::new();
+    let mut by_uid: Vec<([u8; 32], u64)> = Vec::new();
+    for item in entries.range(from..to)? {
+        let (k, v) = item?;
+        let index = k.value();
+        // Record ids are unique in the log, so entry bytes and leaf hashes are too: no need to
+        // read before writing.
+        if let Some(leaf) = nodes.get(node_key(0, index))? {
+            leaves.push((leaf.value(), index));
+        }
+        let Ok(e) = LogEntry::decode(v.value()) else {
+            tracing::warn!(
+                index,
+                "entry does not decode; left out of the search indexes"
+            );
+            continue;
+        };
+        let r = e.record;
+        if let Some(h) = r.content_sha256 {
+            by_sha.push((h.0, index));
+        }
+        if let Some(c) = &r.cid {
+            // By multihash: CIDv0 and CIDv1 of the same content find each other.
+            by_cid.push((c.multihash_bytes(), index));
+        }
+        for u in [r.study_uid, r.series_uid, r.sop_instance_uid]
+            .into_iter()
+            .flatten()
+        {
+            by_uid.push((u.0, index));
+        }
+        if e.submitter != r.source && e.submitter != r.destination {
+            by_id.push((e.submitter, index));
+        }
+        if r.destination != r.source {
+            by_id.push((r.destination, index));
+        }
+        by_id.push((r.source, index));
+    }
+    leaves.sort_unstable();
+    by_sha.sort_unstable();
+    by_cid.sort_unstable();
+    by_id.sort_unstable_by(|a, b| (a.0.as_str(), a.1).cmp(&(b.0.as_str(), b.1)));
+    by_uid.sort_unstable();
     {
-        let mut leaves = txn.open_table(LEAF_INDEX)?;
-        let mut by_sha = txn.open_multimap_table(BY_SHA256)?;
-        let mut by_cid = txn.open_multimap_table(BY_CID)?;
-        let mut by_id = txn.open_multimap_table(BY_IDENTITY)?;
-        let mut by_uid = txn.open_multimap_table(BY_UID)?;
-        for item in entries.range(from..to)? {
-            let (k, v) = item?;
-            let index = k.value();
-            // Record ids are unique in the log, so entry bytes and leaf hashes are too: no
-            // need to read before writing.
-            if let Some(leaf) = nodes.get(node_key(0, index))? {
-                leaves.insert(leaf.value(), index)?;
-            }
-            let Ok(e) = LogEntry::decode(v.value()) else {
-                tracing::warn!(
-                    index,
-                    "entry does not decode; left out of the search indexes"
-                );
-                continue;
-            };
-            let r = &e.record;
-            if let Some(h) = r.content_sha256 {
-                by_sha.insert(h.0, index)?;
-            }
-            if let Some(c) = &r.cid {
-                // By multihash: CIDv0 and CIDv1 of the same content find each other.
-                by_cid.insert(c.multihash_bytes().as_slice(), index)?;
-            }
-            by_id.insert(r.source.as_str(), index)?;
-            if r.destination != r.source {
-                by_id.insert(r.destination.as_str(), index)?;
-            }
-            if e.submitter != r.source && e.submitter != r.destination {
-                by_id.insert(e.submitter.as_str(), index)?;
-            }
-            for u in [&r.study_uid, &r.series_uid, &r.sop_instance_uid]
-                .into_iter()
-                .flatten()
-            {
-                by_uid.insert(u.0, index)?;
-            }
+        let mut t = txn.open_table(LEAF_INDEX)?;
+        for (leaf, index) in &leaves {
+            t.insert(leaf, index)?;
+        }
+        let mut t = txn.open_multimap_table(BY_SHA256)?;
+        for (h, index) in &by_sha {
+            t.insert(h, index)?;
+        }
+        let mut t = txn.open_multimap_table(BY_CID)?;
+        for (c, index) in &by_cid {
+            t.insert(c.as_slice(), index)?;
+        }
+        let mut t = txn.open_multimap_table(BY_IDENTITY)?;
+        for (id, index) in &by_id {
+            t.insert(id.as_str(), index)?;
+        }
+        let mut t = txn.open_multimap_table(BY_UID)?;
+        for (u, index) in &by_uid {
+            t.insert(u, index)?;
         }
         txn.open_table(INDEX_META)?.insert(META_INDEXED, to)?;
     }

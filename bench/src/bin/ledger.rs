@@ -26,6 +26,10 @@ use medmesh_core::tls::{Identity, ServerIdentity, TrustBundle};
 use medmesh_core::{NoteSigner, TrustDomain};
 use medmesh_ledger_client::{LedgerClient, LedgerClientConfig};
 
+/// The ledger's allocator (see `medmesh-ledger`): the client shares the cores with it.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -371,6 +375,35 @@ fn redb_limit(secs: u64) -> f64 {
     rows as f64 / t.elapsed().as_secs_f64()
 }
 
+/// The CPU model this runs on (`/proc/cpuinfo`), and how many CPUs it has.
+fn cpu_model() -> (String, usize) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown".to_owned(), |(_, m)| m.trim().to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    (model, cpus)
+}
+
+/// Median time in microseconds of a 4 KiB write plus `fdatasync` on the disk the ledgers use.
+fn fdatasync_median_us(dir: &Path) -> f64 {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(dir.join("fdatasync.probe")).unwrap();
+    let page = [0x5au8; 4096];
+    let mut times: Vec<f64> = (0..400)
+        .map(|_| {
+            let t = Instant::now();
+            f.write_all(&page).unwrap();
+            f.sync_data().unwrap();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    percentile(&times, 0.5)
+}
+
 /// Figures of one load run.
 struct Measured {
     single_per_s: f64,
@@ -561,6 +594,9 @@ fn main() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
 
+    let (model, cpus) = cpu_model();
+    let fdatasync_us = fdatasync_median_us(s.dir.path());
+    eprintln!("machine: {cpus} CPUs, {model}; fdatasync of 4 KiB: median {fdatasync_us:.0} us");
     let redb_per_s = redb_limit(secs.min(5));
     eprintln!("redb: {redb_per_s:.0} durable rows/s at 1000 rows per commit");
 
