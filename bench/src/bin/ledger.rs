@@ -5,8 +5,9 @@
 //! - server-side inclusion and consistency proof construction on a 10,000,000-leaf tree;
 //! - redb's raw durable insert rate at 1,000 rows per commit (the storage limit).
 //!
-//! Ends with one line:
-//! `ledger-bench appends_per_s=<n> p99_ack_ms=<n> batched_entries_per_s=<n> proof_us=<n> redb_limit_per_s=<n>`
+//! First prints the machine's CPU model and the median of a 4 KiB write plus `fdatasync` on
+//! the disk the ledgers use. Ends with one line:
+//! `ledger-bench appends_per_s=<n> p99_ack_ms=<n> batched_entries_per_s=<n> proof_us=<n> redb_limit_per_s=<n> cpu_us_per_append=<n>`
 //!
 //! Environment: `BENCH_SECONDS` (per load phase, default 10), `BENCH_PROOF_LEAVES` (default
 //! 10000000), `BENCH_CLIENTS` (default 64).
