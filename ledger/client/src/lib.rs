@@ -1024,27 +1024,19 @@ mod tests {
 
     fn record(i: u8) -> AuditRecord {
         let td = TrustDomain::new("test.local").unwrap();
-        AuditRecord {
-            record_id: RecordId([i; 16]),
-            kind: EventKind::InstanceStored,
-            time_us: 1_700_000_000_000_000,
-            source: td.workload("ct", "scanner").unwrap(),
-            destination: td.workload("pacs", "writer").unwrap(),
-            protocol: Protocol::Dimse,
-            outcome: Outcome::Success,
-            status: Some(0),
-            bytes: 1024,
-            content_sha256: Some(sha256(&[i])),
-            study_uid: Some(KeyedHash([i; 32])),
-            series_uid: None,
-            sop_instance_uid: None,
-            calling_ae: None,
-            called_ae: None,
-            sop_class_uid: None,
-            transfer_syntax_uid: None,
-            cid: None,
-            archived_record: None,
-        }
+        let mut r = AuditRecord::event(
+            RecordId([i; 16]),
+            EventKind::InstanceStored,
+            1_700_000_000_000_000,
+            td.workload("ct", "scanner").unwrap(),
+            td.workload("pacs", "writer").unwrap(),
+            Protocol::Dimse,
+            Outcome::Success,
+        );
+        r.bytes = 1024;
+        r.content_sha256 = Some(sha256(&[i]));
+        r.study_uid = Some(KeyedHash([i; 32]));
+        r
     }
 
     #[test]
