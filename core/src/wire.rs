@@ -5,6 +5,16 @@ use serde::{Deserialize, Serialize};
 use crate::merkle::Hash;
 use crate::record::{AuditRecord, LogEntry};
 
+/// How long the ledger's API waits for a request's headers, which for HTTP/1.1 also bounds how
+/// long a keep-alive connection may sit idle between requests (hyper arms the same timer for
+/// both): the ledger closes it then.
+pub const API_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a ledger client keeps an idle connection for reuse: well inside
+/// [`API_HEADER_TIMEOUT`], so that no request is written into a connection the ledger is
+/// closing at that moment (such a request fails with no answer).
+pub const CLIENT_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Body of `POST /v1/entries/batch`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

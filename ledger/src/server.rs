@@ -149,8 +149,10 @@ pub fn spawn_reloader(
 
 /// Most API connections open at once; further ones are closed at accept.
 const MAX_CONNECTIONS: usize = 4096;
-/// Longest a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request's headers, and for HTTP/1.1 the longest a
+/// keep-alive connection may stay idle (clients give idle connections up sooner:
+/// `wire::CLIENT_POOL_IDLE`).
+const HEADER_TIMEOUT: Duration = medmesh_core::wire::API_HEADER_TIMEOUT;
 
 /// Serves the API on `listener` until `shutdown` turns true, then drains for at most `drain`
 /// and aborts whatever is still open (a stalled client must not hold the ledger open, and with

@@ -182,6 +182,115 @@ async fn retries_are_idempotent_and_conflicts_refused() {
     l.stop().await;
 }
 
+/// What the cutting proxy does to the next bytes a kept-alive connection carries.
+const FORWARD: u8 = 0;
+const CUT_REQUEST: u8 = 1;
+const CUT_ANSWER: u8 = 2;
+
+/// A TCP proxy in front of the ledger (TLS passes through it untouched). Armed with
+/// `CUT_REQUEST`, it closes the next connection made before the arming that sends bytes, without
+/// passing them on; with `CUT_ANSWER`, it passes that request on and closes the connection when
+/// the answer comes, without passing the answer on. Returns its address and the number of cuts.
+async fn cutting_proxy(
+    ledger: std::net::SocketAddr,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cuts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = cuts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            let (mode, born, cuts) = (mode.clone(), epoch.load(SeqCst), counted.clone());
+            let epoch = epoch.clone();
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(ledger).await.unwrap();
+                let (mut cb, mut sb) = (vec![0u8; 65536], vec![0u8; 65536]);
+                let mut drop_answer = false;
+                loop {
+                    tokio::select! {
+                        n = c.read(&mut cb) => {
+                            let Ok(n @ 1..) = n else { return };
+                            // Only a connection older than the arming: the one the client kept.
+                            if born < epoch.load(SeqCst) {
+                                match mode.swap(FORWARD, SeqCst) {
+                                    CUT_REQUEST => { cuts.fetch_add(1, SeqCst); return }
+                                    CUT_ANSWER => drop_answer = true,
+                                    _ => {}
+                                }
+                            }
+                            if s.write_all(&cb[..n]).await.is_err() { return }
+                        }
+                        n = s.read(&mut sb) => {
+                            let Ok(n @ 1..) = n else { return };
+                            if drop_answer { cuts.fetch_add(1, SeqCst); return }
+                            if c.write_all(&sb[..n]).await.is_err() { return }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, cuts)
+}
+
+/// A kept-alive connection lost before the ledger answers (the ledger closing it while idle, a
+/// reset) must not fail the append: the client sends it again on a new connection, and the
+/// ledger, which may already hold it, stores it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_before_the_answer_costs_no_append_and_no_duplicate() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(FORWARD));
+    let epoch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (proxy, cuts) = cutting_proxy(
+        l.ledger.as_ref().unwrap().api_addr,
+        mode.clone(),
+        epoch.clone(),
+    )
+    .await;
+    let w = l.client_via(&pki, WRITER, &format!("https://{proxy}"));
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+    let r0 = record(0, &src, &dst);
+    assert_eq!(w.append(&r0, false).await.unwrap().result.index, 0);
+
+    // The request never reaches the ledger.
+    epoch.fetch_add(1, SeqCst);
+    mode.store(CUT_REQUEST, SeqCst);
+    let r1 = record(1, &src, &dst);
+    let a1 = w
+        .append(&r1, false)
+        .await
+        .expect("sent again after the cut");
+    assert_eq!(cuts.load(SeqCst), 1, "the kept connection was cut");
+    assert!(!a1.result.duplicate);
+    assert_eq!(a1.result.index, 1);
+
+    // The ledger stores the record, but its answer is lost: sent again, it is a duplicate.
+    epoch.fetch_add(1, SeqCst);
+    mode.store(CUT_ANSWER, SeqCst);
+    let r2 = record(2, &src, &dst);
+    let a2 = w
+        .append_batch(vec![r2.clone()], false)
+        .await
+        .expect("sent again after the lost answer");
+    assert_eq!(cuts.load(SeqCst), 2, "the answer was cut");
+    assert!(a2.results[0].duplicate, "{:?}", a2.results[0]);
+    assert_eq!(a2.results[0].index, 2);
+
+    // Nothing was stored twice: the next record is entry 3.
+    let r3 = record(3, &src, &dst);
+    assert_eq!(w.append(&r3, false).await.unwrap().result.index, 3);
+    l.stop().await;
+}
+
 async fn status_and_body(resp: reqwest::Response) -> (u16, String) {
     let s = resp.status().as_u16();
     (s, resp.text().await.unwrap())

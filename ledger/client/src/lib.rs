@@ -205,6 +205,36 @@ pub struct LedgerClient {
     me: medmesh_core::SpiffeId,
 }
 
+/// Whether `e` is a connection that ended before the ledger answered (closed, reset, or the
+/// request never taken), as opposed to a timeout, a refused connection or an answer.
+fn lost_before_answer(e: &reqwest::Error) -> bool {
+    if e.is_timeout() || e.is_connect() || e.is_status() || e.is_decode() {
+        return false;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let lost = match (
+            c.downcast_ref::<hyper::Error>(),
+            c.downcast_ref::<std::io::Error>(),
+        ) {
+            (Some(h), _) => h.is_incomplete_message() || h.is_canceled() || h.is_closed(),
+            (_, Some(io)) => matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        };
+        if lost {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 impl LedgerClient {
     /// Builds a client.
     ///
@@ -229,6 +259,9 @@ impl LedgerClient {
             .timeout(cfg.timeout)
             .connect_timeout(Duration::from_secs(5))
             .pool_max_idle_per_host(64)
+            // The ledger closes an HTTP/1.1 connection idle for `API_HEADER_TIMEOUT`; one
+            // given up sooner here is never picked just as the ledger closes it.
+            .pool_idle_timeout(medmesh_core::wire::CLIENT_POOL_IDLE)
             .build()
             .map_err(|source| ClientError::Http {
                 url: cfg.url.clone(),
@@ -272,7 +305,18 @@ impl LedgerClient {
         req: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|source| ClientError::Http {
+        // Every request this client makes may be sent twice: reads are reads, and the ledger
+        // answers a record it already holds with its entry. So a request whose kept-alive
+        // connection was lost before any answer is sent once more, on another connection.
+        let again = req.try_clone();
+        let sent = match (req.send().await, again) {
+            (Err(e), Some(again)) if lost_before_answer(&e) => {
+                tracing::debug!(%url, error = %e, "connection lost before an answer; sending again");
+                again.send().await
+            }
+            (sent, _) => sent,
+        };
+        let resp = sent.map_err(|source| ClientError::Http {
             url: url.to_owned(),
             source,
         })?;

@@ -159,8 +159,13 @@ impl TestLedger {
     }
 
     pub fn client(&self, pki: &Pki, who: (&str, &str)) -> LedgerClient {
+        self.client_via(pki, who, &self.api())
+    }
+
+    /// A client of this ledger that connects to `url` (a proxy in front of it).
+    pub fn client_via(&self, pki: &Pki, who: (&str, &str), url: &str) -> LedgerClient {
         LedgerClient::new(LedgerClientConfig {
-            url: self.api(),
+            url: url.to_owned(),
             identity: pki.identity(who),
             bundle: pki.bundle(),
             server: ServerIdentity::Exact(pki.id(("medmesh", "ledger"))),
