@@ -184,7 +184,9 @@ pub async fn serve(
             let mut cut = sh.conns.cut.clone();
             let work = async {
                 let r = if inbound {
-                    inbound_conn(tcp, &sh).await
+                    // Audited connections carry the DICOM and DICOMweb state machines: on the
+                    // heap, once per connection, rather than inline in every task.
+                    Box::pin(inbound_conn(tcp, &sh)).await
                 } else {
                     outbound_conn(tcp, &sh).await
                 };
