@@ -51,9 +51,27 @@ const SEARCH_INDEX_WAIT: std::time::Duration = std::time::Duration::from_secs(2)
 #[derive(Debug, Clone)]
 pub struct PeerAuth(pub Result<(SpiffeId, i64), SvidError>);
 
-/// Shared state of the handlers.
+/// Shared state of the handlers. axum clones it for every extractor of every request: one
+/// reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    /// The state of the handlers made of its parts.
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// What the handlers share (see [`AppState`]).
+pub struct AppParts {
     /// Checked configuration.
     pub cfg: Arc<Config>,
     /// The database.

@@ -228,14 +228,14 @@ impl Ledger {
         let (shutdown, shutdown_rx) = watch::channel(false);
         server::spawn_reloader(paths, creds_tx, Duration::from_secs(5), shutdown_rx.clone());
 
-        let state = api::AppState {
+        let state = api::AppState::new(api::AppParts {
             cfg: cfg.clone(),
             storage,
             seq: seq.clone(),
             metrics: metrics.clone(),
             indexed: indexed_rx,
             replica: replicated.as_ref().map(|r| r.0.clone()),
-        };
+        });
         let api_task = tokio::spawn(server::serve_api(
             api_listener,
             creds_rx,

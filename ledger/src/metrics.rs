@@ -2,9 +2,21 @@
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
-/// The ledger's metrics, registered once at start.
+/// The ledger's metrics, registered once at start. Clones share them through one reference count
+/// (the API clones its state, and with it these, for every request).
 #[derive(Clone, Debug)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<MetricSet>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricSet;
+    fn deref(&self) -> &MetricSet {
+        &self.0
+    }
+}
+
+/// The metrics themselves (see [`Metrics`]).
+#[derive(Debug)]
+pub struct MetricSet {
     /// Entries by result: appended, duplicate, conflict, failed.
     pub appends: IntCounterVec,
     /// Entries per committed transaction.
@@ -70,7 +82,7 @@ impl Metrics {
     pub fn register(registry: &Registry) -> Self {
         let ms =
             |lo: f64, n: usize| prometheus::exponential_buckets(lo, 2.0, n).unwrap_or_default();
-        let m = Self {
+        let m = MetricSet {
             appends: must(IntCounterVec::new(
                 Opts::new(
                     "medmesh_ledger_appends_total",
@@ -201,6 +213,6 @@ impl Metrics {
         ] {
             must(registry.register(c));
         }
-        m
+        Self(std::sync::Arc::new(m))
     }
 }
