@@ -278,7 +278,7 @@ async fn a_connection_lost_before_the_answer_costs_no_append_and_no_duplicate() 
     mode.store(CUT_ANSWER, SeqCst);
     let r2 = record(2, &src, &dst);
     let a2 = w
-        .append_batch(vec![r2.clone()], false)
+        .append_batch(vec![r2], false)
         .await
         .expect("sent again after the lost answer");
     assert_eq!(cuts.load(SeqCst), 2, "the answer was cut");
