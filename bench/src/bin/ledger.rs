@@ -136,18 +136,23 @@ impl Node {
 
     /// `/status` of this replica.
     fn status(&self) -> Option<serde_json::Value> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.admin)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(
-            s,
-            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).ok()?;
-        serde_json::from_str(buf.split_once("\r\n\r\n")?.1).ok()
+        serde_json::from_str(&admin_get(self.admin, "/status")?).ok()
     }
+}
+
+/// The body of `GET path` on a ledger's plain-HTTP admin port.
+fn admin_get(admin: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    Some(buf.split_once("\r\n\r\n")?.1.to_owned())
 }
 
 impl Drop for Node {
@@ -216,10 +221,11 @@ fn start_ledgers(s: &Setup, base: &Path, n: usize) -> Vec<Node> {
     nodes
 }
 
-fn pids(nodes: &[Node]) -> Vec<u32> {
+/// (process id, admin port) of each running replica.
+fn procs(nodes: &[Node]) -> Vec<(u32, u16)> {
     nodes
         .iter()
-        .filter_map(|n| n.child.as_ref().map(Child::id))
+        .filter_map(|n| Some((n.child.as_ref()?.id(), n.admin)))
         .collect()
 }
 
@@ -414,6 +420,8 @@ struct Measured {
     /// CPU time (user + system) of the ledger processes and this client together, per
     /// single append.
     cpu_us_per_append: f64,
+    /// Where that CPU went, and what the commits wrote (see `breakdown`).
+    breakdown: String,
 }
 
 /// CPU seconds (user + system) used so far by process `pid`.
@@ -435,19 +443,131 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// What the ledger processes' threads and commits did so far, for the breakdown printed after
+/// the single appends: CPU ticks and bytes written per thread kind, and the commit metrics.
+#[derive(Default)]
+struct Activity {
+    /// (thread kind, CPU ticks, bytes written, write calls).
+    threads: Vec<(&'static str, u64, u64, u64)>,
+    commits: f64,
+    committed_entries: f64,
+    commit_seconds: f64,
+}
+
+/// Thread kinds of `medmesh-ledger`: its named threads, and the tokio workers that serve the API
+/// (TLS, HTTP, JSON, the Raft RPCs when replicated).
+const KINDS: [&str; 4] = [
+    "tokio-rt-worker",
+    "ledger-writer",
+    "ledger-indexer",
+    "other",
+];
+
+fn activity(nodes: &[(u32, u16)]) -> Activity {
+    let mut a = Activity::default();
+    for &(pid, admin) in nodes {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let path = t.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            let kind = KINDS[..3]
+                .iter()
+                .find(|k| comm.trim() == **k)
+                .copied()
+                .unwrap_or(KINDS[3]);
+            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .map_or("", |(_, r)| r)
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            let ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
+            let io = std::fs::read_to_string(path.join("io")).unwrap_or_default();
+            let io_field = |name: &str| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            a.threads
+                .push((kind, ticks, io_field("wchar:"), io_field("syscw:")));
+        }
+        let metrics = admin_get(admin, "/metrics").unwrap_or_default();
+        let metric = |name: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        a.commits += metric("medmesh_ledger_commit_seconds_count");
+        a.commit_seconds += metric("medmesh_ledger_commit_seconds_sum");
+        a.committed_entries += metric("medmesh_ledger_batch_entries_sum");
+    }
+    a
+}
+
+/// One line saying where the CPU of `ops` appends went between `before` and `after`, with
+/// `client_cpu` seconds used by this process, and how much each commit wrote.
+fn breakdown(before: &Activity, after: &Activity, client_cpu: f64, ops: u64) -> String {
+    let per = |v: f64| v * 1e6 / ops.max(1) as f64;
+    let sum = |a: &Activity, kind: &str, f: fn(&(&str, u64, u64, u64)) -> u64| -> u64 {
+        a.threads.iter().filter(|t| t.0 == kind).map(f).sum()
+    };
+    let mut line = format!(
+        "where the CPU went, us per single append: client {:.1}",
+        per(client_cpu)
+    );
+    for (kind, label) in KINDS
+        .iter()
+        .zip(["API runtime", "writer", "indexer", "other"])
+    {
+        let ticks = sum(after, kind, |t| t.1).saturating_sub(sum(before, kind, |t| t.1));
+        line += &format!(", {label} {:.1}", per(ticks as f64 / 100.0));
+    }
+    let commits = after.commits - before.commits;
+    if commits > 0.0 {
+        let kib = |kind: &str| {
+            sum(after, kind, |t| t.2).saturating_sub(sum(before, kind, |t| t.2)) as f64
+                / 1024.0
+                / commits
+        };
+        let writes = sum(after, KINDS[1], |t| t.3).saturating_sub(sum(before, KINDS[1], |t| t.3));
+        line += &format!(
+            "; commits: {:.1} entries each, mean {:.0} us",
+            (after.committed_entries - before.committed_entries) / commits,
+            (after.commit_seconds - before.commit_seconds) * 1e6 / commits,
+        );
+        // The single node's writer thread; a Raft replica commits from its own threads.
+        if writes > 0 {
+            line += &format!(
+                "; written per commit: writer {:.0} KiB in {:.1} writes, indexer {:.0} KiB",
+                kib(KINDS[1]),
+                writes as f64 / commits,
+                kib(KINDS[2]),
+            );
+        }
+    }
+    line
+}
+
 /// Single appends from `clients` clients, then batches of 100 from 8, spread round-robin over
 /// the ledgers on `ports`.
 fn measure(
     s: &Setup,
     rt: &tokio::runtime::Runtime,
     ports: &[u16],
-    pids: &[u32],
+    procs: &[(u32, u16)],
     clients: usize,
     secs: u64,
 ) -> Measured {
     let cpu =
-        || pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() + cpu_seconds(std::process::id());
+        || procs.iter().map(|p| cpu_seconds(p.0)).sum::<f64>() + cpu_seconds(std::process::id());
     let mut cpu_before = 0.0;
+    let (mut client_before, mut activity_before) = (0.0, Activity::default());
     let (single_per_s, p50, p99, ops) = rt.block_on(async {
         let cs: Vec<_> = (0..clients)
             .map(|i| s.client(ports[i % ports.len()]))
@@ -466,6 +586,8 @@ fn measure(
         })
         .await;
         cpu_before = cpu();
+        client_before = cpu_seconds(std::process::id());
+        activity_before = activity(procs);
         let t = Instant::now();
         let (ops, lat) = load(cs, secs, move |c, i| {
             let td = td.clone();
@@ -483,6 +605,12 @@ fn measure(
         )
     });
     let cpu_us_per_append = (cpu() - cpu_before) * 1e6 / ops.max(1) as f64;
+    let breakdown = breakdown(
+        &activity_before,
+        &activity(procs),
+        cpu_seconds(std::process::id()) - client_before,
+        ops,
+    );
     let batched_per_s = rt.block_on(async {
         let cs: Vec<_> = (0..8).map(|i| s.client(ports[i % ports.len()])).collect();
         let td = s.td.clone();
@@ -501,6 +629,7 @@ fn measure(
         single_per_s,
         p50,
         p99,
+        breakdown,
         batched_per_s,
         cpu_us_per_append,
     }
@@ -605,21 +734,23 @@ fn main() {
     let single = (mode != "raft").then(|| {
         let nodes = start_ledgers(&s, &s.dir.path().join("single"), 1);
         let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
-        let m = measure(&s, &rt, &ports, &pids(&nodes), clients, secs);
+        let m = measure(&s, &rt, &ports, &procs(&nodes), clients, secs);
         eprintln!(
             "single node: single appends, {clients} clients: {:.0}/s, ack p50 {:.2} ms, p99 {:.2} ms, {:.0} us CPU per append (ledger + client); batched (100/request, 8 clients): {:.0} entries/s",
             m.single_per_s, m.p50, m.p99, m.cpu_us_per_append, m.batched_per_s
         );
+        eprintln!("{}", m.breakdown);
         m
     });
     let raft = (mode != "single").then(|| {
         let mut nodes = start_ledgers(&s, &s.dir.path().join("raft"), 3);
         let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
-        let m = measure(&s, &rt, &ports, &pids(&nodes), clients, secs);
+        let m = measure(&s, &rt, &ports, &procs(&nodes), clients, secs);
         eprintln!(
             "3 Raft replicas (clients spread over all three): single appends, {clients} clients: {:.0}/s, ack p50 {:.2} ms, p99 {:.2} ms, {:.0} us CPU per append (3 replicas + client); batched (100/request, 8 clients): {:.0} entries/s",
             m.single_per_s, m.p50, m.p99, m.cpu_us_per_append, m.batched_per_s
         );
+        eprintln!("{}", m.breakdown);
         let failovers = failover(&s, &rt, &mut nodes, env("BENCH_FAILOVERS", 5) as usize);
         eprintln!("failover (kill -9 of the leader -> first acknowledged append): {failovers:?} ms");
         (m, failovers[failovers.len() / 2])
