@@ -19,8 +19,8 @@ use medmesh_core::merkle::{self, Frontier, Hash, NodeSource};
 use medmesh_core::record::{AuditRecord, LogEntry};
 use medmesh_core::{Checkpoint, NoteSigner, NoteVerifier};
 use redb::{
-    Database, MultimapTableDefinition, ReadOnlyMultimapTable, ReadOnlyTable, ReadTransaction,
-    ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, MultimapTableDefinition, ReadOnlyTable, ReadTransaction, ReadableDatabase,
+    ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -37,14 +37,26 @@ const RAFT_MEMBERSHIP: &str = "membership";
 // In index.redb.
 const INDEX_META: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
 const LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
-const BY_SHA256: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_sha256");
-const BY_CID: MultimapTableDefinition<&[u8], u64> = MultimapTableDefinition::new("by_cid");
+// Hashes, CIDs and UIDs are near-unique random keys: one row per (key, entry index) in a plain
+// table, found by a range scan, costs an insert a third less than a multimap's per-key value set
+// (measured on redb 4.6: 3.5 against 5.5 us per random row at 720,000 entries). Identities are few
+// keys with long, ordered value lists, which a multimap stores best.
+const BY_SHA256: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("sha256_entries");
+const BY_CID: TableDefinition<(&[u8], u64), ()> = TableDefinition::new("cid_entries");
 const BY_IDENTITY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_identity");
-const BY_UID: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_uid");
+const BY_UID: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("uid_entries");
+/// The multimap tables of index format 1, dropped when an index of that format is rebuilt.
+const V1_BY_SHA256: MultimapTableDefinition<[u8; 32], u64> =
+    MultimapTableDefinition::new("by_sha256");
+const V1_BY_CID: MultimapTableDefinition<&[u8], u64> = MultimapTableDefinition::new("by_cid");
+const V1_BY_UID: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_uid");
 
 const META_TREE_SIZE: &str = "tree_size";
 const META_FORMAT: &str = "format_version";
 const META_INDEXED: &str = "indexed_size";
+/// Layout of `index.redb` (absent: format 1). Another format is rebuilt from the log.
+const META_INDEX_FORMAT: &str = "index_format";
+const INDEX_FORMAT: u64 = 2;
 const FORMAT_VERSION: u64 = 1;
 
 /// Key of node `(level, index)` in the `nodes` table.
@@ -173,13 +185,7 @@ impl Storage {
             );
             drop(reader);
             let txn = storage.index.begin_write()?;
-            txn.delete_table(LEAF_INDEX)?;
-            txn.delete_multimap_table(BY_SHA256)?;
-            txn.delete_multimap_table(BY_CID)?;
-            txn.delete_multimap_table(BY_IDENTITY)?;
-            txn.delete_multimap_table(BY_UID)?;
-            create_index_tables(&txn)?;
-            txn.open_table(INDEX_META)?.insert(META_INDEXED, 0)?;
+            reset_index(&txn)?;
             txn.commit()?;
             return Self::open_checked(storage, verifier, origin);
         }
@@ -470,15 +476,15 @@ impl Reader {
         limit: usize,
     ) -> Result<(Vec<u64>, bool), StorageError> {
         let size = size.min(self.indexed());
-        fn collect<'a, K: redb::Key + 'static>(
-            t: ReadOnlyMultimapTable<K, u64>,
-            k: impl std::borrow::Borrow<K::SelfType<'a>>,
+        /// The first `limit` indexes below `size` among `values`, and whether more follow.
+        fn first(
+            values: impl Iterator<Item = Result<u64, redb::StorageError>>,
             size: u64,
             limit: usize,
         ) -> Result<(Vec<u64>, bool), StorageError> {
             let mut out = Vec::new();
-            for v in t.get(k)? {
-                let i = v?.value();
+            for v in values {
+                let i = v?;
                 if i >= size {
                     continue;
                 }
@@ -489,28 +495,43 @@ impl Reader {
             }
             Ok((out, false))
         }
-        // Every arm is clipped to the same `size`: hits beyond it have no proof yet.
+        // Every arm is clipped to the same `size`: hits beyond it have no proof yet. The tables
+        // keyed (key, index) hold a key's indexes in order, so the range stops at `size`.
         match key {
-            SearchKey::Sha256(h) => collect(
-                self.index_txn.open_multimap_table(BY_SHA256)?,
-                h.0,
-                size,
-                limit,
-            ),
-            SearchKey::Cid(c) => collect(
-                self.index_txn.open_multimap_table(BY_CID)?,
-                c.as_slice(),
-                size,
-                limit,
-            ),
-            SearchKey::Identity(s) => collect(
-                self.index_txn.open_multimap_table(BY_IDENTITY)?,
-                s.as_str(),
-                size,
-                limit,
-            ),
+            SearchKey::Sha256(h) => {
+                let t = self.index_txn.open_table(BY_SHA256)?;
+                first(
+                    t.range((h.0, 0)..(h.0, size))?
+                        .map(|r| r.map(|(k, _)| k.value().1)),
+                    size,
+                    limit,
+                )
+            }
+            SearchKey::Cid(c) => {
+                let t = self.index_txn.open_table(BY_CID)?;
+                first(
+                    t.range((c.as_slice(), 0)..(c.as_slice(), size))?
+                        .map(|r| r.map(|(k, _)| k.value().1)),
+                    size,
+                    limit,
+                )
+            }
+            SearchKey::Identity(s) => {
+                let t = self.index_txn.open_multimap_table(BY_IDENTITY)?;
+                first(
+                    t.get(s.as_str())?.map(|r| r.map(|v| v.value())),
+                    size,
+                    limit,
+                )
+            }
             SearchKey::Uid(u) => {
-                collect(self.index_txn.open_multimap_table(BY_UID)?, *u, size, limit)
+                let t = self.index_txn.open_table(BY_UID)?;
+                first(
+                    t.range((*u, 0)..(*u, size))?
+                        .map(|r| r.map(|(k, _)| k.value().1)),
+                    size,
+                    limit,
+                )
             }
         }
     }
@@ -788,12 +809,25 @@ fn open_index(path: &Path) -> Result<Database, StorageError> {
     let open = |path: &Path| -> Result<Database, StorageError> {
         let db = Database::builder().set_cache_size(128 << 20).create(path)?;
         let txn = db.begin_write()?;
-        create_index_tables(&txn)?;
-        {
-            let mut meta = txn.open_table(INDEX_META)?;
-            if meta.get(META_INDEXED)?.is_none() {
-                meta.insert(META_INDEXED, 0)?;
+        let (indexed, format) = {
+            let meta = txn.open_table(INDEX_META)?;
+            (
+                meta.get(META_INDEXED)?.map(|v| v.value()),
+                meta.get(META_INDEX_FORMAT)?.map_or(1, |v| v.value()),
+            )
+        };
+        match indexed {
+            None => reset_index(&txn)?,
+            Some(_) if format != INDEX_FORMAT => {
+                tracing::warn!(
+                    from = format,
+                    to = INDEX_FORMAT,
+                    path = %path.display(),
+                    "search index has another layout; rebuilding it from the log (searches wait until it catches up)"
+                );
+                reset_index(&txn)?;
             }
+            Some(_) => create_index_tables(&txn)?,
         }
         txn.commit()?;
         Ok(db)
@@ -814,10 +848,28 @@ fn open_index(path: &Path) -> Result<Database, StorageError> {
 fn create_index_tables(txn: &WriteTransaction) -> Result<(), StorageError> {
     txn.open_table(INDEX_META)?;
     txn.open_table(LEAF_INDEX)?;
-    txn.open_multimap_table(BY_SHA256)?;
-    txn.open_multimap_table(BY_CID)?;
+    txn.open_table(BY_SHA256)?;
+    txn.open_table(BY_CID)?;
     txn.open_multimap_table(BY_IDENTITY)?;
-    txn.open_multimap_table(BY_UID)?;
+    txn.open_table(BY_UID)?;
+    Ok(())
+}
+
+/// Empties the search indexes (of any format) and marks them as covering nothing, in the
+/// current format: the indexer rebuilds them from the log.
+fn reset_index(txn: &WriteTransaction) -> Result<(), StorageError> {
+    txn.delete_table(LEAF_INDEX)?;
+    txn.delete_table(BY_SHA256)?;
+    txn.delete_table(BY_CID)?;
+    txn.delete_multimap_table(BY_IDENTITY)?;
+    txn.delete_table(BY_UID)?;
+    txn.delete_multimap_table(V1_BY_SHA256)?;
+    txn.delete_multimap_table(V1_BY_CID)?;
+    txn.delete_multimap_table(V1_BY_UID)?;
+    create_index_tables(txn)?;
+    let mut meta = txn.open_table(INDEX_META)?;
+    meta.insert(META_INDEXED, 0)?;
+    meta.insert(META_INDEX_FORMAT, INDEX_FORMAT)?;
     Ok(())
 }
 
@@ -898,21 +950,21 @@ pub fn index_entries(
         for (leaf, index) in &leaves {
             t.insert(leaf, index)?;
         }
-        let mut t = txn.open_multimap_table(BY_SHA256)?;
-        for (h, index) in &by_sha {
-            t.insert(h, index)?;
+        let mut t = txn.open_table(BY_SHA256)?;
+        for key in &by_sha {
+            t.insert(key, ())?;
         }
-        let mut t = txn.open_multimap_table(BY_CID)?;
+        let mut t = txn.open_table(BY_CID)?;
         for (c, index) in &by_cid {
-            t.insert(c.as_slice(), index)?;
+            t.insert((c.as_slice(), *index), ())?;
         }
         let mut t = txn.open_multimap_table(BY_IDENTITY)?;
         for (id, index) in &by_id {
             t.insert(id.as_str(), index)?;
         }
-        let mut t = txn.open_multimap_table(BY_UID)?;
-        for (u, index) in &by_uid {
-            t.insert(u, index)?;
+        let mut t = txn.open_table(BY_UID)?;
+        for key in &by_uid {
+            t.insert(key, ())?;
         }
         txn.open_table(INDEX_META)?.insert(META_INDEXED, to)?;
     }

@@ -623,6 +623,105 @@ async fn search_and_leaf_proofs_between_checkpoints() {
     l.stop().await;
 }
 
+/// An `index.redb` of the first layout (multimap tables, no format key) is rebuilt from the log
+/// on start: its stale rows are gone and every search finds exactly the log's entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
+    use redb::{
+        MultimapTableDefinition, MultimapTableHandle, ReadableDatabase, ReadableTable,
+        TableDefinition,
+    };
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let w = l.client(&pki, WRITER);
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+    let records: Vec<_> = (0..30).map(|i| record(i, &src, &dst)).collect();
+    let appended = w.append_batch(records.clone(), false).await.unwrap();
+    assert_eq!(appended.results.len(), 30);
+    // Wait until the indexer covers the batch, so that the index claims all 30 entries.
+    let a = l.client(&pki, AUDITOR);
+    let sha0 = records[0].content_sha256.unwrap().to_hex();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.search("sha256", &sha0).await.unwrap().1.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never indexed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    l.stop().await;
+
+    // Rewrite the index as the first layout held it, with a wrong row to be forgotten: record
+    // 0's content hash pointing at entry 29.
+    let path = l.data.join("index.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        for name in ["sha256_entries", "cid_entries", "uid_entries"] {
+            let t: TableDefinition<&[u8], ()> = TableDefinition::new(name);
+            txn.delete_table(t).unwrap();
+        }
+        let v1: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_sha256");
+        txn.open_multimap_table(v1)
+            .unwrap()
+            .insert(records[0].content_sha256.unwrap().0, 29)
+            .unwrap();
+        let meta: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
+        let mut m = txn.open_table(meta).unwrap();
+        m.remove("index_format").unwrap();
+        assert_eq!(m.get("indexed_size").unwrap().unwrap().value(), 30);
+        drop(m);
+        txn.commit().unwrap();
+    }
+
+    l.restart().await.unwrap();
+    let a = l.client(&pki, AUDITOR);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for (r, placed) in records.iter().zip(&appended.results) {
+        let hits = loop {
+            let hits = a
+                .search("sha256", &r.content_sha256.unwrap().to_hex())
+                .await
+                .unwrap()
+                .1;
+            if !hits.is_empty() || std::time::Instant::now() > deadline {
+                break hits;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            hits.iter().map(|h| h.index).collect::<Vec<_>>(),
+            vec![placed.index],
+            "the rebuilt index holds exactly the log's entry for each hash"
+        );
+        let by_uid = a
+            .search("uid", &r.sop_instance_uid.unwrap().to_string())
+            .await
+            .unwrap()
+            .1;
+        assert_eq!(by_uid.len(), 1);
+        assert_eq!(by_uid[0].entry.record, *r);
+    }
+    // The study key is shared by every seventh record: a range of rows under one key.
+    let (_, study, truncated) = a
+        .search("uid", &records[3].study_uid.unwrap().to_string())
+        .await
+        .unwrap();
+    assert_eq!((study.len(), truncated), (4, false));
+    assert!(study.windows(2).all(|p| p[0].index < p[1].index));
+    l.stop().await;
+
+    // The first layout's tables are gone, and the format is recorded.
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let left: Vec<String> = txn
+        .list_multimap_tables()
+        .unwrap()
+        .map(|t| t.name().to_owned())
+        .collect();
+    assert_eq!(left, vec!["by_identity".to_owned()]);
+    let meta: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
+    let m = txn.open_table(meta).unwrap();
+    assert_eq!(m.get("index_format").unwrap().unwrap().value(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_with_a_conflict_and_proofs() {
     let pki = Pki::new();
