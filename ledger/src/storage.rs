@@ -36,27 +36,41 @@ const RAFT_MEMBERSHIP: &str = "membership";
 
 // In index.redb.
 const INDEX_META: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
-const LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
-// Hashes, CIDs and UIDs are near-unique random keys: one row per (key, entry index) in a plain
-// table, found by a range scan, costs an insert a third less than a multimap's per-key value set
-// (measured on redb 4.6: 3.5 against 5.5 us per random row at 720,000 entries). Identities are few
-// keys with long, ordered value lists, which a multimap stores best.
-const BY_SHA256: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("sha256_entries");
+// Leaf hashes, content hashes and UIDs are random 32-byte keys: each is indexed as one row
+// (first 8 bytes, entry index) of a plain table, found by a range scan; a reader checks each
+// hit's full key against the entry (a shared prefix is rare, and only costs that check). Rows of
+// 16 bytes instead of a multimap's per-key value sets make a random insert cost 2.4 instead of
+// 5.5 us (redb 4.6, 720,000 entries). CIDs keep their whole multihash (its first bytes are the
+// hash code and length); identities are few keys with long, ordered value lists, which a multimap
+// stores best.
+const LEAF_INDEX: TableDefinition<(u64, u64), ()> = TableDefinition::new("leaf_prefixes");
+const BY_SHA256: TableDefinition<(u64, u64), ()> = TableDefinition::new("sha256_prefixes");
 const BY_CID: TableDefinition<(&[u8], u64), ()> = TableDefinition::new("cid_entries");
 const BY_IDENTITY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_identity");
-const BY_UID: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("uid_entries");
-/// The multimap tables of index format 1, dropped when an index of that format is rebuilt.
+const BY_UID: TableDefinition<(u64, u64), ()> = TableDefinition::new("uid_prefixes");
+/// Tables of earlier index formats, dropped when such an index is rebuilt: format 1's leaf
+/// table and multimaps, format 2's whole-key tables.
+const OLD_LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
 const V1_BY_SHA256: MultimapTableDefinition<[u8; 32], u64> =
     MultimapTableDefinition::new("by_sha256");
 const V1_BY_CID: MultimapTableDefinition<&[u8], u64> = MultimapTableDefinition::new("by_cid");
 const V1_BY_UID: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_uid");
+const V2_BY_SHA256: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("sha256_entries");
+const V2_BY_UID: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("uid_entries");
+
+/// The index key of a random 32-byte value: its first 8 bytes.
+fn prefix(h: &[u8; 32]) -> u64 {
+    let mut b = [0; 8];
+    b.copy_from_slice(&h[..8]);
+    u64::from_be_bytes(b)
+}
 
 const META_TREE_SIZE: &str = "tree_size";
 const META_FORMAT: &str = "format_version";
 const META_INDEXED: &str = "indexed_size";
 /// Layout of `index.redb` (absent: format 1). Another format is rebuilt from the log.
 const META_INDEX_FORMAT: &str = "index_format";
-const INDEX_FORMAT: u64 = 2;
+const INDEX_FORMAT: u64 = 3;
 const FORMAT_VERSION: u64 = 1;
 
 /// Key of node `(level, index)` in the `nodes` table.
@@ -429,9 +443,14 @@ impl Reader {
     /// On a database error.
     pub fn index_of_leaf(&self, leaf: &Hash) -> Result<Option<u64>, StorageError> {
         let t = self.index_txn.open_table(LEAF_INDEX)?;
-        Ok(t.get(leaf.0)?
-            .map(|v| v.value())
-            .filter(|i| *i < self.indexed()))
+        let p = prefix(&leaf.0);
+        for row in t.range((p, 0)..(p, self.indexed()))? {
+            let index = row?.0.value().1;
+            if self.leaf_hash(index)? == *leaf {
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
     }
 
     /// The latest signed checkpoint note.
@@ -476,16 +495,18 @@ impl Reader {
         limit: usize,
     ) -> Result<(Vec<u64>, bool), StorageError> {
         let size = size.min(self.indexed());
-        /// The first `limit` indexes below `size` among `values`, and whether more follow.
+        /// The first `limit` indexes below `size` among `values` that `keep` accepts, and
+        /// whether more follow.
         fn first(
             values: impl Iterator<Item = Result<u64, redb::StorageError>>,
             size: u64,
             limit: usize,
+            mut keep: impl FnMut(u64) -> Result<bool, StorageError>,
         ) -> Result<(Vec<u64>, bool), StorageError> {
             let mut out = Vec::new();
             for v in values {
                 let i = v?;
-                if i >= size {
+                if i >= size || !keep(i)? {
                     continue;
                 }
                 if out.len() == limit {
@@ -495,16 +516,26 @@ impl Reader {
             }
             Ok((out, false))
         }
+        // A prefix row's entry, when it decodes, for checking the whole key.
+        let entries = self.txn.open_table(ENTRIES)?;
+        let record = |i: u64| -> Result<Option<medmesh_core::AuditRecord>, StorageError> {
+            Ok(entries
+                .get(i)?
+                .and_then(|v| LogEntry::decode(v.value()).ok())
+                .map(|e| e.record))
+        };
         // Every arm is clipped to the same `size`: hits beyond it have no proof yet. The tables
         // keyed (key, index) hold a key's indexes in order, so the range stops at `size`.
         match key {
             SearchKey::Sha256(h) => {
                 let t = self.index_txn.open_table(BY_SHA256)?;
+                let p = prefix(&h.0);
                 first(
-                    t.range((h.0, 0)..(h.0, size))?
+                    t.range((p, 0)..(p, size))?
                         .map(|r| r.map(|(k, _)| k.value().1)),
                     size,
                     limit,
+                    |i| Ok(record(i)?.is_some_and(|r| r.content_sha256 == Some(*h))),
                 )
             }
             SearchKey::Cid(c) => {
@@ -514,6 +545,7 @@ impl Reader {
                         .map(|r| r.map(|(k, _)| k.value().1)),
                     size,
                     limit,
+                    |_| Ok(true),
                 )
             }
             SearchKey::Identity(s) => {
@@ -522,15 +554,25 @@ impl Reader {
                     t.get(s.as_str())?.map(|r| r.map(|v| v.value())),
                     size,
                     limit,
+                    |_| Ok(true),
                 )
             }
             SearchKey::Uid(u) => {
                 let t = self.index_txn.open_table(BY_UID)?;
+                let p = prefix(u);
                 first(
-                    t.range((*u, 0)..(*u, size))?
+                    t.range((p, 0)..(p, size))?
                         .map(|r| r.map(|(k, _)| k.value().1)),
                     size,
                     limit,
+                    |i| {
+                        Ok(record(i)?.is_some_and(|r| {
+                            [r.study_uid, r.series_uid, r.sop_instance_uid]
+                                .into_iter()
+                                .flatten()
+                                .any(|k| k.0 == *u)
+                        }))
+                    },
                 )
             }
         }
@@ -863,9 +905,12 @@ fn reset_index(txn: &WriteTransaction) -> Result<(), StorageError> {
     txn.delete_table(BY_CID)?;
     txn.delete_multimap_table(BY_IDENTITY)?;
     txn.delete_table(BY_UID)?;
+    txn.delete_table(OLD_LEAF_INDEX)?;
     txn.delete_multimap_table(V1_BY_SHA256)?;
     txn.delete_multimap_table(V1_BY_CID)?;
     txn.delete_multimap_table(V1_BY_UID)?;
+    txn.delete_table(V2_BY_SHA256)?;
+    txn.delete_table(V2_BY_UID)?;
     create_index_tables(txn)?;
     let mut meta = txn.open_table(INDEX_META)?;
     meta.insert(META_INDEXED, 0)?;
@@ -898,17 +943,17 @@ pub fn index_entries(
     })?;
     // Keys are hashes: inserted in log order they land on random pages of each B-tree. Sorted
     // first, each table's inserts walk its pages once, in order.
-    let mut leaves: Vec<([u8; 32], u64)> = Vec::new();
-    let mut by_sha: Vec<([u8; 32], u64)> = Vec::new();
+    let mut leaves: Vec<(u64, u64)> = Vec::new();
+    let mut by_sha: Vec<(u64, u64)> = Vec::new();
     let mut by_cid: Vec<(Vec<u8>, u64)> = Vec::new();
     let mut by_id: Vec<(medmesh_core::SpiffeId, u64)> = Vec::new();
-    let mut by_uid: Vec<([u8; 32], u64)> = Vec::new();
+    let mut by_uid: Vec<(u64, u64)> = Vec::new();
     // Record ids are unique in the log, so entry bytes and leaf hashes are too: no need to read
     // before writing. The leaves of `from..to` are one run of the node table (level 0): one
     // range scan instead of a lookup per entry (8 % of the indexer's CPU).
     for item in nodes.range(node_key(0, from)..node_key(0, to))? {
         let (k, leaf) = item?;
-        leaves.push((leaf.value(), k.value()));
+        leaves.push((prefix(&leaf.value()), k.value()));
     }
     for item in entries.range(from..to)? {
         let (k, v) = item?;
@@ -922,7 +967,7 @@ pub fn index_entries(
         };
         let r = e.record;
         if let Some(h) = r.content_sha256 {
-            by_sha.push((h.0, index));
+            by_sha.push((prefix(&h.0), index));
         }
         if let Some(c) = &r.cid {
             // By multihash: CIDv0 and CIDv1 of the same content find each other.
@@ -932,7 +977,7 @@ pub fn index_entries(
             .into_iter()
             .flatten()
         {
-            by_uid.push((u.0, index));
+            by_uid.push((prefix(&u.0), index));
         }
         if e.submitter != r.source && e.submitter != r.destination {
             by_id.push((e.submitter, index));
@@ -949,8 +994,8 @@ pub fn index_entries(
     by_uid.sort_unstable();
     {
         let mut t = txn.open_table(LEAF_INDEX)?;
-        for (leaf, index) in &leaves {
-            t.insert(leaf, index)?;
+        for key in &leaves {
+            t.insert(key, ())?;
         }
         let mut t = txn.open_table(BY_SHA256)?;
         for key in &by_sha {

@@ -623,6 +623,23 @@ async fn search_and_leaf_proofs_between_checkpoints() {
     l.stop().await;
 }
 
+/// The indexes a search for `key=value` finds once it finds any (the indexer runs behind the
+/// appends), or none after 10 s.
+async fn search_once_indexed(
+    a: &medmesh_ledger_client::LedgerClient,
+    key: &str,
+    value: &str,
+) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let hits = a.search(key, value).await.unwrap().1;
+        if !hits.is_empty() || std::time::Instant::now() > deadline {
+            return hits.iter().map(|h| h.index).collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// An `index.redb` of the first layout (multimap tables, no format key) is rebuilt from the log
 /// on start: its stale rows are gone and every search finds exactly the log's entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,11 +658,7 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
     // Wait until the indexer covers the batch, so that the index claims all 30 entries.
     let a = l.client(&pki, AUDITOR);
     let sha0 = records[0].content_sha256.unwrap().to_hex();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while a.search("sha256", &sha0).await.unwrap().1.is_empty() {
-        assert!(std::time::Instant::now() < deadline, "never indexed");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    assert_eq!(search_once_indexed(&a, "sha256", &sha0).await.len(), 1);
     l.stop().await;
 
     // Rewrite the index as the first layout held it, with a wrong row to be forgotten: record
@@ -654,7 +667,12 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        for name in ["sha256_entries", "cid_entries", "uid_entries"] {
+        for name in [
+            "leaf_prefixes",
+            "sha256_prefixes",
+            "cid_entries",
+            "uid_prefixes",
+        ] {
             let t: TableDefinition<&[u8], ()> = TableDefinition::new(name);
             txn.delete_table(t).unwrap();
         }
@@ -673,21 +691,10 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
 
     l.restart().await.unwrap();
     let a = l.client(&pki, AUDITOR);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     for (r, placed) in records.iter().zip(&appended.results) {
-        let hits = loop {
-            let hits = a
-                .search("sha256", &r.content_sha256.unwrap().to_hex())
-                .await
-                .unwrap()
-                .1;
-            if !hits.is_empty() || std::time::Instant::now() > deadline {
-                break hits;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
+        let hits = search_once_indexed(&a, "sha256", &r.content_sha256.unwrap().to_hex()).await;
         assert_eq!(
-            hits.iter().map(|h| h.index).collect::<Vec<_>>(),
+            hits,
             vec![placed.index],
             "the rebuilt index holds exactly the log's entry for each hash"
         );
@@ -719,7 +726,62 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
     assert_eq!(left, vec!["by_identity".to_owned()]);
     let meta: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
     let m = txn.open_table(meta).unwrap();
-    assert_eq!(m.get("index_format").unwrap().unwrap().value(), 2);
+    assert_eq!(m.get("index_format").unwrap().unwrap().value(), 3);
+}
+
+/// Hashes and UIDs are indexed by their first 8 bytes: entries whose keys share those bytes but
+/// differ after them are never returned for each other, by searches or by leaf-hash proofs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_sharing_an_index_prefix_are_told_apart() {
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let w = l.client(&pki, WRITER);
+    let a = l.client(&pki, AUDITOR);
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+    // Three records whose content hash and instance UID share their first 8 bytes.
+    let records: Vec<_> = (0..3u8)
+        .map(|k| {
+            let mut r = record(u64::from(k), &src, &dst);
+            let mut key = [0x5a; 32];
+            key[31] = k;
+            r.content_sha256 = Some(medmesh_core::merkle::Hash(key));
+            r.sop_instance_uid = Some(medmesh_core::record::KeyedHash(key));
+            r
+        })
+        .collect();
+    let appended = w.append_batch(records.clone(), false).await.unwrap();
+    for (r, placed) in records.iter().zip(&appended.results) {
+        let hits = search_once_indexed(&a, "sha256", &r.content_sha256.unwrap().to_hex()).await;
+        assert_eq!(
+            hits,
+            vec![placed.index],
+            "only the entry with the whole hash"
+        );
+        let by_uid = a
+            .search("uid", &r.sop_instance_uid.unwrap().to_string())
+            .await
+            .unwrap()
+            .1;
+        assert_eq!(
+            by_uid.iter().map(|h| h.index).collect::<Vec<_>>(),
+            vec![placed.index]
+        );
+        let by_leaf = a
+            .inclusion_proof_by_leaf(&placed.leaf_hash, placed.index + 1)
+            .await
+            .unwrap();
+        assert_eq!(by_leaf.index, placed.index);
+    }
+    // A hash sharing the prefix of all three, held by none of them, finds nothing.
+    let mut other = [0x5a; 32];
+    other[31] = 9;
+    let none = a
+        .search("sha256", &medmesh_core::merkle::Hash(other).to_hex())
+        .await
+        .unwrap()
+        .1;
+    assert!(none.is_empty());
+    l.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
