@@ -426,7 +426,12 @@ struct Measured {
 
 /// CPU seconds (user + system) used so far by process `pid`.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks(&format!("/proc/{pid}/stat")) as f64 / 100.0
+}
+
+/// utime + stime, in clock ticks, of the process or thread whose `stat` file is `path`.
+fn stat_ticks(path: &str) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -436,11 +441,11 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |i: usize| {
         fields
             .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
     };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
+    ticks(11) + ticks(12)
 }
 
 /// What the ledger processes' threads and commits did so far, for the breakdown printed after
@@ -477,14 +482,7 @@ fn activity(nodes: &[(u32, u16)]) -> Activity {
                 .find(|k| comm.trim() == **k)
                 .copied()
                 .unwrap_or(KINDS[3]);
-            let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
-            let fields: Vec<u64> = stat
-                .rsplit_once(')')
-                .map_or("", |(_, r)| r)
-                .split_whitespace()
-                .map(|v| v.parse().unwrap_or(0))
-                .collect();
-            let ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
+            let ticks = stat_ticks(&path.join("stat").to_string_lossy());
             let io = std::fs::read_to_string(path.join("io")).unwrap_or_default();
             let io_field = |name: &str| {
                 io.lines()
