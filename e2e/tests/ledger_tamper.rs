@@ -13,8 +13,14 @@ use mesh::*;
 use redb::{ReadableTable, TableDefinition};
 
 const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
-const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("nodes");
+const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("tree_nodes");
 const N: u64 = 40;
+
+/// Key of node `(level, index)`: its position in post-order (docs/ledger-format.md §4).
+fn node(level: u8, index: u64) -> u64 {
+    let last = ((index + 1) << level) - 1;
+    2 * last - u64::from(last.count_ones()) + u64::from(level)
+}
 
 /// A ledger holding `N` entries, trusted and audited clean by the auditor, then stopped.
 async fn prepared() -> (tempfile::TempDir, LedgerProc) {
@@ -104,7 +110,7 @@ async fn edited_leaf_node_is_caught() {
     let (_d, mut l) = prepared().await;
     mutate(&l, |t| {
         let mut n = t.open_table(NODES).unwrap();
-        n.insert(10u64, [0xAA; 32]).unwrap();
+        n.insert(node(0, 10), [0xAA; 32]).unwrap();
     });
     l.start().unwrap();
     audit_fails_with(&l, &["PROBLEM at entry 10", "but the tree holds leaf aaaa"]);
@@ -116,7 +122,7 @@ async fn edited_interior_node_is_caught_by_proofs() {
     // Node (level 2, index 1) covers leaves 4..8; it is a sibling in the proofs of leaves 0..4.
     mutate(&l, |t| {
         let mut n = t.open_table(NODES).unwrap();
-        n.insert((2u64 << 56) | 1, [0x55; 32]).unwrap();
+        n.insert(node(2, 1), [0x55; 32]).unwrap();
     });
     l.start().unwrap();
     let t = audit_fails_with(
@@ -141,7 +147,7 @@ async fn edited_peak_node_stops_the_ledger_at_start() {
     // Size 40 = 32 + 8: node (3, 4) is a peak of the signed tree.
     mutate(&l, |t| {
         let mut n = t.open_table(NODES).unwrap();
-        n.insert((3u64 << 56) | 4, [0x33; 32]).unwrap();
+        n.insert(node(3, 4), [0x33; 32]).unwrap();
     });
     let err = l.start().unwrap_err();
     assert!(err.contains("but the signed checkpoint says"), "{err}");

@@ -729,6 +729,125 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
     assert_eq!(m.get("index_format").unwrap().unwrap().value(), 3);
 }
 
+/// A ledger of format 1 (Merkle nodes keyed by level, then index) is moved to post-order keys
+/// when it opens: the signed checkpoint still verifies, every proof still checks, and it goes on
+/// appending in the new layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_of_the_first_format_is_moved_to_post_order_nodes() {
+    use redb::{
+        ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+    };
+    // Both layouts, written out here as the format document gives them.
+    fn post_order(level: u8, index: u64) -> u64 {
+        let last = ((index + 1) << level) - 1;
+        2 * last - u64::from(last.count_ones()) + u64::from(level)
+    }
+    fn by_level(level: u8, index: u64) -> u64 {
+        (u64::from(level) << 56) | index
+    }
+    let new_nodes: TableDefinition<u64, [u8; 32]> = TableDefinition::new("tree_nodes");
+    let old_nodes: TableDefinition<u64, [u8; 32]> = TableDefinition::new("nodes");
+    let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+    let pki = Pki::new();
+    let mut l = TestLedger::start(&pki).await;
+    let w = l.client(&pki, WRITER);
+    let a = l.client(&pki, AUDITOR);
+    let (src, dst) = (pki.id(("ct", "scanner")), pki.id(WRITER));
+    // 37 = 32 + 4 + 1: a ragged right edge with three peaks.
+    let records: Vec<_> = (0..37).map(|i| record(i, &src, &dst)).collect();
+    w.append_batch(records.clone(), false).await.unwrap();
+    let store = TrustedStore::new(pki.dir.path().join("trusted.cp"));
+    let cp37 = loop {
+        let u = a.update_trusted(&store).await.unwrap();
+        if u.new.checkpoint.size == 37 {
+            break u.new.checkpoint;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    l.stop().await;
+
+    // Rewrite the node table as format 1 kept it.
+    let path = l.data.join("ledger.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let new = txn.open_table(new_nodes).unwrap();
+            // 2n − popcount(n) complete nodes, and no others.
+            assert_eq!(new.len().unwrap(), 2 * 37 - 3);
+            let mut old = txn.open_table(old_nodes).unwrap();
+            for level in 0..6u8 {
+                for index in 0..(37 >> level) {
+                    let hash = new.get(post_order(level, index)).unwrap().unwrap().value();
+                    old.insert(by_level(level, index), hash).unwrap();
+                }
+            }
+            assert_eq!(old.len().unwrap(), 2 * 37 - 3);
+            txn.open_table(meta)
+                .unwrap()
+                .insert("format_version", 1)
+                .unwrap();
+        }
+        txn.delete_table(new_nodes).unwrap();
+        txn.commit().unwrap();
+    }
+
+    l.restart().await.unwrap();
+    let a = l.client(&pki, AUDITOR);
+    for (i, r) in records.iter().enumerate() {
+        let p = a.prove_entry(i as u64, &cp37).await.unwrap();
+        assert_eq!(&p.entry.record, r);
+    }
+    let report = a.audit(&cp37, 1000).await.unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.proofs_checked, 37);
+    // It appends in the new layout, consistently with what it signed before.
+    let more: Vec<_> = (37..42).map(|i| record(i, &src, &dst)).collect();
+    l.client(&pki, WRITER)
+        .append_batch(more, false)
+        .await
+        .unwrap();
+    // The auditor's trusted checkpoint of size 37 must be extended consistently.
+    let cp42 = loop {
+        let u = a.update_trusted(&store).await.unwrap();
+        if u.new.checkpoint.size == 42 {
+            break u.new.checkpoint;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let c = a.consistency_proof(37, 42).await.unwrap();
+    merkle::verify_consistency(37, 42, &cp37.root, &cp42.root, &c.proof).unwrap();
+    l.stop().await;
+
+    let db = redb::Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let tables: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_owned())
+        .collect();
+    assert!(!tables.contains(&"nodes".to_owned()), "{tables:?}");
+    assert_eq!(
+        txn.open_table(meta)
+            .unwrap()
+            .get("format_version")
+            .unwrap()
+            .unwrap()
+            .value(),
+        2
+    );
+    let nodes = txn.open_table(new_nodes).unwrap();
+    assert_eq!(nodes.len().unwrap(), 2 * 42 - 3);
+    // The last leaf and the nodes it completed are the table's last rows.
+    let last: Vec<u64> = nodes
+        .range(post_order(0, 41)..)
+        .unwrap()
+        .map(|r| r.unwrap().0.value())
+        .collect();
+    assert_eq!(last, vec![post_order(0, 41), post_order(1, 20)]);
+}
+
 /// Hashes and UIDs are indexed by their first 8 bytes: entries whose keys share those bytes but
 /// differ after them are never returned for each other, by searches or by leaf-hash proofs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
