@@ -4,6 +4,7 @@
 //!
 //! Auditors and the CLI verify ledger proofs with this crate alone.
 
+pub mod base16;
 pub mod checkpoint;
 #[cfg(feature = "devca")]
 pub mod devca;

@@ -24,7 +24,7 @@ impl Hash {
 
     /// Lowercase hex.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        crate::base16::encode(&self.0).as_str().to_owned()
     }
 
     /// Parses 64 hex digits.
@@ -32,10 +32,9 @@ impl Hash {
     /// # Errors
     /// When the input is not exactly 64 hex digits.
     pub fn from_hex(s: &str) -> Result<Self, HashParseError> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out)
-            .map_err(|_| HashParseError(s.chars().take(80).collect()))?;
-        Ok(Self(out))
+        crate::base16::decode(s)
+            .map(Self)
+            .ok_or_else(|| HashParseError(s.chars().take(80).collect()))
     }
 
     /// Builds a hash from a slice of exactly 32 bytes.
@@ -56,19 +55,19 @@ pub struct HashParseError(String);
 
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
+        f.write_str(crate::base16::encode(&self.0).as_str())
     }
 }
 
 impl fmt::Debug for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Hash({})", self.to_hex())
+        write!(f, "Hash({self})")
     }
 }
 
 impl serde::Serialize for Hash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        s.serialize_str(crate::base16::encode(&self.0).as_str())
     }
 }
 

@@ -55,7 +55,7 @@ impl RecordId {
 
 impl fmt::Display for RecordId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.write_str(crate::base16::encode(&self.0).as_str())
     }
 }
 
@@ -68,10 +68,9 @@ impl fmt::Debug for RecordId {
 impl FromStr for RecordId {
     type Err = RecordError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut b = [0u8; 16];
-        hex::decode_to_slice(s, &mut b)
-            .map_err(|_| RecordError::RecordId(s.chars().take(64).collect()))?;
-        Ok(Self(b))
+        crate::base16::decode(s)
+            .map(Self)
+            .ok_or_else(|| RecordError::RecordId(s.chars().take(64).collect()))
     }
 }
 
@@ -82,7 +81,7 @@ pub struct KeyedHash(pub [u8; 32]);
 
 impl fmt::Display for KeyedHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
+        f.write_str(crate::base16::encode(&self.0).as_str())
     }
 }
 
@@ -95,10 +94,9 @@ impl fmt::Debug for KeyedHash {
 impl FromStr for KeyedHash {
     type Err = RecordError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut b = [0u8; 32];
-        hex::decode_to_slice(s, &mut b)
-            .map_err(|_| RecordError::KeyedHash(s.chars().take(80).collect()))?;
-        Ok(Self(b))
+        crate::base16::decode(s)
+            .map(Self)
+            .ok_or_else(|| RecordError::KeyedHash(s.chars().take(80).collect()))
     }
 }
 
