@@ -636,6 +636,14 @@ pub fn stateful_set(
             value: Some(format!("{CONFIG_DIR}/$(POD_NAME).yaml")),
             ..EnvVar::default()
         },
+        // The binary's allocator never asks for transparent huge pages (`no_thp`); on nodes that
+        // give them to every process, this makes it opt out too. Faulted back in after each
+        // purge, a huge page is zeroed whole: 6 % of the ledger's CPU under load.
+        EnvVar {
+            name: "MIMALLOC_ALLOW_THP".into(),
+            value: Some("0".into()),
+            ..EnvVar::default()
+        },
     ];
     if let Some(e) = otlp_endpoint {
         env.push(EnvVar {

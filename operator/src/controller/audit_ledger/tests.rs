@@ -315,6 +315,10 @@ async fn mock_api_ledger_first_pass_creates_every_child_and_the_status() {
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["env"][1]["value"], "/etc/medmesh/ledger/$(POD_NAME).yaml");
+    assert_eq!(
+        c["env"][2],
+        json!({"name": "MIMALLOC_ALLOW_THP", "value": "0"})
+    );
     let pdb = by_path("poddisruptionbudgets/ledger");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
 
