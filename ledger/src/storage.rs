@@ -70,6 +70,11 @@ fn prefix(h: &[u8; 32]) -> u64 {
 const META_TREE_SIZE: &str = "tree_size";
 const META_FORMAT: &str = "format_version";
 const META_INDEXED: &str = "indexed_size";
+/// While a format 1 file is moved to format 2: leaves `0..migrated_leaves` have their nodes moved.
+const META_MIGRATED: &str = "migrated_leaves";
+/// Leaves whose nodes are moved per transaction (about 2 s each): a restart during a long move,
+/// such as a pod killed by its probes, resumes where it stopped instead of starting again.
+const MIGRATION_CHUNK: u64 = 1 << 20;
 /// Layout of `index.redb` (absent: format 1). Another format is rebuilt from the log.
 const META_INDEX_FORMAT: &str = "index_format";
 const INDEX_FORMAT: u64 = 3;
@@ -175,6 +180,7 @@ impl Storage {
         origin: &str,
     ) -> Result<(Self, Recovered), StorageError> {
         let db = Database::builder().set_cache_size(256 << 20).create(path)?;
+        migrate_v1_nodes(&db, MIGRATION_CHUNK)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -185,11 +191,6 @@ impl Storage {
                     meta.insert(META_TREE_SIZE, 0)?;
                 }
                 Some(FORMAT_VERSION) => {}
-                Some(1) => {
-                    let size = meta.get(META_TREE_SIZE)?.map_or(0, |v| v.value());
-                    migrate_v1_nodes(&txn, size)?;
-                    meta.insert(META_FORMAT, FORMAT_VERSION)?;
-                }
                 Some(v) => return Err(StorageError::Format(v)),
             }
             // Create every table so readers never meet a missing one.
@@ -864,33 +865,66 @@ pub fn bench_fill_nodes(
     Ok(())
 }
 
-/// Moves format 1's node table (keyed by level, then index) into post-order keys, in `txn`. The
-/// nodes are copied in the order `Frontier::push` made them, so the new table is written at its
-/// end; the moved tree is checked against the signed checkpoint by `open_checked` afterwards.
-fn migrate_v1_nodes(txn: &WriteTransaction, size: u64) -> Result<(), StorageError> {
+/// Moves format 1's node table (keyed by level, then index) to post-order keys, if the file is in
+/// format 1: `chunk` leaves per transaction, each recording how far it got in `meta`, so that a
+/// crash resumes where it stopped. The last transaction deletes the old
+/// table and records format 2. Until then the file is a valid format 1 file (the old table is
+/// whole), which an older build still opens. Nodes are copied in the order `Frontier::push`
+/// made them, so the new table grows at its end; `open_checked` then verifies the moved tree
+/// against the signed checkpoint.
+fn migrate_v1_nodes(db: &Database, chunk: u64) -> Result<(), StorageError> {
     let started = std::time::Instant::now();
-    {
-        let old = txn.open_table(V1_NODES)?;
-        let mut new = txn.open_table(NODES)?;
-        for leaf in 0..size {
-            // Leaf `leaf` completes one node on each level up to `trailing_ones(leaf)`.
-            for level in 0..=leaf.trailing_ones() as u8 {
-                let index = leaf >> level;
-                let hash = old
-                    .get(v1_node_key(level, index))?
-                    .ok_or(StorageError::MissingNode { level, index, size })?
-                    .value();
-                new.insert(node_key(level, index), hash)?;
+    loop {
+        let txn = db.begin_write()?;
+        let finished = {
+            let mut meta = txn.open_table(META)?;
+            if meta.get(META_FORMAT)?.map(|v| v.value()) != Some(1) {
+                drop(meta);
+                txn.abort()?;
+                return Ok(());
             }
+            let size = meta.get(META_TREE_SIZE)?.map_or(0, |v| v.value());
+            let from = meta.get(META_MIGRATED)?.map_or(0, |v| v.value());
+            if from < size {
+                let to = from.saturating_add(chunk).min(size);
+                let old = txn.open_table(V1_NODES)?;
+                let mut new = txn.open_table(NODES)?;
+                for leaf in from..to {
+                    // Leaf `leaf` completes one node on each level up to `trailing_ones(leaf)`.
+                    for level in 0..=leaf.trailing_ones() as u8 {
+                        let index = leaf >> level;
+                        let hash = old
+                            .get(v1_node_key(level, index))?
+                            .ok_or(StorageError::MissingNode { level, index, size })?
+                            .value();
+                        new.insert(node_key(level, index), hash)?;
+                    }
+                }
+                meta.insert(META_MIGRATED, to)?;
+                tracing::info!(
+                    moved = to,
+                    size,
+                    "moving the ledger database from format 1 to 2 (Merkle nodes in post-order)"
+                );
+                false
+            } else {
+                meta.remove(META_MIGRATED)?;
+                meta.insert(META_FORMAT, FORMAT_VERSION)?;
+                true
+            }
+        };
+        if finished {
+            txn.delete_table(V1_NODES)?;
+        }
+        txn.commit()?;
+        if finished {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "ledger database moved from format 1 to 2"
+            );
+            return Ok(());
         }
     }
-    txn.delete_table(V1_NODES)?;
-    tracing::info!(
-        size,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "ledger database moved from format 1 to 2 (Merkle nodes in post-order)"
-    );
-    Ok(())
 }
 
 fn open_index(path: &Path) -> Result<Database, StorageError> {
@@ -1083,4 +1117,65 @@ pub fn table_counts(storage: &Storage) -> Result<Vec<(&'static str, u64)>, Stora
         ("nodes", txn.open_table(NODES)?.len()?),
         ("checkpoints", txn.open_table(CHECKPOINTS)?.len()?),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    // Unit tests: a panic is the failure report.
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A format 1 file is moved a few leaves per transaction: every node lands under its
+    /// post-order key, and the last transaction leaves no trace of the old layout.
+    #[test]
+    fn format_1_nodes_move_in_bounded_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("ledger.redb")).unwrap();
+        let mut made = Vec::new();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut old = txn.open_table(V1_NODES).unwrap();
+            let mut f = Frontier::new();
+            for i in 0..37u64 {
+                f.push(merkle::leaf_hash(&i.to_be_bytes()), |n| {
+                    old.insert(v1_node_key(n.level, n.index), n.hash.0).unwrap();
+                    made.push(n);
+                });
+            }
+            let mut meta = txn.open_table(META).unwrap();
+            meta.insert(META_FORMAT, 1).unwrap();
+            meta.insert(META_TREE_SIZE, 37).unwrap();
+        }
+        txn.commit().unwrap();
+
+        // 37 leaves, 5 per transaction: 8 transactions of nodes, then the switch.
+        migrate_v1_nodes(&db, 5).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get(META_FORMAT).unwrap().unwrap().value(), 2);
+        assert!(meta.get(META_MIGRATED).unwrap().is_none());
+        assert!(
+            txn.open_table(V1_NODES).is_err(),
+            "the old table is deleted"
+        );
+        let nodes = txn.open_table(NODES).unwrap();
+        assert_eq!(nodes.len().unwrap(), 2 * 37 - 3);
+        assert_eq!(made.len() as u64, 2 * 37 - 3);
+        for n in &made {
+            let got = nodes.get(node_key(n.level, n.index)).unwrap().unwrap();
+            assert_eq!(got.value(), n.hash.0, "node ({}, {})", n.level, n.index);
+        }
+        // Post-order keys are dense: 0..71, in the order the nodes were made.
+        let keys: Vec<u64> = nodes
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value())
+            .collect();
+        assert_eq!(keys, (0..71).collect::<Vec<_>>());
+        let made_keys: Vec<u64> = made.iter().map(|n| node_key(n.level, n.index)).collect();
+        assert_eq!(made_keys, keys);
+        drop((meta, nodes, txn));
+        // A file in format 2 is left alone.
+        migrate_v1_nodes(&db, 5).unwrap();
+    }
 }
