@@ -867,11 +867,11 @@ pub fn bench_fill_nodes(
 
 /// Moves format 1's node table (keyed by level, then index) to post-order keys, if the file is in
 /// format 1: `chunk` leaves per transaction, each recording how far it got in `meta`, so that a
-/// crash resumes where it stopped. The last transaction deletes the old
-/// table and records format 2. Until then the file is a valid format 1 file (the old table is
-/// whole), which an older build still opens. Nodes are copied in the order `Frontier::push`
-/// made them, so the new table grows at its end; `open_checked` then verifies the moved tree
-/// against the signed checkpoint.
+/// crash resumes where it stopped. The last transaction deletes the old table and records
+/// format 2. Until then the file is a valid format 1 file (the old table is whole), which an
+/// older build still opens. Nodes are copied in the order `Frontier::push` made them, so the new
+/// table grows at its end; `open_checked` then verifies the moved tree against the signed
+/// checkpoint.
 fn migrate_v1_nodes(db: &Database, chunk: u64) -> Result<(), StorageError> {
     let started = std::time::Instant::now();
     loop {
@@ -1029,9 +1029,9 @@ pub fn index_entries(
     let mut by_id: Vec<(medmesh_core::SpiffeId, u64)> = Vec::new();
     let mut by_uid: Vec<(u64, u64)> = Vec::new();
     // Record ids are unique in the log, so entry bytes and leaf hashes are too: no need to read
-    // before writing. The leaves of `from..to` are one run of the node table (level 0): one
-    // range scan instead of a lookup per entry (8 % of the indexer's CPU).
-    // Interior nodes lie between them in post-order: skipped.
+    // before writing. The leaves of `from..to` lie in one key range of the node table, between
+    // the interior nodes they complete (post-order, skipped): one range scan instead of a lookup
+    // per entry (8 % of the indexer's CPU).
     if from < to {
         let mut want = from;
         for item in nodes.range(node_key(0, from)..=node_key(0, to - 1))? {

@@ -59,13 +59,7 @@ async fn appends_are_proven_searched_and_consistent() {
 
     // The auditor trusts a checkpoint covering everything, then verifies every entry.
     let store = TrustedStore::new(pki.dir.path().join("trusted.cp"));
-    let cp = loop {
-        let u = auditor.update_trusted(&store).await.unwrap();
-        if u.new.checkpoint.size == 130 {
-            break u.new.checkpoint;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let cp = trusted_at(&auditor, &store, 130).await;
     for (index, rec) in &all {
         let p = auditor.prove_entry(*index, &cp).await.unwrap();
         assert_eq!(&p.entry.record, rec);
@@ -623,6 +617,21 @@ async fn search_and_leaf_proofs_between_checkpoints() {
     l.stop().await;
 }
 
+/// The checkpoint `a` trusts in `store` once the ledger has signed one of `size` entries.
+async fn trusted_at(
+    a: &medmesh_ledger_client::LedgerClient,
+    store: &TrustedStore,
+    size: u64,
+) -> medmesh_core::Checkpoint {
+    loop {
+        let u = a.update_trusted(store).await.unwrap();
+        if u.new.checkpoint.size == size {
+            return u.new.checkpoint;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// The indexes a search for `key=value` finds once it finds any (the indexer runs behind the
 /// appends), or none after 10 s.
 async fn search_once_indexed(
@@ -758,13 +767,7 @@ async fn a_ledger_of_the_first_format_is_moved_to_post_order_nodes() {
     let records: Vec<_> = (0..37).map(|i| record(i, &src, &dst)).collect();
     w.append_batch(records.clone(), false).await.unwrap();
     let store = TrustedStore::new(pki.dir.path().join("trusted.cp"));
-    let cp37 = loop {
-        let u = a.update_trusted(&store).await.unwrap();
-        if u.new.checkpoint.size == 37 {
-            break u.new.checkpoint;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let cp37 = trusted_at(&a, &store, 37).await;
     l.stop().await;
 
     // Rewrite the node table as format 1 kept it.
@@ -809,13 +812,7 @@ async fn a_ledger_of_the_first_format_is_moved_to_post_order_nodes() {
         .await
         .unwrap();
     // The auditor's trusted checkpoint of size 37 must be extended consistently.
-    let cp42 = loop {
-        let u = a.update_trusted(&store).await.unwrap();
-        if u.new.checkpoint.size == 42 {
-            break u.new.checkpoint;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let cp42 = trusted_at(&a, &store, 42).await;
     let c = a.consistency_proof(37, 42).await.unwrap();
     merkle::verify_consistency(37, 42, &cp37.root, &cp42.root, &c.proof).unwrap();
     l.stop().await;
