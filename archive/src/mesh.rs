@@ -4,22 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt as _;
-use http_body_util::combinators::BoxBody;
 use medmesh_core::SpiffeId;
 use medmesh_core::tls::{Identity, MESH_ALPN, ServerIdentity, TrustBundle};
 
 use crate::ArchiveError;
 
-/// A request body: streamed, fallible with I/O errors (files).
-pub type Body = BoxBody<Bytes, std::io::Error>;
-
-/// An empty body.
-pub fn empty() -> Body {
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed()
-}
+pub use medmesh_httpc::{Body, empty};
 
 /// The mTLS settings for reaching a meshed workload.
 #[derive(Clone)]
@@ -41,17 +31,13 @@ impl std::fmt::Debug for MeshTls {
     }
 }
 
-/// Idle keep-alive connections kept per endpoint (and its clones).
-const IDLE_MAX: usize = 8;
-/// How long an idle connection is kept: below the idle timeouts of the servers behind a sidecar
-/// (ipfs-cluster's REST API closes idle connections after 120 s).
-const IDLE_FOR: Duration = Duration::from_secs(20);
-
-/// A connection that answered its last request whole and may carry the next one.
-struct IdleConn {
-    send: hyper::client::conn::http1::SendRequest<Body>,
-    since: std::time::Instant,
-}
+/// Idle keep-alive connections kept per endpoint (and its clones), and for how long: below the
+/// idle timeouts of the servers behind a sidecar (ipfs-cluster's REST API closes idle
+/// connections after 120 s).
+const KEEP: medmesh_httpc::Keep = medmesh_httpc::Keep {
+    max: 8,
+    idle_for: Duration::from_secs(20),
+};
 
 /// One HTTP endpoint (`http://host:port`), reached through the mesh (mTLS to the workload's
 /// sidecar) or, without [`MeshTls`], in plaintext (loopback and tests only).
@@ -60,22 +46,13 @@ struct IdleConn {
 /// an uploader's add and its pin-status polls then cost one TLS handshake, not one each.
 #[derive(Clone)]
 pub struct MeshEndpoint {
-    host: String,
-    port: u16,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    conns: medmesh_httpc::Endpoint,
     timeout: Duration,
-    idle: Arc<std::sync::Mutex<Vec<IdleConn>>>,
 }
 
 impl std::fmt::Debug for MeshEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "MeshEndpoint({}:{}, {})",
-            self.host,
-            self.port,
-            if self.tls.is_some() { "mesh" } else { "plain" }
-        )
+        write!(f, "MeshEndpoint({:?})", self.conns)
     }
 }
 
@@ -115,21 +92,18 @@ impl MeshEndpoint {
             )),
         };
         Ok(Self {
-            host,
-            port,
-            tls,
+            conns: medmesh_httpc::Endpoint::new(&host, port, tls, KEEP),
             timeout,
-            idle: Arc::default(),
         })
     }
 
     /// `host:port`.
     pub fn authority(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        self.conns.authority().to_owned()
     }
 
     fn target(&self, path: &str) -> String {
-        format!("{}:{}{path}", self.host, self.port)
+        format!("{}{path}", self.conns.authority())
     }
 
     /// Sends one request on a new connection; the response head must arrive within the
@@ -173,7 +147,11 @@ impl MeshEndpoint {
                 v.set_sensitive(true);
                 req.headers_mut().insert(http::header::AUTHORIZATION, v);
             }
-            let mut send = self.connect(&target).await?;
+            let mut send = self
+                .conns
+                .connect()
+                .await
+                .map_err(|e| transport(&target, e))?;
             send.send_request(req)
                 .await
                 .map_err(|e| transport(&target, format!("HTTP: {e}")))
@@ -190,113 +168,22 @@ impl MeshEndpoint {
         content_type: Option<&str>,
         body: Body,
     ) -> Result<http::Request<Body>, ArchiveError> {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path_and_query)
-            .header(http::header::HOST, self.authority());
+        let fail = |e: String| transport(&self.target(path_and_query), e);
+        let mut req = self
+            .conns
+            .request(method, path_and_query, body)
+            .map_err(fail)?;
         if let Some(ct) = content_type {
-            req = req.header(http::header::CONTENT_TYPE, ct);
+            let ct = http::HeaderValue::from_str(ct).map_err(|e| fail(e.to_string()))?;
+            req.headers_mut().insert(http::header::CONTENT_TYPE, ct);
         }
-        req.body(body)
-            .map_err(|e| transport(&self.target(path_and_query), e.to_string()))
-    }
-
-    /// A new connection (TCP, then TLS through the mesh), its HTTP/1.1 handshake done.
-    async fn connect(
-        &self,
-        target: &str,
-    ) -> Result<hyper::client::conn::http1::SendRequest<Body>, ArchiveError> {
-        let fail = |reason: String| transport(target, reason);
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| fail(format!("connect: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            Some(cfg) => {
-                let name = rustls_pki_types::ServerName::try_from(self.host.clone())
-                    .map_err(|e| fail(format!("server name: {e}")))?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| fail(format!("TLS: {e}")))?;
-                handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(fail)
-            }
-            None => handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .map_err(fail),
-        }
-    }
-
-    /// An idle connection that is open and ready now, if one is kept (one still finishing
-    /// its last exchange is dropped rather than waited for).
-    fn take_idle(&self) -> Option<hyper::client::conn::http1::SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| c.since.elapsed() < IDLE_FOR && !c.send.is_closed());
-        while let Some(c) = idle.pop() {
-            if c.send.is_ready() {
-                return Some(c.send);
-            }
-        }
-        None
-    }
-
-    fn keep(&self, send: hyper::client::conn::http1::SendRequest<Body>) {
-        if send.is_closed() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < IDLE_MAX {
-            idle.push(IdleConn {
-                send,
-                since: std::time::Instant::now(),
-            });
-        }
-    }
-
-    /// One exchange on a kept connection, or a new one when none is kept or the kept one
-    /// closed before taking the request. A bodiless request (a GET) that fails on a kept
-    /// connection, which the server may have closed as it was written, is sent once more on a
-    /// new one; a request with a body (an upload) is not replayed here.
-    async fn exchange_pooled(
-        &self,
-        target: &str,
-        req: http::Request<Body>,
-    ) -> Result<
-        (
-            hyper::client::conn::http1::SendRequest<Body>,
-            http::Response<hyper::body::Incoming>,
-        ),
-        ArchiveError,
-    > {
-        let fail = |e: hyper::Error| transport(target, format!("HTTP: {e}"));
-        let replay = (req.method() == http::Method::GET).then(|| {
-            let mut again = http::Request::new(empty());
-            *again.method_mut() = req.method().clone();
-            *again.uri_mut() = req.uri().clone();
-            *again.headers_mut() = req.headers().clone();
-            again
-        });
-        let req = match self.take_idle() {
-            Some(mut send) => match send.try_send_request(req).await {
-                Ok(resp) => return Ok((send, resp)),
-                Err(mut e) => match (e.take_message(), replay) {
-                    // Never written: the server closed the idle connection first.
-                    (Some(req), _) => req,
-                    (None, Some(again)) => again,
-                    (None, None) => return Err(fail(e.into_error())),
-                },
-            },
-            None => req,
-        };
-        let mut send = self.connect(target).await?;
-        let resp = send.send_request(req).await.map_err(fail)?;
-        Ok((send, resp))
+        Ok(req)
     }
 
     /// Sends a request and reads the whole answer (at most `limit` bytes), which must be a
-    /// success.
+    /// success. Kept connections are reused; a bodiless request (a GET) that fails on a kept
+    /// connection, which the server may have closed as it was written, is sent once more on a
+    /// new one; a request with a body (an upload) is not replayed.
     ///
     /// # Errors
     /// Transport errors, an error status, or an answer over the limit.
@@ -310,33 +197,22 @@ impl MeshEndpoint {
     ) -> Result<Bytes, ArchiveError> {
         let target = self.target(path_and_query);
         let req = self.request(method, path_and_query, content_type, body)?;
-        let (send, resp) = tokio::time::timeout(self.timeout, self.exchange_pooled(&target, req))
+        let replay = (req.method() == http::Method::GET)
+            .then(|| medmesh_httpc::copy_with_body(&req, empty()));
+        let answer = self
+            .conns
+            .call(req, replay, limit, self.timeout)
             .await
-            .map_err(|_| transport(&target, format!("no answer within {:?}", self.timeout)))??;
-        let status = resp.status();
-        let body = tokio::time::timeout(
-            self.timeout,
-            http_body_util::Limited::new(resp.into_body(), limit).collect(),
-        )
-        .await
-        .map_err(|_| {
-            transport(
-                &target,
-                format!("answer not complete within {:?}", self.timeout),
-            )
-        })?
-        .map_err(|e| transport(&target, format!("reading the answer: {e}")))?
-        .to_bytes();
-        // Read whole: the connection may carry the next request.
-        self.keep(send);
-        if !status.is_success() {
+            .map_err(|e| transport(&target, e))?;
+        if !answer.status.is_success() {
+            let body = &answer.body;
             return Err(ArchiveError::Status {
                 target,
-                status: status.as_u16(),
+                status: answer.status.as_u16(),
                 body: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
             });
         }
-        Ok(body)
+        Ok(answer.body)
     }
 }
 
@@ -345,19 +221,6 @@ fn transport(target: &str, reason: String) -> ArchiveError {
         target: target.to_owned(),
         reason,
     }
-}
-
-async fn handshake<I>(io: I) -> Result<hyper::client::conn::http1::SendRequest<Body>, String>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (send, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(send)
 }
 
 impl MeshEndpoint {

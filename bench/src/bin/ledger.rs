@@ -249,27 +249,42 @@ fn leader(nodes: &[Node], within: Duration) -> usize {
     }
 }
 
-fn record(td: &TrustDomain, i: u64) -> AuditRecord {
-    AuditRecord {
-        record_id: RecordId::new().unwrap(),
+/// The parts every benchmark record shares (identities and UIDs, parsed once: the client
+/// shares the cores with the ledger); [`record`] fills in the rest.
+fn template(td: &TrustDomain) -> Arc<AuditRecord> {
+    Arc::new(AuditRecord {
+        record_id: RecordId([0; 16]),
         kind: EventKind::InstanceStored,
-        time_us: 1_700_000_000_000_000 + i,
+        time_us: 0,
         source: td.workload("ct", "scanner").unwrap(),
         destination: td.workload("pacs", "writer").unwrap(),
         protocol: Protocol::Dimse,
         outcome: Outcome::Success,
         status: Some(0),
         bytes: 524_288,
-        content_sha256: Some(sha256(&i.to_be_bytes())),
-        study_uid: Some(KeyedHash([(i % 251) as u8; 32])),
-        series_uid: Some(KeyedHash([(i % 13) as u8; 32])),
-        sop_instance_uid: Some(KeyedHash(*sha256(&i.to_le_bytes()).as_bytes())),
+        content_sha256: None,
+        study_uid: None,
+        series_uid: None,
+        sop_instance_uid: None,
         calling_ae: None,
         called_ae: None,
         sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".parse().unwrap()),
         transfer_syntax_uid: Some("1.2.840.10008.1.2.1".parse().unwrap()),
         cid: None,
         archived_record: None,
+    })
+}
+
+/// Record `i`: a new id, its own content and instance, one of 251 studies and 13 series.
+fn record(template: &AuditRecord, i: u64) -> AuditRecord {
+    AuditRecord {
+        record_id: RecordId::new().unwrap(),
+        time_us: 1_700_000_000_000_000 + i,
+        content_sha256: Some(sha256(&i.to_be_bytes())),
+        study_uid: Some(KeyedHash([(i % 251) as u8; 32])),
+        series_uid: Some(KeyedHash([(i % 13) as u8; 32])),
+        sop_instance_uid: Some(KeyedHash(*sha256(&i.to_le_bytes()).as_bytes())),
+        ..template.clone()
     }
 }
 
@@ -571,7 +586,7 @@ fn measure(
             .map(|i| s.client(ports[i % ports.len()]))
             .collect();
         // Warm up connections (TLS handshakes) before measuring.
-        let td = s.td.clone();
+        let td = template(&s.td);
         let _ = load(cs.clone(), 1, {
             let td = td.clone();
             move |c, i| {
@@ -611,7 +626,7 @@ fn measure(
     );
     let batched_per_s = rt.block_on(async {
         let cs: Vec<_> = (0..8).map(|i| s.client(ports[i % ports.len()])).collect();
-        let td = s.td.clone();
+        let td = template(&s.td);
         let t = Instant::now();
         let (ops, _) = load(cs, secs, move |c, i| {
             let td = td.clone();
@@ -653,8 +668,12 @@ fn failover(
         let tasks: Vec<_> = (0..6)
             .map(|k| {
                 let cs: Vec<_> = ports.iter().map(|p| s.client(*p)).collect();
-                let (stop, killed_at, first, td) =
-                    (stop.clone(), killed_at.clone(), first.clone(), s.td.clone());
+                let (stop, killed_at, first, td) = (
+                    stop.clone(),
+                    killed_at.clone(),
+                    first.clone(),
+                    template(&s.td),
+                );
                 rt.spawn(async move {
                     let (mut via, mut i) = (k % cs.len(), (k as u64) << 40);
                     while !stop.load(Ordering::Relaxed) {

@@ -55,12 +55,12 @@ fn failed(span: &tracing::Span, e: &ClientError) {
 #[non_exhaustive]
 pub enum ClientError {
     /// The request did not complete.
-    #[error("ledger {url}: {source}")]
+    #[error("ledger {url}: {reason}")]
     Http {
         /// Request URL.
         url: String,
-        /// Transport error.
-        source: reqwest::Error,
+        /// What failed: connecting, TLS, the exchange, a timeout.
+        reason: String,
     },
     /// The ledger refused the request.
     #[error("ledger {url}: HTTP {status}: {message}")]
@@ -179,12 +179,15 @@ pub struct ProvenEntry {
 /// the trusted one to catch up before reporting a rollback.
 pub const STALE_REPLICA_WAIT: Duration = Duration::from_secs(3);
 
-/// The append endpoints of a ledger, indexed by `proof as usize`.
-#[derive(Debug)]
-struct AppendUrls {
-    one: [reqwest::Url; 2],
-    batch: [reqwest::Url; 2],
-}
+/// The append endpoints, indexed by `proof as usize`.
+const APPEND_ONE: [&str; 2] = ["/v1/entries?proof=false", "/v1/entries?proof=true"];
+const APPEND_BATCH: [&str; 2] = [
+    "/v1/entries/batch?proof=false",
+    "/v1/entries/batch?proof=true",
+];
+
+/// Largest answer read from a ledger: a page of 1000 entries with their proofs is a few MB.
+const ANSWER_LIMIT: usize = 64 << 20;
 
 /// A batch request that borrows its records (the client keeps them to check the leaves).
 #[derive(serde::Serialize)]
@@ -195,44 +198,16 @@ struct BatchRef<'a> {
 /// Client of one ledger.
 #[derive(Debug, Clone)]
 pub struct LedgerClient {
-    http: reqwest::Client,
+    /// Kept-alive HTTP/1.1 connections to the ledger.
+    http: medmesh_httpc::Endpoint,
+    /// The base URL, for messages.
     base: String,
-    /// The append endpoints, parsed once (without and with `proof`).
-    append_urls: Arc<AppendUrls>,
+    /// Timeout of one request (its answer, then its body).
+    timeout: Duration,
     verifier: NoteVerifier,
     origin: String,
     /// This client's SPIFFE ID: the submitter the ledger records for its appends.
     me: medmesh_core::SpiffeId,
-}
-
-/// Whether `e` is a connection that ended before the ledger answered (closed, reset, or the
-/// request never taken), as opposed to a timeout, a refused connection or an answer.
-fn lost_before_answer(e: &reqwest::Error) -> bool {
-    if e.is_timeout() || e.is_connect() || e.is_status() || e.is_decode() {
-        return false;
-    }
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cause {
-        let lost = match (
-            c.downcast_ref::<hyper::Error>(),
-            c.downcast_ref::<std::io::Error>(),
-        ) {
-            (Some(h), _) => h.is_incomplete_message() || h.is_canceled() || h.is_closed(),
-            (_, Some(io)) => matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::UnexpectedEof
-            ),
-            _ => false,
-        };
-        if lost {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
 }
 
 impl LedgerClient {
@@ -241,9 +216,24 @@ impl LedgerClient {
     /// # Errors
     /// When the TLS configuration cannot be built.
     pub fn new(cfg: LedgerClientConfig) -> Result<Self, ClientError> {
-        // reqwest checks for a process-wide provider even when handed a complete configuration;
-        // installing the one medmesh uses everywhere is a no-op if the binary already did.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let base = cfg.url.trim_end_matches('/').to_owned();
+        let bad = |reason: &str| ClientError::Malformed {
+            url: cfg.url.clone(),
+            reason: reason.to_owned(),
+        };
+        let uri: http::Uri = base
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad("the scheme must be https"));
+        }
+        if uri
+            .path_and_query()
+            .is_some_and(|p| !matches!(p.as_str(), "" | "/"))
+        {
+            return Err(bad("give only the scheme, host and port"));
+        }
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
         let tls = tls::client_config(
             Some(&cfg.identity),
             &cfg.bundle,
@@ -251,43 +241,23 @@ impl LedgerClient {
             // HTTP/1.1 keep-alive: every append is one small request answered once its entry
             // is durable, so HTTP/2's multiplexing buys nothing here, while its framing, flow
             // control and per-stream tasks cost both sides about a fifth of the CPU per
-            // append (bench/ledger). The pool keeps a connection per concurrent append.
+            // append (bench/ledger). A connection is kept per concurrent append.
             &[b"http/1.1"],
         )?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .timeout(cfg.timeout)
-            .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(64)
-            // The ledger closes an HTTP/1.1 connection idle for `API_HEADER_TIMEOUT`; one
-            // given up sooner here is never picked just as the ledger closes it.
-            .pool_idle_timeout(medmesh_core::wire::CLIENT_POOL_IDLE)
-            .build()
-            .map_err(|source| ClientError::Http {
-                url: cfg.url.clone(),
-                source,
-            })?;
-        let base = cfg.url.trim_end_matches('/').to_owned();
-        let parse = |path: &str| {
-            let url = format!("{base}{path}");
-            reqwest::Url::parse(&url).map_err(|e| ClientError::Malformed {
-                url,
-                reason: e.to_string(),
-            })
-        };
-        let append_urls = Arc::new(AppendUrls {
-            one: [
-                parse("/v1/entries?proof=false")?,
-                parse("/v1/entries?proof=true")?,
-            ],
-            batch: [
-                parse("/v1/entries/batch?proof=false")?,
-                parse("/v1/entries/batch?proof=true")?,
-            ],
-        });
+        let http = medmesh_httpc::Endpoint::new(
+            host,
+            uri.port_u16().unwrap_or(443),
+            Some(Arc::new(tls)),
+            medmesh_httpc::Keep {
+                max: 64,
+                // The ledger closes an HTTP/1.1 connection idle for `API_HEADER_TIMEOUT`; one
+                // given up sooner here is never picked just as the ledger closes it.
+                idle_for: medmesh_core::wire::CLIENT_POOL_IDLE,
+            },
+        );
         Ok(Self {
             http,
-            append_urls,
+            timeout: cfg.timeout,
             base,
             verifier: cfg.verifier,
             origin: cfg.origin,
@@ -300,56 +270,83 @@ impl LedgerClient {
         &self.origin
     }
 
+    /// Sends `method path` with `body` (JSON) and the W3C Trace Context of the current span,
+    /// and returns the answer's body, which must be a success.
     async fn send(
         &self,
-        req: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<reqwest::Response, ClientError> {
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let url = || format!("{}{path}", self.base);
+        let http_err = |reason: String| ClientError::Http { url: url(), reason };
+        let json = body.is_some();
+        let body = bytes::Bytes::from(body.unwrap_or_default());
+        let mut req = self
+            .http
+            .request(method, path, medmesh_httpc::full(body.clone()))
+            .map_err(http_err)?;
+        let headers = req.headers_mut();
+        if json {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        medmesh_telemetry::inject(&tracing::Span::current(), headers);
         // Every request this client makes may be sent twice: reads are reads, and the ledger
         // answers a record it already holds with its entry. So a request whose kept-alive
-        // connection was lost before any answer is sent once more, on another connection.
-        let again = req.try_clone();
-        let sent = match (req.send().await, again) {
-            (Err(e), Some(again)) if lost_before_answer(&e) => {
-                tracing::debug!(%url, error = %e, "connection lost before an answer; sending again");
-                again.send().await
-            }
-            (sent, _) => sent,
-        };
-        let resp = sent.map_err(|source| ClientError::Http {
-            url: url.to_owned(),
-            source,
-        })?;
-        tracing::Span::current().record("http.response.status_code", resp.status().as_u16());
-        if resp.status().is_success() {
-            return Ok(resp);
+        // connection was lost before any answer is sent once more, on a new connection.
+        let again = medmesh_httpc::copy_with_body(&req, medmesh_httpc::full(body));
+        let answer = self
+            .http
+            .call(req, Some(again), ANSWER_LIMIT, self.timeout)
+            .await
+            .map_err(http_err)?;
+        let status = answer.status.as_u16();
+        tracing::Span::current().record("http.response.status_code", status);
+        if answer.status.is_success() {
+            return Ok(answer.body);
         }
-        let status = resp.status().as_u16();
-        let body = resp.bytes().await.unwrap_or_default();
-        let message = serde_json::from_slice::<ErrorBody>(&body)
+        let message = serde_json::from_slice::<ErrorBody>(&answer.body)
             .map(|b| b.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            .unwrap_or_else(|_| String::from_utf8_lossy(&answer.body).into_owned());
         Err(ClientError::Refused {
-            url: url.to_owned(),
+            url: url(),
             status,
             message,
         })
     }
 
-    /// `req` carrying the W3C Trace Context of `span` (nothing when spans are not exported).
-    fn traced(req: reqwest::RequestBuilder, span: &tracing::Span) -> reqwest::RequestBuilder {
-        let mut headers = http::HeaderMap::new();
-        medmesh_telemetry::inject(span, &mut headers);
-        req.headers(headers)
+    /// `GET path`, its answer decoded from JSON.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let body = self.send(http::Method::GET, path, None).await?;
+        self.decode(path, &body)
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let resp = self.send(self.http.get(&url), &url).await?;
-        resp.json().await.map_err(|e| ClientError::Malformed {
-            url,
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &[u8],
+    ) -> Result<T, ClientError> {
+        serde_json::from_slice(body).map_err(|e| ClientError::Malformed {
+            url: format!("{}{path}", self.base),
             reason: e.to_string(),
         })
+    }
+
+    /// `POST path` with `value` as JSON, its answer decoded from JSON.
+    async fn post_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        value: &impl serde::Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(value).map_err(|e| ClientError::Malformed {
+            url: format!("{}{path}", self.base),
+            reason: format!("request not encoded: {e}"),
+        })?;
+        let body = self.send(http::Method::POST, path, Some(body)).await?;
+        self.decode(path, &body)
     }
 
     /// Appends one record; with `proof`, the answer carries a checkpoint and an inclusion proof,
@@ -374,19 +371,12 @@ impl LedgerClient {
         record: &AuditRecord,
         proof: bool,
     ) -> Result<AppendResponse, ClientError> {
-        let url = &self.append_urls.one[usize::from(proof)];
-        let req = Self::traced(
-            self.http.post(url.clone()).json(record),
-            &tracing::Span::current(),
-        );
-        let resp = self.send(req, url.as_str()).await?;
-        let body: AppendResponse = resp.json().await.map_err(|e| ClientError::Malformed {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
-        self.check_leaf(&body.result, record, url.as_str())?;
+        let path = APPEND_ONE[usize::from(proof)];
+        let body: AppendResponse = self.post_json(path, record).await?;
+        let url = format!("{}{path}", self.base);
+        self.check_leaf(&body.result, record, &url)?;
         if proof {
-            self.check_append_proof(&body.result, body.checkpoint.as_deref(), url.as_str())?;
+            self.check_append_proof(&body.result, body.checkpoint.as_deref(), &url)?;
         }
         Ok(body)
     }
@@ -412,18 +402,12 @@ impl LedgerClient {
         records: Vec<AuditRecord>,
         proof: bool,
     ) -> Result<BatchResponse, ClientError> {
-        let url = &self.append_urls.batch[usize::from(proof)];
-        let req = self
-            .http
-            .post(url.clone())
-            .json(&BatchRef { records: &records });
-        let resp = self
-            .send(Self::traced(req, &tracing::Span::current()), url.as_str())
+        let path = APPEND_BATCH[usize::from(proof)];
+        let body: BatchResponse = self
+            .post_json(path, &BatchRef { records: &records })
             .await?;
-        let body: BatchResponse = resp.json().await.map_err(|e| ClientError::Malformed {
-            url: url.to_string(),
-            reason: e.to_string(),
-        })?;
+        let url = format!("{}{path}", self.base);
+        let url = &url;
         if body.results.len() != records.len() {
             return Err(ClientError::Malformed {
                 url: url.to_string(),
@@ -500,10 +484,10 @@ impl LedgerClient {
     /// # Errors
     /// When the request fails or the signature does not verify.
     pub async fn checkpoint(&self) -> Result<VerifiedCheckpoint, ClientError> {
-        let url = format!("{}/v1/checkpoint", self.base);
-        let resp = self.send(self.http.get(&url), &url).await?;
-        let note = resp.text().await.map_err(|e| ClientError::Malformed {
-            url,
+        let path = "/v1/checkpoint";
+        let body = self.send(http::Method::GET, path, None).await?;
+        let note = String::from_utf8(body.to_vec()).map_err(|e| ClientError::Malformed {
+            url: format!("{}{path}", self.base),
             reason: e.to_string(),
         })?;
         let checkpoint = Checkpoint::open(&note, &self.verifier, &self.origin)?;
