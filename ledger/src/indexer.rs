@@ -59,6 +59,19 @@ pub fn spawn(
                                 last_durable = std::time::Instant::now();
                             }
                             indexed_tx.send_replace(indexed);
+                            // Whole level 1 epochs of the hash-keyed tables move up, keeping
+                            // lookups bounded: a rare, sequential pass. Retried after the next
+                            // index commit when it fails.
+                            loop {
+                                match storage::compact_index(&storage, durable) {
+                                    Ok(true) => {}
+                                    Ok(false) => break,
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "moving index rows to level 1 failed; retrying later");
+                                        break;
+                                    }
+                                }
+                            }
                         }
                         Err(e) => {
                             // Derived data: retry later; appends and proofs are unaffected. Once

@@ -38,20 +38,21 @@ const RAFT_MEMBERSHIP: &str = "membership";
 
 // In index.redb.
 const INDEX_META: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
-// Leaf hashes, content hashes and UIDs are random 32-byte keys: each is indexed as one row
-// (first 8 bytes, entry index) of a plain table, found by a range scan; a reader checks each
-// hit's full key against the entry (a shared prefix is rare, and only costs that check). Rows of
-// 16 bytes instead of a multimap's per-key value sets make a random insert cost 2.4 instead of
-// 5.5 us (redb 4.6, 720,000 entries). CIDs keep their whole multihash (its first bytes are the
-// hash code and length); identities are few keys with long, ordered value lists, which a multimap
-// stores best.
-const LEAF_INDEX: TableDefinition<(u64, u64), ()> = TableDefinition::new("leaf_prefixes");
-const BY_SHA256: TableDefinition<(u64, u64), ()> = TableDefinition::new("sha256_prefixes");
+// Leaf hashes, content hashes and UIDs are random 32-byte keys: each is indexed as one 16-byte
+// row of a plain table (`hashed_key`: the entry's epoch, then the key's first 6 bytes and the
+// index within the epoch), found by one range scan per epoch (`hashed_hits`); a reader checks
+// each hit's full key against the entry (a shared prefix is rare, and only costs that check).
+// Rows of 16 bytes instead of a multimap's per-key value sets make a random insert cost 2.4
+// instead of 5.5 us (redb 4.6, 720,000 entries). CIDs keep their whole multihash (its first bytes
+// are the hash code and length); identities are few keys with long, ordered value lists, which a
+// multimap stores best.
+const LEAF_INDEX: TableDefinition<(u64, u64), ()> = TableDefinition::new("leaf_epochs");
+const BY_SHA256: TableDefinition<(u64, u64), ()> = TableDefinition::new("sha256_epochs");
 const BY_CID: TableDefinition<(&[u8], u64), ()> = TableDefinition::new("cid_entries");
 const BY_IDENTITY: MultimapTableDefinition<&str, u64> = MultimapTableDefinition::new("by_identity");
-const BY_UID: TableDefinition<(u64, u64), ()> = TableDefinition::new("uid_prefixes");
+const BY_UID: TableDefinition<(u64, u64), ()> = TableDefinition::new("uid_epochs");
 /// Tables of earlier index formats, dropped when such an index is rebuilt: format 1's leaf
-/// table and multimaps, format 2's whole-key tables.
+/// table and multimaps, format 2's whole-key tables, format 3's (prefix, index) tables.
 const OLD_LEAF_INDEX: TableDefinition<[u8; 32], u64> = TableDefinition::new("leaf_index");
 const V1_BY_SHA256: MultimapTableDefinition<[u8; 32], u64> =
     MultimapTableDefinition::new("by_sha256");
@@ -59,12 +60,71 @@ const V1_BY_CID: MultimapTableDefinition<&[u8], u64> = MultimapTableDefinition::
 const V1_BY_UID: MultimapTableDefinition<[u8; 32], u64> = MultimapTableDefinition::new("by_uid");
 const V2_BY_SHA256: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("sha256_entries");
 const V2_BY_UID: TableDefinition<([u8; 32], u64), ()> = TableDefinition::new("uid_entries");
+const V3_LEAF_INDEX: TableDefinition<(u64, u64), ()> = TableDefinition::new("leaf_prefixes");
+const V3_BY_SHA256: TableDefinition<(u64, u64), ()> = TableDefinition::new("sha256_prefixes");
+const V3_BY_UID: TableDefinition<(u64, u64), ()> = TableDefinition::new("uid_prefixes");
 
 /// The index key of a random 32-byte value: its first 8 bytes.
 fn prefix(h: &[u8; 32]) -> u64 {
     let mut b = [0; 8];
     b.copy_from_slice(&h[..8]);
     u64::from_be_bytes(b)
+}
+
+/// Epochs of the hash-keyed index tables, as powers of two: 2^16 entries at level 0, 2^20 at
+/// level 1. Rows of one epoch sort together (`hashed_key`), so an index transaction's random
+/// inserts land among the pages of the level 0 epoch being filled (at most 2^16 rows, about 360
+/// pages per table) instead of all over a table that grows with the log. A lookup costs one range
+/// scan per epoch; once the 16 level 0 epochs of a level 1 epoch are complete, `compact_index`
+/// moves their rows there in one sorted pass, so a lookup scans at most 16 level 0 epochs and one
+/// level 1 epoch per 2^20 entries.
+const LEVEL_BITS: [u32; 2] = [16, 20];
+/// In `index_meta`: rows of entries below this bound (whole level 1 epochs) are at level 1.
+const META_LEVEL_1: &str = "level_1_upto";
+
+/// The index bits below the epoch at `level`.
+fn in_epoch(level: usize) -> u64 {
+    (1 << LEVEL_BITS[level]) - 1
+}
+
+/// The row of entry `index` at `level` under a hashed key whose first 8 bytes are `prefix`:
+/// (level in the top byte, then the epoch; the prefix's bits above the epoch's, then the index
+/// within the epoch).
+fn hashed_key(level: usize, prefix: u64, index: u64) -> (u64, u64) {
+    (
+        ((level as u64) << 56) | (index >> LEVEL_BITS[level]),
+        (prefix & !in_epoch(level)) | (index & in_epoch(level)),
+    )
+}
+
+/// The indexes below `size` of rows in `t` under `prefix`, ascending (candidates: the caller
+/// checks the whole key), when entries below `level_1` are at level 1.
+fn hashed_hits<'t>(
+    t: &'t impl ReadableTable<(u64, u64), ()>,
+    prefix: u64,
+    size: u64,
+    level_1: u64,
+) -> impl Iterator<Item = Result<u64, redb::StorageError>> + 't {
+    let spans = [(1, 0, level_1.min(size)), (0, level_1, size)];
+    spans
+        .into_iter()
+        .filter(|&(_, lo, hi)| lo < hi)
+        .flat_map(move |(level, lo, hi)| {
+            let (bits, mask) = (LEVEL_BITS[level], in_epoch(level));
+            let head = prefix & !mask;
+            ((lo >> bits)..=((hi - 1) >> bits)).flat_map(move |epoch| {
+                let at = ((level as u64) << 56) | epoch;
+                let rows: Box<dyn Iterator<Item = _>> =
+                    match t.range((at, head)..=(at, head | mask)) {
+                        Ok(rows) => Box::new(rows.map(move |row| {
+                            row.map(|(k, _)| (epoch << bits) | (k.value().1 & mask))
+                        })),
+                        Err(e) => Box::new(std::iter::once(Err(e))),
+                    };
+                rows
+            })
+        })
+        .filter(move |i| i.as_ref().map_or(true, |&i| i < size))
 }
 
 const META_TREE_SIZE: &str = "tree_size";
@@ -77,7 +137,7 @@ const META_MIGRATED: &str = "migrated_leaves";
 const MIGRATION_CHUNK: u64 = 1 << 20;
 /// Layout of `index.redb` (absent: format 1). Another format is rebuilt from the log.
 const META_INDEX_FORMAT: &str = "index_format";
-const INDEX_FORMAT: u64 = 3;
+const INDEX_FORMAT: u64 = 4;
 const FORMAT_VERSION: u64 = 2;
 
 /// Key of node `(level, index)` in the node table: its position in post-order, the order in
@@ -291,17 +351,20 @@ impl Storage {
             .unwrap_or(0);
         let nodes = txn.open_table(NODES)?;
         let index_txn = self.index.begin_read()?;
-        let indexed = index_txn
-            .open_table(INDEX_META)?
-            .get(META_INDEXED)?
-            .map(|v| v.value())
-            .unwrap_or(0);
+        let (indexed, level_1) = {
+            let meta = index_txn.open_table(INDEX_META)?;
+            let get = |k| -> Result<u64, StorageError> {
+                Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0))
+            };
+            (get(META_INDEXED)?, get(META_LEVEL_1)?)
+        };
         Ok(Reader {
             txn,
             nodes,
             size,
             index_txn,
             indexed,
+            level_1,
         })
     }
 
@@ -404,6 +467,8 @@ pub struct Reader {
     size: u64,
     index_txn: ReadTransaction,
     indexed: u64,
+    /// Hash-keyed index rows of entries below this are at level 1 (see `LEVEL_BITS`).
+    level_1: u64,
 }
 
 impl Reader {
@@ -461,9 +526,8 @@ impl Reader {
     /// On a database error.
     pub fn index_of_leaf(&self, leaf: &Hash) -> Result<Option<u64>, StorageError> {
         let t = self.index_txn.open_table(LEAF_INDEX)?;
-        let p = prefix(&leaf.0);
-        for row in t.range((p, 0)..(p, self.indexed()))? {
-            let index = row?.0.value().1;
+        for index in hashed_hits(&t, prefix(&leaf.0), self.indexed(), self.level_1) {
+            let index = index?;
             if self.leaf_hash(index)? == *leaf {
                 return Ok(Some(index));
             }
@@ -543,14 +607,13 @@ impl Reader {
                 .map(|e| e.record))
         };
         // Every arm is clipped to the same `size`: hits beyond it have no proof yet. The tables
-        // keyed (key, index) hold a key's indexes in order, so the range stops at `size`.
+        // keyed (key, index) hold a key's indexes in order, so the range stops at `size`; the
+        // hashed ones, epoch by epoch.
         match key {
             SearchKey::Sha256(h) => {
                 let t = self.index_txn.open_table(BY_SHA256)?;
-                let p = prefix(&h.0);
                 first(
-                    t.range((p, 0)..(p, size))?
-                        .map(|r| r.map(|(k, _)| k.value().1)),
+                    hashed_hits(&t, prefix(&h.0), size, self.level_1),
                     size,
                     limit,
                     |i| Ok(record(i)?.is_some_and(|r| r.content_sha256 == Some(*h))),
@@ -577,10 +640,8 @@ impl Reader {
             }
             SearchKey::Uid(u) => {
                 let t = self.index_txn.open_table(BY_UID)?;
-                let p = prefix(u);
                 first(
-                    t.range((p, 0)..(p, size))?
-                        .map(|r| r.map(|(k, _)| k.value().1)),
+                    hashed_hits(&t, prefix(u), size, self.level_1),
                     size,
                     limit,
                     |i| {
@@ -991,9 +1052,13 @@ fn reset_index(txn: &WriteTransaction) -> Result<(), StorageError> {
     txn.delete_multimap_table(V1_BY_UID)?;
     txn.delete_table(V2_BY_SHA256)?;
     txn.delete_table(V2_BY_UID)?;
+    txn.delete_table(V3_LEAF_INDEX)?;
+    txn.delete_table(V3_BY_SHA256)?;
+    txn.delete_table(V3_BY_UID)?;
     create_index_tables(txn)?;
     let mut meta = txn.open_table(INDEX_META)?;
     meta.insert(META_INDEXED, 0)?;
+    meta.remove(META_LEVEL_1)?;
     meta.insert(META_INDEX_FORMAT, INDEX_FORMAT)?;
     Ok(())
 }
@@ -1013,14 +1078,7 @@ pub fn index_entries(
     let read = storage.db.begin_read()?;
     let entries = read.open_table(ENTRIES)?;
     let nodes = read.open_table(NODES)?;
-    let mut txn = storage.index.begin_write()?;
-    // Derived data: most index commits skip the fsync. After a crash redb returns to the last
-    // durable commit, whose watermark matches its tables, and the indexer redoes the rest.
-    txn.set_durability(if durable {
-        redb::Durability::Immediate
-    } else {
-        redb::Durability::None
-    })?;
+    let txn = index_write(storage, durable)?;
     // Keys are hashes: inserted in log order they land on random pages of each B-tree. Sorted
     // first, each table's inserts walk its pages once, in order.
     let mut leaves: Vec<(u64, u64)> = Vec::new();
@@ -1037,7 +1095,7 @@ pub fn index_entries(
         for item in nodes.range(node_key(0, from)..=node_key(0, to - 1))? {
             let (k, leaf) = item?;
             if k.value() == node_key(0, want) {
-                leaves.push((prefix(&leaf.value()), want));
+                leaves.push(hashed_key(0, prefix(&leaf.value()), want));
                 want += 1;
             }
         }
@@ -1054,7 +1112,7 @@ pub fn index_entries(
         };
         let r = e.record;
         if let Some(h) = r.content_sha256 {
-            by_sha.push((prefix(&h.0), index));
+            by_sha.push(hashed_key(0, prefix(&h.0), index));
         }
         if let Some(c) = &r.cid {
             // By multihash: CIDv0 and CIDv1 of the same content find each other.
@@ -1064,7 +1122,7 @@ pub fn index_entries(
             .into_iter()
             .flatten()
         {
-            by_uid.push((prefix(&u.0), index));
+            by_uid.push(hashed_key(0, prefix(&u.0), index));
         }
         if e.submitter != r.source && e.submitter != r.destination {
             by_id.push((e.submitter, index));
@@ -1106,6 +1164,57 @@ pub fn index_entries(
     Ok(())
 }
 
+/// A write transaction on the search indexes. Derived data: most index commits skip the fsync.
+/// After a crash redb returns to the last durable commit, whose watermark matches its tables,
+/// and the indexer redoes the rest.
+fn index_write(storage: &Storage, durable: bool) -> Result<WriteTransaction, StorageError> {
+    let mut txn = storage.index.begin_write()?;
+    txn.set_durability(if durable {
+        redb::Durability::Immediate
+    } else {
+        redb::Durability::None
+    })?;
+    Ok(txn)
+}
+
+/// Moves the hash-keyed index rows of the first level 1 epoch still at level 0 there, when all
+/// its entries are indexed (see `LEVEL_BITS`); returns whether it moved one. One transaction: a
+/// reader sees the rows at one level or the other, with the bound that says which.
+///
+/// # Errors
+/// On a database error.
+pub fn compact_index(storage: &Storage, durable: bool) -> Result<bool, StorageError> {
+    let txn = index_write(storage, durable)?;
+    let (indexed, from) = {
+        let meta = txn.open_table(INDEX_META)?;
+        let get =
+            |k| -> Result<u64, StorageError> { Ok(meta.get(k)?.map(|v| v.value()).unwrap_or(0)) };
+        (get(META_INDEXED)?, get(META_LEVEL_1)?)
+    };
+    let to = from + (1 << LEVEL_BITS[1]);
+    if indexed < to {
+        return Ok(false);
+    }
+    let rows = (hashed_key(0, 0, from).0, 0)..(hashed_key(0, 0, to).0, 0);
+    for table in [LEAF_INDEX, BY_SHA256, BY_UID] {
+        let mut t = txn.open_table(table)?;
+        let mut moved = Vec::new();
+        for row in t.range(rows.clone())? {
+            let (at, rest) = row?.0.value();
+            let index = ((at & ((1 << 56) - 1)) << LEVEL_BITS[0]) | (rest & in_epoch(0));
+            moved.push(hashed_key(1, rest, index));
+        }
+        t.retain_in(rows.clone(), |_, _| false)?;
+        moved.sort_unstable();
+        for key in &moved {
+            t.insert(key, ())?;
+        }
+    }
+    txn.open_table(INDEX_META)?.insert(META_LEVEL_1, to)?;
+    txn.commit()?;
+    Ok(true)
+}
+
 /// Counts rows of the main tables (for `medmesh-ledger inspect` and tests).
 ///
 /// # Errors
@@ -1124,6 +1233,141 @@ mod tests {
     // Unit tests: a panic is the failure report.
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Three hashed keys: `twin` shares all but the last 16 bits of `key` (a candidate for it
+    /// at level 0, where the reader checks the whole key), `other` differs above bit 20.
+    const KEY: u64 = 0x0123_4567_89ab_cdef;
+    const TWIN: u64 = KEY ^ 0x1234;
+    const OTHER: u64 = KEY ^ (1 << 40);
+    const EPOCH: u64 = 1 << LEVEL_BITS[0];
+    const L1: u64 = 1 << LEVEL_BITS[1];
+    /// (key, index) rows across level 0 epochs of the first two level 1 epochs.
+    const ROWS: [(u64, u64); 8] = [
+        (KEY, 3),
+        (OTHER, 4),
+        (KEY, EPOCH - 1),
+        (TWIN, EPOCH + 7),
+        (KEY, 5 * EPOCH + 2),
+        (OTHER, 5 * EPOCH + 3),
+        (KEY, L1 - 1),
+        (KEY, L1 + 6 * EPOCH),
+    ];
+
+    /// Rows under hashed keys are found epoch by epoch, in index order, below the size asked
+    /// for; a key differing in the bits kept is not a candidate.
+    #[test]
+    fn hashed_rows_are_found_across_epochs_in_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("index.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(BY_SHA256).unwrap();
+            for (k, i) in ROWS {
+                let (at, _) = hashed_key(0, k, i);
+                assert_eq!(at, i >> LEVEL_BITS[0]);
+                t.insert(hashed_key(0, k, i), ()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let read = db.begin_read().unwrap();
+        let t = read.open_table(BY_SHA256).unwrap();
+        let hits =
+            |k, size| -> Vec<u64> { hashed_hits(&t, k, size, 0).map(|r| r.unwrap()).collect() };
+        let all = 2 * L1;
+        assert_eq!(
+            hits(KEY, all),
+            vec![
+                3,
+                EPOCH - 1,
+                EPOCH + 7,
+                5 * EPOCH + 2,
+                L1 - 1,
+                L1 + 6 * EPOCH
+            ]
+        );
+        assert_eq!(hits(TWIN, all), hits(KEY, all));
+        assert_eq!(hits(OTHER, all), vec![4, 5 * EPOCH + 3]);
+        // Clipped to the size: the last epoch asked for is partly above it.
+        assert_eq!(hits(KEY, 5 * EPOCH + 2), vec![3, EPOCH - 1, EPOCH + 7]);
+        assert_eq!(hits(KEY, L1 + 6 * EPOCH).len(), 5);
+        assert!(hits(KEY, 0).is_empty());
+        assert!(hits(KEY ^ (1 << 50), all).is_empty());
+    }
+
+    /// Once a level 1 epoch is wholly indexed, its rows move there in one transaction: lookups
+    /// find the same entries, level 0 keeps only the newer rows, and nothing moves twice.
+    #[test]
+    fn complete_level_1_epochs_move_up_and_are_found_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = NoteSigner::from_seed("test/compact", [5; 32]).unwrap();
+        let (storage, _) = Storage::open(
+            &dir.path().join("ledger.redb"),
+            &signer.verifier(),
+            "test/compact",
+        )
+        .unwrap();
+        let set_indexed = |n: u64| {
+            let txn = storage.index.begin_write().unwrap();
+            txn.open_table(INDEX_META)
+                .unwrap()
+                .insert(META_INDEXED, n)
+                .unwrap();
+            txn.commit().unwrap();
+        };
+        let txn = storage.index.begin_write().unwrap();
+        for table in [LEAF_INDEX, BY_SHA256, BY_UID] {
+            let mut t = txn.open_table(table).unwrap();
+            for (k, i) in ROWS {
+                t.insert(hashed_key(0, k, i), ()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let lookups = |level_1: u64| -> Vec<Vec<u64>> {
+            let read = storage.index.begin_read().unwrap();
+            let mut out = Vec::new();
+            for table in [LEAF_INDEX, BY_SHA256, BY_UID] {
+                let t = read.open_table(table).unwrap();
+                for k in [KEY, TWIN, OTHER] {
+                    out.push(
+                        hashed_hits(&t, k, 2 * L1, level_1)
+                            .map(|r| r.unwrap())
+                            .collect(),
+                    );
+                }
+            }
+            out
+        };
+        let before = lookups(0);
+
+        // The first level 1 epoch is not wholly indexed yet.
+        set_indexed(L1 - 1);
+        assert!(!compact_index(&storage, false).unwrap());
+        set_indexed(L1 + 6 * EPOCH + 1);
+        assert!(compact_index(&storage, true).unwrap());
+        assert!(
+            !compact_index(&storage, true).unwrap(),
+            "nothing moves twice"
+        );
+
+        let reader = storage.reader().unwrap();
+        assert_eq!(reader.level_1, L1);
+        drop(reader);
+        assert_eq!(lookups(L1), before);
+        let read = storage.index.begin_read().unwrap();
+        for table in [LEAF_INDEX, BY_SHA256, BY_UID] {
+            let t = read.open_table(table).unwrap();
+            let levels: Vec<(u64, u64)> = t
+                .iter()
+                .unwrap()
+                .map(|r| {
+                    let (at, _) = r.unwrap().0.value();
+                    (at >> 56, at & 0xff_ffff)
+                })
+                .collect();
+            // Seven rows in level 1 epoch 0, the newest in level 0 epoch 22.
+            assert_eq!(levels, [vec![(0, 22)], vec![(1, 0); 7]].concat());
+        }
+    }
 
     /// A format 1 file is moved a few leaves per transaction: every node lands under its
     /// post-order key, and the last transaction leaves no trace of the old layout.

@@ -676,12 +676,7 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
     {
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        for name in [
-            "leaf_prefixes",
-            "sha256_prefixes",
-            "cid_entries",
-            "uid_prefixes",
-        ] {
+        for name in ["leaf_epochs", "sha256_epochs", "cid_entries", "uid_epochs"] {
             let t: TableDefinition<&[u8], ()> = TableDefinition::new(name);
             txn.delete_table(t).unwrap();
         }
@@ -735,7 +730,7 @@ async fn an_index_of_the_first_layout_is_rebuilt_from_the_log() {
     assert_eq!(left, vec!["by_identity".to_owned()]);
     let meta: TableDefinition<&str, u64> = TableDefinition::new("index_meta");
     let m = txn.open_table(meta).unwrap();
-    assert_eq!(m.get("index_format").unwrap().unwrap().value(), 3);
+    assert_eq!(m.get("index_format").unwrap().unwrap().value(), 4);
 }
 
 /// A ledger of format 1 (Merkle nodes keyed by level, then index) is moved to post-order keys
