@@ -50,6 +50,9 @@ pub struct Keep {
     pub idle_for: Duration,
 }
 
+/// How long a kept connection may take to turn to its next request before another is used.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
 /// One endpoint and its kept connections, shared by the endpoint's clones.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -147,18 +150,24 @@ impl Endpoint {
         }
     }
 
-    /// An idle connection that is open and ready now, if one is kept (one still finishing
-    /// its last exchange is dropped rather than waited for).
-    fn take_idle(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let idle_for = self.keep.idle_for;
-        idle.retain(|c| c.since.elapsed() < idle_for && !c.send.is_closed());
-        while let Some(c) = idle.pop() {
-            if c.send.is_ready() {
-                return Some(c.send);
+    /// A kept connection that is open, if one is kept. One whose last answer was read whole
+    /// but whose connection task has not yet turned to the next request is waited for: it
+    /// becomes ready as soon as that task runs, or closes.
+    async fn take_idle(&self) -> Option<Sender> {
+        loop {
+            let mut send = {
+                let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let idle_for = self.keep.idle_for;
+                idle.retain(|c| c.since.elapsed() < idle_for && !c.send.is_closed());
+                idle.pop()?.send
+            };
+            if send.is_ready() {
+                return Some(send);
+            }
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, send.ready()).await {
+                return Some(send);
             }
         }
-        None
     }
 
     /// Keeps `send`, whose exchange was read whole, for the next request.
@@ -189,7 +198,7 @@ impl Endpoint {
         replay: Option<http::Request<Body>>,
     ) -> Result<(Sender, http::Response<hyper::body::Incoming>), String> {
         let fail = |e: hyper::Error| format!("HTTP: {e}");
-        let req = match self.take_idle() {
+        let req = match self.take_idle().await {
             Some(mut send) => match send.try_send_request(req).await {
                 Ok(resp) => return Ok((send, resp)),
                 Err(mut e) => match (e.take_message(), replay) {
@@ -332,6 +341,55 @@ mod tests {
             }
         });
         (port, conns, lost)
+    }
+
+    /// A loopback server answering every request of every connection with its body. Returns
+    /// its port and the connections accepted.
+    async fn answers_all() -> (u16, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counted = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    while let Some(body) = read_request(&mut tcp).await {
+                        let head =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let answer = [head.as_bytes(), &body].concat();
+                        if tcp.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, conns)
+    }
+
+    /// A request right after the last answer was read goes on the same connection, even before
+    /// the connection's task has turned to the next request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_one_after_another_share_one_connection() {
+        let (port, conns) = answers_all().await;
+        let ep = Endpoint::new("127.0.0.1", port, None, KEEP);
+        for i in 0..200 {
+            let body = format!("request {i}");
+            let answer = ep
+                .call(
+                    ep.request(http::Method::POST, "/", full(body.clone()))
+                        .unwrap(),
+                    None,
+                    1024,
+                    Duration::from_secs(5),
+                )
+                .await
+                .unwrap();
+            assert_eq!(answer.body, body.as_bytes());
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
     }
 
     fn post(ep: &Endpoint, body: &'static str) -> http::Request<Body> {
