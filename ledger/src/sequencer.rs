@@ -419,11 +419,13 @@ impl Writer {
         let result = (|| -> Result<TxnOutcome, StorageError> {
             let txn = self.storage.begin_write()?;
             let mut placed = Vec::with_capacity(batch.len());
+            let mut tables = storage::BatchTables::open(&txn)?;
             for sub in batch.iter() {
                 let mut out = Vec::with_capacity(sub.entries.len());
-                storage::write_batch(&txn, &mut self.frontier, &sub.entries, &mut out)?;
+                tables.place(&mut self.frontier, &sub.entries, &mut out)?;
                 placed.push(out);
             }
+            tables.finish(&txn, &self.frontier)?;
             let cp = if want_cp
                 && (self.frontier.size() > self.checkpoint_size()
                     || self.head.borrow().checkpoint.is_none())

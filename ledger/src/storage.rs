@@ -788,6 +788,114 @@ impl<B: AsRef<[u8]>> ToPlace for (LogEntry, B) {
     }
 }
 
+/// The tables a write transaction appends entries to, opened once for all the batches it
+/// holds (a commit of single appends holds one batch per request).
+pub(crate) struct BatchTables<'t> {
+    entries: redb::Table<'t, u64, &'static [u8]>,
+    nodes: redb::Table<'t, u64, [u8; 32]>,
+    ids: redb::Table<'t, [u8; 16], u64>,
+}
+
+impl<'t> BatchTables<'t> {
+    /// Opens the tables in `txn`.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub(crate) fn open(txn: &'t WriteTransaction) -> Result<Self, StorageError> {
+        Ok(Self {
+            entries: txn.open_table(ENTRIES)?,
+            nodes: txn.open_table(NODES)?,
+            ids: txn.open_table(RECORD_IDS)?,
+        })
+    }
+
+    /// Writes one batch: entries, nodes and record ids. Advances `frontier` in place; the
+    /// caller restores it if the transaction does not commit.
+    ///
+    /// # Errors
+    /// On a database error; the transaction must then be dropped.
+    pub(crate) fn place<E: ToPlace>(
+        &mut self,
+        frontier: &mut Frontier,
+        batch: &[E],
+        out: &mut Vec<Placed>,
+    ) -> Result<(), StorageError> {
+        for e in batch {
+            let id = e.record().record_id;
+            // A write transaction reads its own inserts: ids earlier in this batch are found too.
+            if let Some(index) = self.ids.get(id.0)?.map(|v| v.value()) {
+                let stored = self
+                    .entries
+                    .get(index)?
+                    .map(|v| LogEntry::decode(v.value()))
+                    .transpose()
+                    .map_err(|err| StorageError::CorruptEntry {
+                        index,
+                        reason: err.to_string(),
+                    })?;
+                let leaf = self
+                    .nodes
+                    .get(node_key(0, index))?
+                    .map(|v| Hash(v.value()))
+                    .ok_or(StorageError::MissingNode {
+                        level: 0,
+                        index,
+                        size: frontier.size(),
+                    })?;
+                out.push(match stored {
+                    Some(s) if s.record == *e.record() && s.submitter == *e.submitter() => {
+                        Placed::Duplicate {
+                            index,
+                            leaf,
+                            received_us: s.received_us,
+                        }
+                    }
+                    _ => Placed::Conflict { index, leaf },
+                });
+                continue;
+            }
+
+            let index = frontier.size();
+            let bytes = e.bytes();
+            let leaf = merkle::leaf_hash(&bytes);
+            self.entries.insert(index, bytes.as_ref())?;
+            let mut err = None;
+            frontier.push(leaf, |n| {
+                if err.is_none()
+                    && let Err(e) = self.nodes.insert(node_key(n.level, n.index), n.hash.0)
+                {
+                    err = Some(e);
+                }
+            });
+            if let Some(e) = err {
+                return Err(e.into());
+            }
+            self.ids.insert(id.0, index)?;
+            out.push(Placed::Appended {
+                index,
+                leaf,
+                received_us: e.received_us(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes the tables and records the new tree size in `txn`.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub(crate) fn finish(
+        self,
+        txn: &WriteTransaction,
+        frontier: &Frontier,
+    ) -> Result<(), StorageError> {
+        drop(self);
+        txn.open_table(META)?
+            .insert(META_TREE_SIZE, frontier.size())?;
+        Ok(())
+    }
+}
+
 /// Writes one batch into `txn`: entries, nodes, indexes and the new tree size. Advances
 /// `frontier` in place; the caller restores it if the transaction does not commit.
 ///
@@ -799,67 +907,9 @@ pub(crate) fn write_batch<E: ToPlace>(
     batch: &[E],
     out: &mut Vec<Placed>,
 ) -> Result<(), StorageError> {
-    let mut entries = txn.open_table(ENTRIES)?;
-    let mut nodes = txn.open_table(NODES)?;
-    let mut ids = txn.open_table(RECORD_IDS)?;
-    for e in batch {
-        let id = e.record().record_id;
-        // A write transaction reads its own inserts: ids earlier in this batch are found too.
-        if let Some(index) = ids.get(id.0)?.map(|v| v.value()) {
-            let stored = entries
-                .get(index)?
-                .map(|v| LogEntry::decode(v.value()))
-                .transpose()
-                .map_err(|err| StorageError::CorruptEntry {
-                    index,
-                    reason: err.to_string(),
-                })?;
-            let leaf = nodes
-                .get(node_key(0, index))?
-                .map(|v| Hash(v.value()))
-                .ok_or(StorageError::MissingNode {
-                    level: 0,
-                    index,
-                    size: frontier.size(),
-                })?;
-            out.push(match stored {
-                Some(s) if s.record == *e.record() && s.submitter == *e.submitter() => {
-                    Placed::Duplicate {
-                        index,
-                        leaf,
-                        received_us: s.received_us,
-                    }
-                }
-                _ => Placed::Conflict { index, leaf },
-            });
-            continue;
-        }
-
-        let index = frontier.size();
-        let bytes = e.bytes();
-        let leaf = merkle::leaf_hash(&bytes);
-        entries.insert(index, bytes.as_ref())?;
-        let mut err = None;
-        frontier.push(leaf, |n| {
-            if err.is_none()
-                && let Err(e) = nodes.insert(node_key(n.level, n.index), n.hash.0)
-            {
-                err = Some(e);
-            }
-        });
-        if let Some(e) = err {
-            return Err(e.into());
-        }
-        ids.insert(id.0, index)?;
-        out.push(Placed::Appended {
-            index,
-            leaf,
-            received_us: e.received_us(),
-        });
-    }
-    txn.open_table(META)?
-        .insert(META_TREE_SIZE, frontier.size())?;
-    Ok(())
+    let mut tables = BatchTables::open(txn)?;
+    tables.place(frontier, batch, out)?;
+    tables.finish(txn, frontier)
 }
 
 /// Signs the checkpoint for `frontier` and stores it in `txn`.
