@@ -67,17 +67,9 @@ impl MeshEndpoint {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("the scheme must be http (the mesh adds TLS)"));
-        }
-        if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-            return Err(bad("give only the scheme, host and port"));
-        }
-        let host = uri.host().ok_or_else(|| bad("no host"))?.to_owned();
-        let port = uri.port_u16().unwrap_or(80);
+        let (host, port) =
+            medmesh_httpc::origin(url, "http", "the scheme must be http (the mesh adds TLS)")
+                .map_err(|reason| bad(&reason))?;
         let tls = match tls {
             None => None,
             Some(t) => Some(Arc::new(

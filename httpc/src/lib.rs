@@ -247,6 +247,32 @@ impl Endpoint {
     }
 }
 
+/// The host and port of `url`, which must be `scheme://host[:port]` with nothing after the
+/// authority but an optional `/` (the port defaults to the scheme's: 80 for http, 443 for
+/// https). `scheme_reason` is the message when the scheme is another.
+///
+/// # Errors
+/// A message saying what is wrong with `url`.
+pub fn origin(url: &str, scheme: &str, scheme_reason: &str) -> Result<(String, u16), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    if uri.scheme_str() != Some(scheme) {
+        return Err(scheme_reason.to_owned());
+    }
+    if uri
+        .path_and_query()
+        .is_some_and(|p| !matches!(p.as_str(), "" | "/"))
+    {
+        return Err("give only the scheme, host and port".to_owned());
+    }
+    let host = uri.host().ok_or("no host")?.to_owned();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Ok((host, port))
+}
+
 /// A copy of `req` (method, target, headers) with `body`, to send again.
 pub fn copy_with_body(req: &http::Request<Body>, body: Body) -> http::Request<Body> {
     let mut again = http::Request::new(body);
@@ -463,6 +489,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.starts_with("connect: "), "{err}");
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port_only() {
+        let https = |u: &str| origin(u, "https", "https only");
+        assert_eq!(https("https://ledger:8443"), Ok(("ledger".into(), 8443)));
+        assert_eq!(https("https://ledger/"), Ok(("ledger".into(), 443)));
+        assert_eq!(https("https://[::1]:9"), Ok(("[::1]".into(), 9)));
+        assert_eq!(
+            origin("http://archive", "http", "x"),
+            Ok(("archive".into(), 80))
+        );
+        assert_eq!(https("http://ledger:8443"), Err("https only".into()));
+        assert_eq!(
+            https("https://ledger:8443/v1"),
+            Err("give only the scheme, host and port".into())
+        );
     }
 
     #[test]

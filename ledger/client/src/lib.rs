@@ -221,19 +221,8 @@ impl LedgerClient {
             url: cfg.url.clone(),
             reason: reason.to_owned(),
         };
-        let uri: http::Uri = base
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad("the scheme must be https"));
-        }
-        if uri
-            .path_and_query()
-            .is_some_and(|p| !matches!(p.as_str(), "" | "/"))
-        {
-            return Err(bad("give only the scheme, host and port"));
-        }
-        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let (host, port) = medmesh_httpc::origin(&base, "https", "the scheme must be https")
+            .map_err(|reason| bad(&reason))?;
         let tls = tls::client_config(
             Some(&cfg.identity),
             &cfg.bundle,
@@ -245,8 +234,8 @@ impl LedgerClient {
             &[b"http/1.1"],
         )?;
         let http = medmesh_httpc::Endpoint::new(
-            host,
-            uri.port_u16().unwrap_or(443),
+            &host,
+            port,
             Some(Arc::new(tls)),
             medmesh_httpc::Keep {
                 max: 64,
@@ -270,6 +259,11 @@ impl LedgerClient {
         &self.origin
     }
 
+    /// The full URL of `path` on this ledger, for messages.
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     /// Sends `method path` with `body` (JSON) and the W3C Trace Context of the current span,
     /// and returns the answer's body, which must be a success.
     async fn send(
@@ -278,7 +272,7 @@ impl LedgerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<bytes::Bytes, ClientError> {
-        let url = || format!("{}{path}", self.base);
+        let url = || self.url(path);
         let http_err = |reason: String| ClientError::Http { url: url(), reason };
         let json = body.is_some();
         let body = bytes::Bytes::from(body.unwrap_or_default());
@@ -330,7 +324,7 @@ impl LedgerClient {
         body: &[u8],
     ) -> Result<T, ClientError> {
         serde_json::from_slice(body).map_err(|e| ClientError::Malformed {
-            url: format!("{}{path}", self.base),
+            url: self.url(path),
             reason: e.to_string(),
         })
     }
@@ -342,7 +336,7 @@ impl LedgerClient {
         value: &impl serde::Serialize,
     ) -> Result<T, ClientError> {
         let body = serde_json::to_vec(value).map_err(|e| ClientError::Malformed {
-            url: format!("{}{path}", self.base),
+            url: self.url(path),
             reason: format!("request not encoded: {e}"),
         })?;
         let body = self.send(http::Method::POST, path, Some(body)).await?;
@@ -373,10 +367,9 @@ impl LedgerClient {
     ) -> Result<AppendResponse, ClientError> {
         let path = APPEND_ONE[usize::from(proof)];
         let body: AppendResponse = self.post_json(path, record).await?;
-        let url = format!("{}{path}", self.base);
-        self.check_leaf(&body.result, record, &url)?;
+        self.check_leaf(&body.result, record, path)?;
         if proof {
-            self.check_append_proof(&body.result, body.checkpoint.as_deref(), &url)?;
+            self.check_append_proof(&body.result, body.checkpoint.as_deref(), path)?;
         }
         Ok(body)
     }
@@ -406,11 +399,9 @@ impl LedgerClient {
         let body: BatchResponse = self
             .post_json(path, &BatchRef { records: &records })
             .await?;
-        let url = format!("{}{path}", self.base);
-        let url = &url;
         if body.results.len() != records.len() {
             return Err(ClientError::Malformed {
-                url: url.to_string(),
+                url: self.url(path),
                 reason: format!(
                     "{} results for {} records",
                     body.results.len(),
@@ -425,9 +416,9 @@ impl LedgerClient {
             .zip(&records)
             .filter(|(r, _)| !r.conflict)
         {
-            self.check_leaf(r, rec, url.as_str())?;
+            self.check_leaf(r, rec, path)?;
             if proof {
-                self.check_append_proof(r, body.checkpoint.as_deref(), url.as_str())?;
+                self.check_append_proof(r, body.checkpoint.as_deref(), path)?;
             }
         }
         Ok(body)
@@ -440,12 +431,12 @@ impl LedgerClient {
         &self,
         r: &medmesh_core::wire::AppendResult,
         record: &AuditRecord,
-        url: &str,
+        path: &str,
     ) -> Result<(), ClientError> {
         let leaf = merkle::leaf_hash(&LogEntry::encode_parts(r.received_us, &self.me, record));
         if leaf != r.leaf_hash {
             return Err(ClientError::Malformed {
-                url: url.to_owned(),
+                url: self.url(path),
                 reason: format!(
                     "entry {} has leaf {} but the submitted record hashes to {leaf}",
                     r.index, r.leaf_hash
@@ -459,10 +450,10 @@ impl LedgerClient {
         &self,
         r: &medmesh_core::wire::AppendResult,
         note: Option<&str>,
-        url: &str,
+        path: &str,
     ) -> Result<(), ClientError> {
         let malformed = |reason: &str| ClientError::Malformed {
-            url: url.to_owned(),
+            url: self.url(path),
             reason: reason.to_owned(),
         };
         let note = note.ok_or_else(|| malformed("proof requested but no checkpoint returned"))?;
@@ -487,7 +478,7 @@ impl LedgerClient {
         let path = "/v1/checkpoint";
         let body = self.send(http::Method::GET, path, None).await?;
         let note = String::from_utf8(body.to_vec()).map_err(|e| ClientError::Malformed {
-            url: format!("{}{path}", self.base),
+            url: self.url(path),
             reason: e.to_string(),
         })?;
         let checkpoint = Checkpoint::open(&note, &self.verifier, &self.origin)?;
