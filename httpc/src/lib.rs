@@ -267,9 +267,23 @@ pub fn origin(url: &str, scheme: &str, scheme_reason: &str) -> Result<(String, u
         return Err("give only the scheme, host and port".to_owned());
     }
     let host = uri.host().ok_or("no host")?.to_owned();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    // `http::Uri` takes a port that is not a number for none: read it from the authority.
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let after_host = authority
+        .rsplit_once(']')
+        .map_or(authority, |(_, rest)| rest);
+    let port = match after_host.rsplit_once(':') {
+        None => {
+            if scheme == "https" {
+                443
+            } else {
+                80
+            }
+        }
+        Some((_, p)) => p
+            .parse()
+            .map_err(|_| format!("port {p:?} is not a number from 0 to 65535"))?,
+    };
     Ok((host, port))
 }
 
@@ -505,6 +519,10 @@ mod tests {
         assert_eq!(
             https("https://ledger:8443/v1"),
             Err("give only the scheme, host and port".into())
+        );
+        assert_eq!(
+            https("https://ledger:x"),
+            Err("port \"x\" is not a number from 0 to 65535".into())
         );
     }
 
