@@ -414,6 +414,11 @@ async fn append(
                 "not_leader",
                 "leadership changed while the entries were submitted; nothing was stored, retry",
             ),
+            AppendError::Unsynced(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "commit_unsynced",
+                e.to_string(),
+            ),
             AppendError::Unavailable(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "replication_failed",

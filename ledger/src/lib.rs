@@ -12,6 +12,7 @@ pub mod replication;
 pub mod sequencer;
 pub mod server;
 pub mod storage;
+mod wal;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -165,6 +166,7 @@ impl Ledger {
                         checkpoint_interval: cfg.checkpoint_interval,
                         max_batch_entries: cfg.max_batch_entries,
                         signer_state: state_path,
+                        wal: Some(storage::wal_path(&db_path)),
                     },
                     metrics.clone(),
                 )

@@ -25,6 +25,8 @@ pub struct MetricSet {
     pub append_seconds: Histogram,
     /// Time of one write transaction including its fsync.
     pub commit_seconds: Histogram,
+    /// Write and sync of one group of write-ahead log frames.
+    pub wal_sync_seconds: Histogram,
     /// Committed tree size.
     pub tree_size: IntGauge,
     /// Size of the latest published checkpoint.
@@ -107,7 +109,14 @@ impl Metrics {
             commit_seconds: must(Histogram::with_opts(
                 HistogramOpts::new(
                     "medmesh_ledger_commit_seconds",
-                    "Duration of one durable write transaction",
+                    "Duration of one write transaction (durable, or ahead of its write-ahead log sync)",
+                )
+                .buckets(ms(0.000_125, 14)),
+            )),
+            wal_sync_seconds: must(Histogram::with_opts(
+                HistogramOpts::new(
+                    "medmesh_ledger_wal_sync_seconds",
+                    "Duration of one fdatasync of the write-ahead log (acknowledges every append it covers)",
                 )
                 .buckets(ms(0.000_125, 14)),
             )),
@@ -196,6 +205,7 @@ impl Metrics {
             Box::new(m.batch_entries.clone()),
             Box::new(m.append_seconds.clone()),
             Box::new(m.commit_seconds.clone()),
+            Box::new(m.wal_sync_seconds.clone()),
             Box::new(m.propose_seconds.clone()),
             Box::new(m.raft_rpc_seconds.clone()),
             Box::new(m.raft_rpc_sent_seconds.clone()),

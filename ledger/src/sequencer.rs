@@ -1,9 +1,12 @@
-//! Group commit: one writer thread turns every append waiting in its queue into a single durable
-//! redb transaction, then acknowledges them all.
+//! Group commit: one writer thread turns every append waiting in its queue into a single redb
+//! transaction; the syncer thread makes it durable through the write-ahead log (`crate::wal`)
+//! while the writer goes on with the next one, then acknowledges it.
 //!
 //! Invariants:
-//! - an append is acknowledged only after the transaction holding it has committed with
-//!   `Durability::Immediate`;
+//! - an append is acknowledged only once it is durable: its write-ahead log frame is synced, or
+//!   the transaction holding it (or a later one) committed with `Durability::Immediate`;
+//! - readers (the API, the indexer) see only durable entries: `Storage` caps their snapshots at
+//!   the durable size this module publishes;
 //! - a checkpoint is signed from the writer's own frontier, stored in the same transaction as the
 //!   entries it covers, recorded in the signer state file, and only then published. Every
 //!   checkpoint therefore extends the previous one: two inconsistent checkpoints are never signed.
@@ -19,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 use crate::storage::{self, NewEntry, Placed, Storage, StorageError};
+use crate::wal;
 
 /// A signed checkpoint and its note text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +64,12 @@ pub enum AppendError {
     /// This replica is not the Raft leader (the leader's id, when known); nothing was proposed.
     #[error("this replica is not the leader")]
     NotLeader(Option<u64>),
+    /// The write-ahead log could not be synced after the entries were committed: they may or
+    /// may not be stored.
+    #[error(
+        "the write-ahead log could not be synced (the entries may or may not be stored; retry with the same record ids): {0}"
+    )]
+    Unsynced(String),
     /// Replication failed after the entries were proposed: they may or may not be stored.
     #[error(
         "replication did not confirm the entries (they may or may not be stored; retry with the same record ids): {0}"
@@ -94,6 +104,8 @@ pub struct SequencerConfig {
     pub max_batch_entries: usize,
     /// Where the last signed checkpoint is recorded outside the database.
     pub signer_state: PathBuf,
+    /// The write-ahead log of the database (`None`: every commit syncs redb itself).
+    pub wal: Option<PathBuf>,
 }
 
 /// Handle to the writer: clone it to submit from many tasks.
@@ -270,7 +282,22 @@ impl Sequencer {
             checkpoint,
         };
         metrics.tree_size.set(head.size as i64);
+        let size = head.size;
         let (head_tx, head_rx) = watch::channel(head);
+        let head_tx = Arc::new(head_tx);
+        let wal = match &cfg.wal {
+            None => None,
+            Some(path) => {
+                let file = wal::WalFile::open(path)?;
+                storage.hold_visible(size);
+                Some(Syncer::start(
+                    file,
+                    storage.clone(),
+                    head_tx.clone(),
+                    metrics.clone(),
+                )?)
+            }
+        };
         let writer = Writer {
             storage,
             frontier: recovered.frontier,
@@ -280,6 +307,7 @@ impl Sequencer {
             head: head_tx,
             last_checkpoint: std::time::Instant::now(),
             backoff_until: std::time::Instant::now(),
+            wal,
         };
         let handle = std::thread::Builder::new()
             .name("ledger-writer".into())
@@ -340,11 +368,13 @@ struct Writer {
     signer: NoteSigner,
     cfg: SequencerConfig,
     metrics: Metrics,
-    head: watch::Sender<Head>,
+    head: Arc<watch::Sender<Head>>,
     last_checkpoint: std::time::Instant,
     /// After a failed commit or signer-state write, no timer-driven retry before this instant
     /// (a failing disk must not be hammered with signed, fsynced retries).
     backoff_until: std::time::Instant,
+    /// The syncer of the write-ahead log, when the ledger has one.
+    wal: Option<Syncer>,
 }
 
 impl Writer {
@@ -356,7 +386,14 @@ impl Writer {
             .map_or(0, |c| c.checkpoint.size)
     }
 
-    fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
+    fn run(mut self, rx: mpsc::Receiver<Submission>) {
+        self.serve(rx);
+        if let Some(wal) = self.wal.take() {
+            wal.stop();
+        }
+    }
+
+    fn serve(&mut self, mut rx: mpsc::Receiver<Submission>) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -416,13 +453,25 @@ impl Writer {
         let want_cp = checkpoint_due
             || batch.iter().any(|s| s.want_checkpoint)
             || self.head.borrow().checkpoint.is_none();
+        // Ahead of the log unless a checkpoint is signed (it is published only once durable),
+        // the log has failed, or it is due to start over.
+        let ahead = !want_cp
+            && self
+                .wal
+                .as_ref()
+                .is_some_and(|w| w.usable() && w.since_reset < wal::ROTATE_BYTES);
+        let mut frame = ahead.then(|| wal::FrameBuilder::new(self.frontier.size()));
         let result = (|| -> Result<TxnOutcome, StorageError> {
-            let txn = self.storage.begin_write()?;
+            let txn = if ahead {
+                self.storage.begin_write_ahead()?
+            } else {
+                self.storage.begin_write()?
+            };
             let mut placed = Vec::with_capacity(batch.len());
             let mut tables = storage::BatchTables::open(&txn)?;
             for sub in batch.iter() {
                 let mut out = Vec::with_capacity(sub.entries.len());
-                tables.place(&mut self.frontier, &sub.entries, &mut out)?;
+                tables.place(&mut self.frontier, &sub.entries, &mut out, frame.as_mut())?;
                 placed.push(out);
             }
             tables.finish(&txn, &self.frontier)?;
@@ -469,19 +518,22 @@ impl Writer {
                     None => None,
                 };
                 let size = self.frontier.size();
-                self.metrics.tree_size.set(size as i64);
+                if !ahead {
+                    // Durable, and so is every commit before it.
+                    self.storage.publish(size);
+                    self.metrics.tree_size.set(size as i64);
+                }
                 self.head.send_modify(|h| {
-                    h.size = size;
+                    if !ahead {
+                        h.size = h.size.max(size);
+                    }
                     if let Some(s) = &signed {
                         h.checkpoint = Some(s.clone());
                     }
                 });
                 let latest = self.head.borrow().checkpoint.clone();
+                let mut acks = Vec::with_capacity(if ahead { batch.len() } else { 0 });
                 for (sub, placed) in batch.drain(..).zip(placed) {
-                    self.metrics.count_placed(&placed);
-                    self.metrics
-                        .append_seconds
-                        .observe(sub.enqueued.elapsed().as_secs_f64());
                     let covering = latest.clone().filter(|c| {
                         placed.iter().all(|p| match p {
                             Placed::Appended { index, .. } | Placed::Duplicate { index, .. } => {
@@ -491,8 +543,27 @@ impl Writer {
                         })
                     });
                     let checkpoint = if sub.want_checkpoint { covering } else { None };
-                    // The submitter may have given up (client gone); the entries are stored anyway.
-                    let _ = sub.reply.send(Ok(Committed { placed, checkpoint }));
+                    let ack = Ack {
+                        reply: sub.reply,
+                        enqueued: sub.enqueued,
+                        committed: Committed { placed, checkpoint },
+                    };
+                    if ahead {
+                        acks.push(ack);
+                    } else {
+                        ack.send(&self.metrics);
+                    }
+                }
+                if let Some(wal) = &mut self.wal {
+                    if ahead {
+                        let bytes = frame
+                            .take()
+                            .map(wal::FrameBuilder::finish)
+                            .unwrap_or_default();
+                        wal.send(ToSync::Frame { bytes, size, acks }, &self.metrics);
+                    } else if wal.usable() {
+                        wal.send(ToSync::Reset, &self.metrics);
+                    }
                 }
             }
             Err(e) => {
@@ -507,6 +578,213 @@ impl Writer {
                     let _ = sub.reply.send(Err(AppendError::Commit(e.to_string())));
                 }
             }
+        }
+    }
+}
+
+/// An answer held until its entries are durable.
+struct Ack {
+    reply: oneshot::Sender<Result<Committed, AppendError>>,
+    enqueued: Instant,
+    committed: Committed,
+}
+
+impl Ack {
+    fn send(self, metrics: &Metrics) {
+        metrics.count_placed(&self.committed.placed);
+        metrics
+            .append_seconds
+            .observe(self.enqueued.elapsed().as_secs_f64());
+        // The submitter may have given up (client gone); the entries are stored anyway.
+        let _ = self.reply.send(Ok(self.committed));
+    }
+
+    fn fail(self, metrics: &Metrics, reason: &str) {
+        let entries = self.committed.placed.len() as u64;
+        metrics
+            .appends
+            .with_label_values(&["failed"])
+            .inc_by(entries);
+        let _ = self
+            .reply
+            .send(Err(AppendError::Unsynced(reason.to_owned())));
+    }
+}
+
+/// What the writer hands the syncer, in commit order.
+enum ToSync {
+    /// The frame of a commit ahead of the log (empty when it appended nothing: its answers then
+    /// wait only for the frames before it), the tree size after it, and its answers.
+    Frame {
+        bytes: Vec<u8>,
+        size: u64,
+        acks: Vec<Ack>,
+    },
+    /// A durable commit made every frame so far redundant: start the log over.
+    Reset,
+}
+
+/// Most messages between the writer and the syncer: when the disk falls behind, the writer waits.
+const SYNC_QUEUE: usize = 1024;
+
+/// The writer's handle on the syncer thread.
+struct Syncer {
+    tx: std::sync::mpsc::SyncSender<ToSync>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+    /// Frame bytes handed over since the log last started over.
+    since_reset: u64,
+}
+
+impl Syncer {
+    fn start(
+        file: wal::WalFile,
+        storage: Storage,
+        head: Arc<watch::Sender<Head>>,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(SYNC_QUEUE);
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let state = SyncState {
+            file,
+            storage,
+            head,
+            metrics,
+            failed: failed.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("ledger-wal".into())
+            .spawn(move || state.run(&rx))?;
+        Ok(Self {
+            tx,
+            failed,
+            thread,
+            since_reset: 0,
+        })
+    }
+
+    /// Whether commits may still go ahead of the log: after a failed write or sync, every commit
+    /// syncs redb itself.
+    fn usable(&self) -> bool {
+        !self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn send(&mut self, msg: ToSync, metrics: &Metrics) {
+        match &msg {
+            ToSync::Frame { bytes, .. } => self.since_reset += bytes.len() as u64,
+            ToSync::Reset => self.since_reset = 0,
+        }
+        if let Err(std::sync::mpsc::SendError(msg)) = self.tx.send(msg) {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Release);
+            if let ToSync::Frame { acks, .. } = msg {
+                for ack in acks {
+                    ack.fail(metrics, "the syncer thread is gone");
+                }
+            }
+        }
+    }
+
+    /// Waits for every frame handed over to be synced and answered.
+    fn stop(self) {
+        drop(self.tx);
+        if self.thread.join().is_err() {
+            tracing::error!("the write-ahead log syncer panicked");
+        }
+    }
+}
+
+struct SyncState {
+    file: wal::WalFile,
+    storage: Storage,
+    head: Arc<watch::Sender<Head>>,
+    metrics: Metrics,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SyncState {
+    fn run(mut self, rx: &std::sync::mpsc::Receiver<ToSync>) {
+        let mut acks = Vec::new();
+        let mut size = None;
+        let mut written = false;
+        while let Ok(first) = rx.recv() {
+            // Everything waiting goes into one write and one sync.
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    ToSync::Frame {
+                        bytes,
+                        size: s,
+                        acks: a,
+                    } => {
+                        if !bytes.is_empty() && self.usable() {
+                            if let Err(e) = self.file.append(&bytes) {
+                                self.fail(&e);
+                            }
+                            written = true;
+                        }
+                        size = Some(s);
+                        acks.extend(a);
+                    }
+                    ToSync::Reset => {
+                        self.flush(&mut acks, &mut size, &mut written);
+                        if self.usable()
+                            && let Err(e) = self.file.reset()
+                        {
+                            self.fail(&e);
+                        }
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            self.flush(&mut acks, &mut size, &mut written);
+        }
+    }
+
+    fn usable(&self) -> bool {
+        !self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn fail(&self, e: &std::io::Error) {
+        if self.usable() {
+            tracing::error!(error = %e, "the write-ahead log failed; every commit now syncs the database itself");
+        }
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Syncs what was written, then publishes the new size and answers.
+    fn flush(&mut self, acks: &mut Vec<Ack>, size: &mut Option<u64>, written: &mut bool) {
+        if std::mem::take(written) && self.usable() {
+            let started = std::time::Instant::now();
+            if let Err(e) = self.file.sync() {
+                self.fail(&e);
+            }
+            self.metrics
+                .wal_sync_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if !self.usable() {
+            for ack in acks.drain(..) {
+                ack.fail(
+                    &self.metrics,
+                    "a write or sync of the write-ahead log failed",
+                );
+            }
+            *size = None;
+            return;
+        }
+        if let Some(size) = size.take() {
+            self.storage.publish(size);
+            self.head.send_if_modified(|h| {
+                let grew = size > h.size;
+                h.size = h.size.max(size);
+                grew
+            });
+            self.metrics.tree_size.set(self.head.borrow().size as i64);
+        }
+        for ack in acks.drain(..) {
+            ack.send(&self.metrics);
         }
     }
 }

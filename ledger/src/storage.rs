@@ -5,8 +5,9 @@
 //! point reads; `meta.tree_size` is written in the same transaction as the entries and nodes it
 //! counts, so a crash leaves either all of a batch or none of it.
 //!
-//! Two files: `ledger.redb` holds what appends must make durable before they are acknowledged
-//! (entries, nodes, record ids, checkpoints); `index.redb` holds the search indexes, derived from
+//! Two redb files: `ledger.redb` holds what appends must make durable before they are
+//! acknowledged (entries, nodes, record ids, checkpoints; made durable by its own commit or by
+//! the write-ahead log `ledger.wal`, see `crate::wal`); `index.redb` holds the search indexes, derived from
 //! the entries by the indexer thread off the acknowledgement path. A random-key insert costs
 //! several times a sequential one in a B-tree and the search indexes are keyed by hashes, so
 //! keeping them out of the acknowledging commit is what lets the writer keep up. The index file
@@ -15,6 +16,7 @@
 
 use std::path::Path;
 
+use crate::wal;
 use medmesh_core::merkle::{self, Frontier, Hash, NodeSource};
 use medmesh_core::record::{AuditRecord, LogEntry};
 use medmesh_core::{Checkpoint, NoteSigner, NoteVerifier};
@@ -220,6 +222,10 @@ pub struct Recovered {
 pub struct Storage {
     db: std::sync::Arc<Database>,
     index: std::sync::Arc<Database>,
+    /// Readers see at most this many entries: the writer commits a batch to redb before its
+    /// write-ahead log frame is durable, and readers must not see (or sign, or index) entries a
+    /// crash could take back. `u64::MAX` when every commit is durable.
+    visible: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -265,7 +271,9 @@ impl Storage {
         let storage = Self {
             db: std::sync::Arc::new(db),
             index: std::sync::Arc::new(index),
+            visible: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         };
+        storage.replay_wal(&wal_path(path))?;
         let reader = storage.reader()?;
         let size = reader.size();
         if reader.indexed > size {
@@ -338,17 +346,90 @@ impl Storage {
         ))
     }
 
+    /// Appends again the entries of the write-ahead log at `path` that the database lost in a
+    /// crash (they were acknowledged once their frame was synced), in one durable commit.
+    fn replay_wal(&self, path: &Path) -> Result<(), StorageError> {
+        let frames = wal::read(path).map_err(|e| {
+            StorageError::Inconsistent(format!(
+                "cannot read the write-ahead log {}: {e}",
+                path.display()
+            ))
+        })?;
+        let reader = self.reader()?;
+        let size = reader.size();
+        let lost: Vec<wal::Frame> = frames.into_iter().filter(|f| f.end() > size).collect();
+        let Some(first) = lost.first() else {
+            return Ok(());
+        };
+        if first.first != size {
+            return Err(StorageError::Inconsistent(format!(
+                "the write-ahead log {} holds entries {}..{} but the database has {size} entries: \
+                 the database was rolled back or replaced by an older copy",
+                path.display(),
+                first.first,
+                lost.last().map_or(first.end(), wal::Frame::end),
+            )));
+        }
+        let mut frontier = Frontier::load(&reader, size)?;
+        drop(reader);
+        let mut entries = Vec::new();
+        for (i, bytes) in lost.into_iter().flat_map(|f| f.entries).enumerate() {
+            let index = size + i as u64;
+            let entry = LogEntry::decode(&bytes).map_err(|e| StorageError::CorruptEntry {
+                index,
+                reason: format!("in the write-ahead log: {e}"),
+            })?;
+            entries.push((entry, bytes));
+        }
+        let txn = self.begin_write()?;
+        let mut tables = BatchTables::open(&txn)?;
+        let mut placed = Vec::with_capacity(entries.len());
+        tables.place(&mut frontier, &entries, &mut placed, None)?;
+        if let Some(p) = placed
+            .iter()
+            .find(|p| !matches!(p, Placed::Appended { .. }))
+        {
+            return Err(StorageError::Inconsistent(format!(
+                "the write-ahead log {} repeats a record id already in the log ({p:?})",
+                path.display()
+            )));
+        }
+        tables.finish(&txn, &frontier)?;
+        txn.commit()?;
+        tracing::warn!(
+            entries = entries.len(),
+            from = size,
+            "appended again the acknowledged entries the database lost, from its write-ahead log"
+        );
+        Ok(())
+    }
+
+    /// Caps what readers see at `size` entries (the writer's durable size when it starts
+    /// committing ahead of its write-ahead log).
+    pub(crate) fn hold_visible(&self, size: u64) {
+        self.visible
+            .store(size, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Lets readers see `size` entries once they are durable (never fewer than before).
+    pub(crate) fn publish(&self, size: u64) {
+        self.visible
+            .fetch_max(size, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// A consistent read snapshot.
     ///
     /// # Errors
     /// When redb cannot open the transaction or tables.
     pub fn reader(&self) -> Result<Reader, StorageError> {
+        let visible = self.visible.load(std::sync::atomic::Ordering::Acquire);
         let txn = self.db.begin_read()?;
         let size = txn
             .open_table(META)?
             .get(META_TREE_SIZE)?
             .map(|v| v.value())
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .min(visible);
         let nodes = txn.open_table(NODES)?;
         let index_txn = self.index.begin_read()?;
         let (indexed, level_1) = {
@@ -383,6 +464,19 @@ impl Storage {
         txn.set_durability(redb::Durability::Immediate)?;
         Ok(txn)
     }
+
+    /// A write transaction whose commit does not sync: durable only through the write-ahead log
+    /// frame of its entries, or the next durable commit.
+    pub(crate) fn begin_write_ahead(&self) -> Result<WriteTransaction, StorageError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        Ok(txn)
+    }
+}
+
+/// Where the write-ahead log of the database at `db_path` is.
+pub(crate) fn wal_path(db_path: &Path) -> std::path::PathBuf {
+    db_path.with_extension("wal")
 }
 
 /// Raft's applied log id and membership as stored (encoded by the replication module).
@@ -819,6 +913,7 @@ impl<'t> BatchTables<'t> {
         frontier: &mut Frontier,
         batch: &[E],
         out: &mut Vec<Placed>,
+        mut frame: Option<&mut wal::FrameBuilder>,
     ) -> Result<(), StorageError> {
         for e in batch {
             let id = e.record().record_id;
@@ -871,6 +966,9 @@ impl<'t> BatchTables<'t> {
                 return Err(e.into());
             }
             self.ids.insert(id.0, index)?;
+            if let Some(f) = frame.as_deref_mut() {
+                f.push(&bytes);
+            }
             out.push(Placed::Appended {
                 index,
                 leaf,
@@ -908,7 +1006,7 @@ pub(crate) fn write_batch<E: ToPlace>(
     out: &mut Vec<Placed>,
 ) -> Result<(), StorageError> {
     let mut tables = BatchTables::open(txn)?;
-    tables.place(frontier, batch, out)?;
+    tables.place(frontier, batch, out, None)?;
     tables.finish(txn, frontier)
 }
 
@@ -1471,5 +1569,87 @@ mod tests {
         drop((meta, nodes, txn));
         // A file in format 2 is left alone.
         migrate_v1_nodes(&db, 5).unwrap();
+    }
+
+    fn entry(i: u64) -> NewEntry {
+        use medmesh_core::record::{EventKind, Outcome, Protocol, RecordId};
+        let id = |p: &str| p.parse::<medmesh_core::SpiffeId>().unwrap();
+        NewEntry {
+            record: AuditRecord::event(
+                RecordId::new().unwrap(),
+                EventKind::InstanceStored,
+                1_700_000_000_000_000 + i,
+                id("spiffe://medmesh.test/ns/ct/sa/scanner"),
+                id("spiffe://medmesh.test/ns/pacs/sa/orthanc"),
+                Protocol::Dimse,
+                Outcome::Success,
+            ),
+            submitter: id("spiffe://medmesh.test/ns/pacs/sa/writer"),
+            received_us: 1_700_000_000_000_000 + i,
+        }
+    }
+
+    fn wal_frame(first: u64, entries: &[NewEntry]) -> Vec<u8> {
+        let mut f = wal::FrameBuilder::new(first);
+        for e in entries {
+            f.push(&e.bytes());
+        }
+        f.finish()
+    }
+
+    /// Entries whose write-ahead log frame was synced but whose commit redb lost (a crash before
+    /// the next durable commit) are appended again at their indexes when the file is opened;
+    /// frames the database already holds are skipped, and a log that does not continue the
+    /// database (which was rolled back) stops the start, as does a record id stored twice.
+    #[test]
+    fn lost_entries_come_back_from_the_write_ahead_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        let signer = NoteSigner::from_seed("test/wal", [6; 32]).unwrap();
+        let open = || Storage::open(&path, &signer.verifier(), "test/wal");
+        let all: Vec<NewEntry> = (0..7).map(entry).collect();
+        let (storage, recovered) = open().unwrap();
+        let mut frontier = recovered.frontier;
+        let txn = storage.begin_write().unwrap();
+        write_batch(&txn, &mut frontier, &all[..3], &mut Vec::new()).unwrap();
+        txn.commit().unwrap();
+        drop(storage);
+        // The log of a run that synced frames for entries 1..3 (already in the database) and
+        // 3..7, then lost its last commits: only 3..7 are appended again.
+        let frames = [
+            wal_frame(1, &all[1..3]),
+            wal_frame(3, &all[3..5]),
+            wal_frame(5, &all[5..]),
+        ]
+        .concat();
+        std::fs::write(wal_path(&path), &frames).unwrap();
+        for _ in 0..2 {
+            let (storage, recovered) = open().unwrap();
+            assert_eq!(recovered.frontier.size(), 7);
+            let r = storage.reader().unwrap();
+            for (i, e) in all.iter().enumerate() {
+                let bytes = r.entry(i as u64).unwrap().unwrap();
+                assert_eq!(bytes, e.bytes().as_ref(), "entry {i}");
+                assert_eq!(r.leaf_hash(i as u64).unwrap(), merkle::leaf_hash(&bytes));
+            }
+        }
+
+        // A log ahead of the database: entries 9.. cannot follow its 7.
+        std::fs::write(wal_path(&path), wal_frame(9, &[entry(9)])).unwrap();
+        let err = open().unwrap_err().to_string();
+        assert!(
+            err.contains("holds entries 9..10 but the database has 7 entries")
+                && err.contains("rolled back"),
+            "{err}"
+        );
+        // A record id the log already holds.
+        let mut again = entry(7);
+        again.record.record_id = all[2].record.record_id;
+        std::fs::write(wal_path(&path), wal_frame(7, &[again])).unwrap();
+        let err = open().unwrap_err().to_string();
+        assert!(err.contains("repeats a record id"), "{err}");
+        // Nothing was appended by the refused starts.
+        std::fs::remove_file(wal_path(&path)).unwrap();
+        assert_eq!(open().unwrap().1.frontier.size(), 7);
     }
 }

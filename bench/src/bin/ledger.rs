@@ -476,9 +476,10 @@ struct Activity {
 
 /// Thread kinds of `medmesh-ledger`: its named threads, and the tokio workers that serve the API
 /// (TLS, HTTP, JSON, the Raft RPCs when replicated).
-const KINDS: [&str; 4] = [
+const KINDS: [&str; 5] = [
     "tokio-rt-worker",
     "ledger-writer",
+    "ledger-wal",
     "ledger-indexer",
     "other",
 ];
@@ -492,11 +493,11 @@ fn activity(nodes: &[(u32, u16)]) -> Activity {
         for t in tasks.flatten() {
             let path = t.path();
             let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-            let kind = KINDS[..3]
+            let kind = KINDS[..4]
                 .iter()
                 .find(|k| comm.trim() == **k)
                 .copied()
-                .unwrap_or(KINDS[3]);
+                .unwrap_or(KINDS[4]);
             let ticks = stat_ticks(&path.join("stat").to_string_lossy());
             let io = std::fs::read_to_string(path.join("io")).unwrap_or_default();
             let io_field = |name: &str| {
@@ -525,18 +526,18 @@ fn activity(nodes: &[(u32, u16)]) -> Activity {
 
 /// One line saying where the CPU of `ops` appends went between `before` and `after`, with
 /// `client_cpu` seconds used by this process, and how much each commit wrote.
-fn breakdown(before: &Activity, after: &Activity, client_cpu: f64, ops: u64) -> String {
+fn breakdown(before: &Activity, after: &Activity, client_cpu: f64, ops: u64, unit: &str) -> String {
     let per = |v: f64| v * 1e6 / ops.max(1) as f64;
     let sum = |a: &Activity, kind: &str, f: fn(&(&str, u64, u64, u64)) -> u64| -> u64 {
         a.threads.iter().filter(|t| t.0 == kind).map(f).sum()
     };
     let mut line = format!(
-        "where the CPU went, us per single append: client {:.1}",
+        "where the CPU went, us per {unit}: client {:.1}",
         per(client_cpu)
     );
     for (kind, label) in KINDS
         .iter()
-        .zip(["API runtime", "writer", "indexer", "other"])
+        .zip(["API runtime", "writer", "syncer", "indexer", "other"])
     {
         let ticks = sum(after, kind, |t| t.1).saturating_sub(sum(before, kind, |t| t.1));
         line += &format!(", {label} {:.1}", per(ticks as f64 / 100.0));
@@ -623,8 +624,11 @@ fn measure(
         &activity(procs),
         cpu_seconds(std::process::id()) - client_before,
         ops,
+        "single append",
     );
-    let batched_per_s = rt.block_on(async {
+    let client_before = cpu_seconds(std::process::id());
+    let activity_before = activity(procs);
+    let (batched_per_s, batched_ops) = rt.block_on(async {
         let cs: Vec<_> = (0..8).map(|i| s.client(ports[i % ports.len()])).collect();
         let td = template(&s.td);
         let t = Instant::now();
@@ -636,8 +640,18 @@ fn measure(
             }
         })
         .await;
-        ops as f64 / t.elapsed().as_secs_f64()
+        (ops as f64 / t.elapsed().as_secs_f64(), ops)
     });
+    let breakdown = format!(
+        "{breakdown}\n{}",
+        self::breakdown(
+            &activity_before,
+            &activity(procs),
+            cpu_seconds(std::process::id()) - client_before,
+            batched_ops,
+            "batched entry",
+        )
+    );
     Measured {
         single_per_s,
         p50,
