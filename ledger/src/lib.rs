@@ -171,7 +171,7 @@ impl Ledger {
                     metrics.clone(),
                 )
                 .map_err(|source| StartError::Io {
-                    what: "start writer thread".into(),
+                    what: "start the writer thread and open its write-ahead log".into(),
                     source,
                 })?;
                 threads.push(writer);

@@ -183,6 +183,12 @@ impl WalFile {
     /// # Errors
     /// When the file cannot be opened, written or synced.
     pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
+        Self::open_at(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("write-ahead log {}: {e}", path.display()))
+        })
+    }
+
+    fn open_at(path: &Path) -> std::io::Result<Self> {
         let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
@@ -286,6 +292,18 @@ mod tests {
             .write_all_at(&frame(23, &[b"q"]), at + next.len() as u64)
             .unwrap();
         assert_eq!(read(&path).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_opened_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.wal");
+        std::fs::create_dir(&path).unwrap();
+        let err = WalFile::open(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("write-ahead log {}: ", path.display())),
+            "{err}"
+        );
     }
 
     #[test]
