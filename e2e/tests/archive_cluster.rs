@@ -28,8 +28,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use ipfs::{
-    ArchivePod, add, allocations, cat, diag, ipfs_bin, json_lines, kube_owner, pin_diag, pinned_on,
-    remove_hosts, seen_peers, start_pod_sidecar, wait_for, write_hosts, write_pod_policy,
+    ArchivePod, add, add_local, allocations, cat, diag, ipfs_bin, json_lines, kube_owner, pin_diag,
+    pinned_on, remove_hosts, seen_peers, start_pod_sidecar, wait_for, write_hosts,
+    write_pod_policy,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use medmesh_operator::controller::image_archive::{
@@ -388,7 +389,9 @@ fn the_operators_archive_cluster_forms_is_private_and_survives_a_peer_loss() {
     );
     let rogue_file = dir.path().join("rogue.bin");
     std::fs::write(&rogue_file, b"not an archived image").unwrap();
-    let rogue_cid = add(&rogue, &rogue_file, "rogue", 1, 1);
+    // To its own Kubo: the trusted peers refuse the rogue's block streams, and with their
+    // metrics in hand its allocator might pick one of them.
+    let rogue_cid = add_local(&rogue, &rogue_file, "rogue");
     let unpin = rogue.curl_ok(&format!("-X DELETE http://127.0.0.1:9094/pins/{cid}"));
     // A trusted change, made after the rogue's, must arrive; the rogue's must not.
     let trusted_file = dir.path().join("trusted.bin");

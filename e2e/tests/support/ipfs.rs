@@ -357,9 +357,27 @@ pub fn allocations(pod: &ArchivePod) -> BTreeSet<String> {
 
 /// Adds `file` through `pod`'s REST API with the given replication; the root CID.
 pub fn add(pod: &ArchivePod, file: &Path, name: &str, rmin: u32, rmax: u32) -> String {
+    add_with(pod, file, name, rmin, rmax, "")
+}
+
+/// Adds `file` to `pod`'s own Kubo only (`local=true`), allocated to `pod` when it is one of
+/// `rmin` = `rmax` = 1 allocations: a peer the others do not trust cannot stream blocks to
+/// them, and without `local` ipfs-cluster allocates to whichever peer its metrics favour.
+pub fn add_local(pod: &ArchivePod, file: &Path, name: &str) -> String {
+    add_with(pod, file, name, 1, 1, "&local=true")
+}
+
+fn add_with(
+    pod: &ArchivePod,
+    file: &Path,
+    name: &str,
+    rmin: u32,
+    rmax: u32,
+    extra: &str,
+) -> String {
     let body = pod.curl_ok(&format!(
         "-X POST -F 'file=@{};filename={name}.age;type=application/octet-stream' \
-         'http://127.0.0.1:9094/add?cid-version=1&raw-leaves=true&chunker=size-262144&name={name}&replication-min={rmin}&replication-max={rmax}&stream-channels=false'",
+         'http://127.0.0.1:9094/add?cid-version=1&raw-leaves=true&chunker=size-262144&name={name}&replication-min={rmin}&replication-max={rmax}&stream-channels=false{extra}'",
         file.display()
     ));
     let out = json_lines(&body);
