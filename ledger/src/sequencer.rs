@@ -794,3 +794,77 @@ fn unix_seconds() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    // Unit tests: a panic is the failure report.
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A write of the log that fails (a full disk) answers its submitters "may or may not be
+    /// stored", publishes nothing to readers, and stops commits going ahead of the log.
+    #[test]
+    fn a_log_that_cannot_be_written_answers_unsynced_and_stops_going_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = NoteSigner::from_seed("test/wal-fail", [7; 32]).unwrap();
+        let (storage, _) = Storage::open(
+            &dir.path().join("ledger.redb"),
+            &signer.verifier(),
+            "test/wal-fail",
+        )
+        .unwrap();
+        storage.hold_visible(0);
+        let (head, head_rx) = watch::channel(Head {
+            size: 0,
+            checkpoint: None,
+        });
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::register(&registry);
+        let mut syncer = Syncer::start(
+            wal::WalFile::on_full_device().unwrap(),
+            storage.clone(),
+            Arc::new(head),
+            metrics.clone(),
+        )
+        .unwrap();
+        assert!(syncer.usable());
+        let mut frame = wal::FrameBuilder::new(0);
+        frame.push(b"an entry");
+        let (reply, answer) = oneshot::channel();
+        let placed = vec![Placed::Appended {
+            index: 0,
+            leaf: medmesh_core::merkle::leaf_hash(b"an entry"),
+            received_us: 1,
+        }];
+        syncer.send(
+            ToSync::Frame {
+                bytes: frame.finish(),
+                size: 1,
+                acks: vec![Ack {
+                    reply,
+                    enqueued: Instant::now(),
+                    committed: Committed {
+                        placed,
+                        checkpoint: None,
+                    },
+                }],
+            },
+            &metrics,
+        );
+        let err = answer.blocking_recv().unwrap().unwrap_err();
+        assert!(matches!(err, AppendError::Unsynced(_)), "{err}");
+        assert!(
+            err.to_string().contains("may or may not be stored"),
+            "{err}"
+        );
+        assert!(!syncer.usable(), "commits no longer go ahead of the log");
+        assert_eq!(head_rx.borrow().size, 0, "nothing published");
+        assert_eq!(storage.reader().unwrap().size(), 0);
+        assert_eq!(
+            metrics.appends.with_label_values(&["failed"]).get(),
+            1,
+            "the failed append is counted"
+        );
+        syncer.stop();
+    }
+}

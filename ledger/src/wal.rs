@@ -204,6 +204,13 @@ impl WalFile {
         Ok(wal)
     }
 
+    /// A log on `/dev/full`, whose every write fails (`ENOSPC`): for the syncer's failure tests.
+    #[cfg(test)]
+    pub(crate) fn on_full_device() -> std::io::Result<Self> {
+        let file = OpenOptions::new().write(true).open("/dev/full")?;
+        Ok(Self { file, offset: 0 })
+    }
+
     /// Writes `bytes` (whole frames) after the frames written so far; durable after [`Self::sync`].
     ///
     /// # Errors
