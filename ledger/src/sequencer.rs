@@ -561,7 +561,10 @@ impl Writer {
                             .map(wal::FrameBuilder::finish)
                             .unwrap_or_default();
                         wal.send(ToSync::Frame { bytes, size, acks }, &self.metrics);
-                    } else if wal.usable() {
+                    } else if wal.usable() && wal.since_reset > 0 {
+                        // Only when frames were written since the log last started over: a
+                        // ledger whose every commit is durable (proofs asked on each append)
+                        // would otherwise zero and sync the log's header after each one.
                         wal.send(ToSync::Reset, &self.metrics);
                     }
                 }
@@ -708,7 +711,7 @@ impl SyncState {
         let mut size = None;
         let mut written = false;
         while let Ok(first) = rx.recv() {
-            // Everything waiting goes into one write and one sync.
+            // Everything waiting is written (one `pwrite` per frame) and synced once.
             let mut next = Some(first);
             while let Some(msg) = next {
                 match msg {

@@ -3,10 +3,12 @@
 //! redb makes a transaction durable with an fsync inside its commit, on the writer's thread: the
 //! writer could not sequence the next batch while the disk flushed the last one. With this log,
 //! the writer commits a batch to redb without an fsync and hands its entries, framed, to the
-//! syncer thread, which writes the frames of every batch waiting for it with one `pwrite` and one
-//! `fdatasync`, and only then acknowledges them. The writer meanwhile sequences the next batch.
+//! syncer thread, which writes the frames of every batch waiting for it (one `pwrite` each), runs
+//! one `fdatasync` for them all, and only then acknowledges them. The writer meanwhile sequences
+//! the next batch.
 //! Every checkpoint commit (and a commit after [`ROTATE_BYTES`] of frames) is a durable redb
-//! commit, which makes all earlier ones durable too; the log then starts over from its first byte.
+//! commit, which makes all earlier ones durable too; the log then starts over from its first byte
+//! (when frames were written since it last did).
 //! After a crash, `Storage::open` appends again the entries of the frames redb lost.
 //!
 //! The file is overwritten in place from its start: once it has grown to the size of one
