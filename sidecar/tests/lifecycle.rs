@@ -41,6 +41,9 @@ async fn rotation_keeps_connections_and_pins_apply_to_new_handshakes() {
     s.policy = Some(policy);
     s.dev_inbound_port = Some(port.to_string());
     let server = Sidecar::start(Config::check(s).unwrap()).await.unwrap();
+    // Its certificate loads after start; before that it closes connections (no_credentials),
+    // which the client would count as `eof`, not as the identity it refuses.
+    wait_ready(server.admin).await;
     // The client pins the server identity it expects at that address.
     let pin = write_policy(
         pki.dir.path(),
