@@ -51,9 +51,7 @@ impl Drop for LedgerChild {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(medmesh_core::devnet::free_port()?)
 }
 
 fn client(

@@ -8,6 +8,8 @@ pub mod base16;
 pub mod checkpoint;
 #[cfg(feature = "devca")]
 pub mod devca;
+#[cfg(feature = "devca")]
+pub mod devnet;
 pub mod dicom;
 pub mod merkle;
 pub mod p2p;

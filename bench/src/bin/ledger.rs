@@ -83,11 +83,7 @@ impl Setup {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    medmesh_core::devnet::free_port().unwrap()
 }
 
 /// One running `medmesh-ledger`.

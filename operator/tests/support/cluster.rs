@@ -378,13 +378,7 @@ pub async fn run_ledger(ns: &TestNs, name: &str, addr: &str, replicas: usize) ->
         write(format!("/etc/medmesh/tls/{k}"), &v.0);
     }
     let data = cm.data.unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .to_string()
-    };
+    let free = || format!("127.0.0.1:{}", medmesh_core::devnet::free_port().unwrap());
     let apis: Vec<String> = (0..replicas)
         .map(|i| {
             if i + 1 == replicas {
