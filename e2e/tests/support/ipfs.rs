@@ -127,6 +127,10 @@ impl ArchivePod {
             };
             env.push((e.name.clone(), value));
         }
+        // To debug the daemons: e.g. `info,crdt:debug,bitswap/network:debug`.
+        if let Ok(level) = std::env::var("MEDMESH_E2E_CLUSTER_LOG_LEVEL") {
+            env.push(("IPFS_CLUSTER_LOG_LEVEL".to_owned(), level));
+        }
         env
     }
 
@@ -415,6 +419,17 @@ pub fn pin_diag(pods: &[ArchivePod], cid: &str) -> String {
 }
 
 pub fn diag(pods: &[ArchivePod]) -> String {
+    // The whole logs, kept where MEDMESH_E2E_KEEP_LOGS says (the pods' directories go with
+    // the test).
+    if let Ok(dir) = std::env::var("MEDMESH_E2E_KEEP_LOGS") {
+        let dir = Path::new(&dir).join(format!("{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for p in pods {
+            for name in ["kubo", "ipfs-cluster"] {
+                std::fs::write(dir.join(format!("{}.{name}.log", p.pod)), p.log(name)).unwrap();
+            }
+        }
+    }
     pods.iter()
         .map(|p| {
             let tail = |s: String| s.lines().rev().take(15).collect::<Vec<_>>().join("\n");
