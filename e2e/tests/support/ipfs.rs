@@ -421,13 +421,18 @@ pub fn pin_diag(pods: &[ArchivePod], cid: &str) -> String {
 pub fn diag(pods: &[ArchivePod]) -> String {
     // The whole logs, kept where MEDMESH_E2E_KEEP_LOGS says (the pods' directories go with
     // the test).
+    // A failure to keep them is printed, not raised: diag describes a failure already under way.
     if let Ok(dir) = std::env::var("MEDMESH_E2E_KEEP_LOGS") {
-        let dir = Path::new(&dir).join(format!("{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        for p in pods {
-            for name in ["kubo", "ipfs-cluster"] {
-                std::fs::write(dir.join(format!("{}.{name}.log", p.pod)), p.log(name)).unwrap();
-            }
+        let dir = Path::new(&dir).join(std::process::id().to_string());
+        let kept = std::fs::create_dir_all(&dir).and_then(|()| {
+            pods.iter().try_for_each(|p| {
+                ["kubo", "ipfs-cluster"].iter().try_for_each(|name| {
+                    std::fs::write(dir.join(format!("{}.{name}.log", p.pod)), p.log(name))
+                })
+            })
+        });
+        if let Err(e) = kept {
+            eprintln!("cannot keep the peers' logs in {}: {e}", dir.display());
         }
     }
     pods.iter()
